@@ -1,0 +1,155 @@
+"""The adapter contract and the wrapper that attaches an adapter to a frozen linear layer.
+
+An adapter is an `nn.Module` that computes only the update branch:
+
+    y = base(x) + adapter(x),   adapter(x) == x @ adapter.delta_weight().T   (when linear)
+
+Each method lives in its own module (`lora.py`, ...) with a strict config class and an
+`Adapter` subclass. The injector (`tnlora_cli.inject`) builds one adapter per matched layer
+and hands every adapter the same `SharedStore`, where tensors shared across layers are
+registered exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class StrictModel(BaseModel):
+    """Recipe section: unknown keys are errors (a typo must never be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AdapterConfig(StrictModel):
+    """Keys every adapter shares. Each method extends this with its own fields."""
+
+    type: str
+    target_modules: list[str] | str = Field(
+        description="Exact module names or name suffixes (a list), a regex matched against the "
+        "full module name (a string), or 'all-linear' (every linear layer but the output head)."
+    )
+    exclude_modules: list[str] | str | None = Field(None, description="Same forms as target_modules; matches are skipped.")
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved with the adapter. Default: the task head "
+        "(classifier/score) for classification, nothing otherwise.",
+    )
+    seed: int = Field(0, description="Seed of the generator that initialises the adapter tensors.")
+
+
+class SharedStore(nn.Module):
+    """Tensors shared by several adapted layers, registered here once.
+
+    Layers keep plain (unregistered) references, so `state_dict`, `parameters()`, DDP and
+    safetensors see each shared tensor exactly once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors = nn.ParameterDict()
+
+    def get_or_create(self, key: str, factory: Any, trainable: bool) -> nn.Parameter:
+        """Return the shared tensor `key`, creating it with `factory()` on first use."""
+        if key not in self.tensors:
+            self.tensors[key] = nn.Parameter(factory(), requires_grad=trainable)
+        return self.tensors[key]
+
+
+class Adapter(nn.Module):
+    """Base class of every adapter branch.
+
+    Subclasses set `config_class`, build their tensors in `__init__` (trainable ones as
+    `nn.Parameter`, frozen ones as persistent buffers or frozen shared tensors), and
+    implement `forward` and `delta_weight`.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]]
+    #: False for adapters whose branch is not a linear map of x (nonlinear TensorGuide).
+    is_linear: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: AdapterConfig,
+        shared: SharedStore,
+        role: str,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.role = role
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense (out, in) matrix in at least fp32, scaling included."""
+        raise NotImplementedError
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus an adapter branch."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.adapter_enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Some model code reads `layer.weight` (dtype/device probes); keep that working.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.adapter_enabled:
+            return out
+        return out + self.adapter(x.to(self.adapter.compute_dtype)).to(out.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Base weight + ΔW, added in fp32 and cast once to `dtype` (default: the base's)."""
+        base = self.base_layer.weight
+        delta = self.adapter.delta_weight().to(base.device)
+        if self.fan_in_fan_out:
+            delta = delta.T
+        merged = at_least_fp32(base) + delta
+        if not torch.isfinite(merged).all():
+            raise FloatingPointError("merged weight has non-finite values")
+        return merged.to(dtype or base.dtype)
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors to fp32 (fp64 stays fp64) for building ΔW."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    if isinstance(layer, Conv1D):
+        in_features, out_features = layer.weight.shape
+        return int(in_features), int(out_features)
+    return int(layer.in_features), int(layer.out_features)
+
+

@@ -1,0 +1,50 @@
+"""LoRA (Hu et al., 2021): ΔW = (alpha / r) · B A.
+
+A (r, in) is Kaiming-uniform (a = sqrt(5), as `nn.Linear`), B (out, r) is zero, so the
+adapted model starts exactly at the base model. Dropout acts on the branch input only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..tensor.init import kaiming_uniform
+from .base import Adapter, AdapterConfig, SharedStore, at_least_fp32
+
+
+class LoraConfig(AdapterConfig):
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, description="Rank of the update.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
+
+
+class LoraAdapter(Adapter):
+    config_class = LoraConfig
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: LoraConfig,
+        shared: SharedStore,
+        role: str,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__(in_features, out_features, config, shared, role, generator)
+        self.r = config.r
+        self.scaling = config.alpha / config.r
+        self.lora_A = nn.Parameter(kaiming_uniform((config.r, in_features), fan_in=in_features, generator=generator))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) @ (in, r) @ (r, out): T·r·(in + out) MACs; ΔW is never built here.
+        return (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (at_least_fp32(self.lora_B) @ at_least_fp32(self.lora_A)) * self.scaling

@@ -1,0 +1,177 @@
+"""The `tnlora` command: parse, call the library, render with rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import TnloraError
+from .reporting import Reporter
+
+app = typer.Typer(
+    name="tnlora",
+    help="Fine-tune Hugging Face models with tensor-network adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+class RichReporter(Reporter):
+    """Progress bar with live loss / lr / tokens-per-second, and one line per evaluation."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def status(self, message: str) -> None:
+        console.print(f"[dim]{message}[/dim]")
+
+    def start(self, total: int, description: str, completed: int = 0) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, completed=completed, info="")
+
+    def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
+        if self.progress is None:
+            return
+        info = None
+        if fields:
+            info = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        self.progress.update(self.task, completed=completed, **({"info": info} if info else {}))
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        (self.progress.console if self.progress else console).print(f"step {step}: held-out {text}")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call the library; a user error becomes one message and an exit code, no traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except TnloraError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        if exc.hint:
+            console.print(f"  [yellow]hint:[/yellow] {exc.hint}", highlight=False)
+        if os.environ.get("TNLORA_DEBUG") == "1":
+            raise
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _metrics_table(title: str, rows: dict[str, dict[str, float]], majority: float | None = None) -> Table:
+    columns = list(next(iter(rows.values())))
+    table = Table(title=title)
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, values in rows.items():
+        table.add_row(name, *(f"{values[c]:.4f}" for c in columns))
+    if majority is not None:
+        table.caption = f"majority-class accuracy: {majority:.4f}"
+    return table
+
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=50 (repeatable).")]
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml.")],
+    set_: SetOpt = None,
+    resume: Annotated[Optional[str], typer.Option(help="'auto' (latest checkpoint in output_dir) or a checkpoint directory.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an output_dir that already holds a run.")] = False,
+) -> None:
+    """Fine-tune the recipe's model with its adapter; writes adapter, metrics and plots to output_dir.
+
+    Runs on one CPU or GPU, or data-parallel under `accelerate launch -m tnlora_cli train ...`.
+    """
+    _quiet_libraries()
+    from .recipe import load_recipe
+    from .train import train as run_train
+
+    spec = _run(load_recipe, recipe, set_ or [])
+    result = _run(run_train, spec, resume=resume, overwrite=overwrite, reporter=RichReporter())
+    if result.evaluation is None:
+        return
+    out_console.print(f"trainable parameters: {result.parameters['trainable']:,} of {result.parameters['total']:,}")
+    out_console.print(_metrics_table(f"held-out metrics after {result.steps} steps", result.evaluation, result.majority_rate))
+    out_console.print(f"run written to {result.output_dir} (adapter/, metrics.jsonl, loss.png, eval.json)")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
+    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: the recipe's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Held-out metrics of the tuned model and of its base (accuracy and macro-F1, or loss and perplexity)."""
+    _quiet_libraries()
+    from .evaluate import evaluate_run
+
+    report = _run(evaluate_run, run_dir, batch_size=batch_size, reporter=Reporter() if as_json else RichReporter())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples", report["metrics"], report["majority_rate"]))
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (latest adapter) or checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the base checkpoint's dtype).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(help="Reload the result and compare logits with the adapter model.")] = True,
+) -> None:
+    """Add every adapter update into the base weights and write a directory that
+    `AutoModel*.from_pretrained` loads without tnlora."""
+    _quiet_libraries()
+    from .merge import merge_run
+
+    report = _run(merge_run, run_dir, out, dtype=dtype, force=force, verify=verify, reporter=RichReporter())
+    for note in report.untied:
+        out_console.print(f"untied {note}: the merged directory stores both weights")
+    out_console.print(f"merged {report.merged_layers} layers into {report.dtype} weights: {report.out}")
+    if report.max_abs_diff is not None:
+        out_console.print(
+            f"verified: max |logit difference| {report.max_abs_diff:.3g}, mean {report.mean_abs_diff:.3g} (tolerance {report.tolerance:.3g})"
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

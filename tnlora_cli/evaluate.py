@@ -1,0 +1,128 @@
+"""Held-out metrics: accuracy and macro-F1 (classification), loss and perplexity (LM)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, collate
+from .inject import adapters_disabled
+from .pipeline import load_run
+from .reporting import Reporter
+
+
+@torch.no_grad()
+def evaluate_examples(
+    model: nn.Module,
+    examples: list[dict],
+    task: str,
+    pad_token_id: int,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Metrics of `model` on tokenized examples (no gradients, small batches)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    preds: list[int] = []
+    golds: list[int] = []
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_token_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if task == "classification":
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+            preds += logits.argmax(-1).tolist()
+            golds += labels.tolist()
+        else:
+            # Token-weighted: every predicted token counts once, whatever its batch.
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            loss_sum += F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    if task == "classification":
+        return {"loss": loss, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "macro_f1": macro_f1(preds, golds)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def macro_f1(preds: list[int], golds: list[int]) -> float:
+    """Unweighted mean F1 over the classes that occur in the gold labels or predictions."""
+    scores = []
+    for c in sorted(set(golds) | set(preds)):
+        tp = sum(p == c and g == c for p, g in zip(preds, golds))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+@contextlib.contextmanager
+def _swapped_head(model: nn.Module, head_state: dict[str, torch.Tensor]):
+    if not head_state:
+        yield
+        return
+    current = {k: v.detach().clone() for k, v in model.state_dict().items() if k in head_state}
+    model.load_state_dict(head_state, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(current, strict=False)
+
+
+def compare_with_base(
+    model: nn.Module,
+    initial_head: dict[str, torch.Tensor],
+    examples: list[dict],
+    task: str,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
+    """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
+    adapters off, trained head) and 'tuned'."""
+    rows: dict[str, dict[str, float]] = {}
+    with adapters_disabled(model), _swapped_head(model, initial_head):
+        rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    if initial_head:
+        with adapters_disabled(model):
+            rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    return rows
+
+
+def majority_rate(examples: list[dict]) -> float | None:
+    labels = [e["labels"] for e in examples]
+    if not labels or not isinstance(labels[0], int):
+        return None
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Evaluate a run (or checkpoint) and its base model on the run's held-out split."""
+    reporter = reporter or Reporter()
+    reporter.status(f"loading {path}")
+    run = load_run(path)
+    prepared = run.prepared
+    run.load_weights()
+    recipe = prepared.recipe
+    bs = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size
+    reporter.status(f"evaluating {len(prepared.data.eval)} held-out examples")
+    rows = compare_with_base(prepared.model, prepared.initial_head, prepared.data.eval, recipe.task, prepared.tokenizer.pad_token_id, bs)
+    return {
+        "run": str(path),
+        "adapter_dir": str(run.adapter_dir),
+        "task": recipe.task,
+        "n_examples": len(prepared.data.eval),
+        "majority_rate": majority_rate(prepared.data.eval),
+        "metrics": rows,
+    }

@@ -1,0 +1,227 @@
+"""Find target layers, attach adapters, freeze the base, and move adapter state in and out.
+
+Target rules follow peft so that recipes carry over:
+- a list: each entry is an exact module name or a name suffix (`query` matches
+  `bert.encoder.layer.0.attention.self.query`);
+- a string: a regex that must match the full module name (`re.fullmatch`);
+- `all-linear`: every linear layer except the output head and the task head.
+Only leaf `nn.Linear` / GPT-2 `Conv1D` modules are ever matched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import REGISTRY, AdaptedLinear, AdapterConfig, SharedStore
+from .adapters.base import layer_dims
+from .errors import TargetError
+from .tensor.init import make_generator
+
+SHARED_ATTR = "tnlora_shared"
+
+
+@dataclass
+class InjectionReport:
+    targets: list[str]
+    modules_to_save: list[str]
+    roles: dict[str, list[str]] = field(default_factory=dict)
+
+
+def is_linear_leaf(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, AdaptedLinear)
+
+
+def module_role(name: str) -> str:
+    """The role of a layer is its own attribute name (query, q_proj, c_attn, ...)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def find_targets(
+    model: nn.Module,
+    config: AdapterConfig,
+    excluded: set[str] | None = None,
+) -> list[str]:
+    """Names of the leaf linear layers selected by `config.target_modules`."""
+    excluded = excluded or set()
+    linear = [name for name, module in model.named_modules() if is_linear_leaf(module)]
+    spec = config.target_modules
+    if isinstance(spec, str) and spec == "all-linear":
+        chosen = [n for n in linear if n not in excluded and not any(n == e or n.startswith(e + ".") for e in excluded)]
+    else:
+        chosen = [n for n in linear if _matches(n, spec)]
+        if not chosen:
+            raise TargetError(_no_match_message(model, spec, linear), hint=_no_match_hint(spec, linear))
+    if config.exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
+    if not chosen:
+        raise TargetError("adapter.target_modules: every matching layer was excluded", hint="loosen adapter.exclude_modules")
+    return chosen
+
+
+def _no_match_message(model: nn.Module, spec: list[str] | str, linear: list[str]) -> str:
+    not_linear = [n for n, _ in model.named_modules() if n and _matches(n, spec)]
+    if not_linear:
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in not_linear})
+        return f"adapter.target_modules: {spec!r} matches only non-linear modules ({', '.join(kinds)}), e.g. {not_linear[0]}"
+    return f"adapter.target_modules: {spec!r} matches no linear layer of the model"
+
+
+def _no_match_hint(spec: list[str] | str, linear: list[str]) -> str:
+    suffixes = sorted({module_role(n) for n in linear})
+    entries = [spec] if isinstance(spec, str) else spec
+    near: list[str] = []
+    for entry in entries:
+        near += difflib.get_close_matches(module_role(entry), suffixes, n=3, cutoff=0.4)
+    near_text = f"did you mean {', '.join(dict.fromkeys(near))}? " if near else ""
+    return f"{near_text}linear layers in this model end in: {', '.join(suffixes)} (or use 'all-linear')"
+
+
+def inject_adapter(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    targets: list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+    excluded: set[str] | None = None,
+) -> InjectionReport:
+    """Attach an adapter of `config.type` to each target layer and freeze everything else.
+
+    `targets` (from a saved adapter) bypasses matching so reloading is exact. Adapters are
+    built in module order from one generator seeded by `config.seed`.
+    """
+    adapter_cls = REGISTRY[config.type]
+    modules_to_save = list(modules_to_save or [])
+    if targets is None:
+        targets = find_targets(model, config, excluded=set(excluded or ()) | set(modules_to_save))
+    shared = SharedStore()
+    model.add_module(SHARED_ATTR, shared)
+    generator = make_generator(config.seed)
+    roles: dict[str, list[str]] = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        if not is_linear_leaf(base):
+            raise TargetError(f"{name} is a {type(base).__name__}, not a linear layer")
+        in_features, out_features = layer_dims(base)
+        role = module_role(name)
+        adapter = adapter_cls(in_features, out_features, config, shared, role, generator)
+        weight = base.weight
+        adapter.to(device=weight.device if weight.device.type != "meta" else "cpu")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, AdaptedLinear(base, adapter))
+        roles.setdefault(role, []).append(name)
+    shared.to(next(iter(_adapters(model))).base_layer.weight.device if targets else "cpu")
+    freeze_base(model, modules_to_save)
+    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=roles)
+
+
+def _adapters(model: nn.Module) -> Iterator[AdaptedLinear]:
+    for module in model.modules():
+        if isinstance(module, AdaptedLinear):
+            yield module
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def freeze_base(model: nn.Module, modules_to_save: list[str]) -> None:
+    """Freeze everything except adapter parameters the adapter marked trainable and the
+    modules trained in full (task head)."""
+    trainable = {id(p) for m in _adapters(model) for p in m.adapter.parameters() if p.requires_grad}
+    shared = getattr(model, SHARED_ATTR, None)
+    if shared is not None:
+        trainable |= {id(p) for p in shared.parameters() if p.requires_grad}
+    for name in modules_to_save:
+        trainable |= {id(p) for p in model.get_submodule(name).parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def _is_adapter_key(key: str, modules_to_save: list[str]) -> bool:
+    return ".adapter." in key or key.startswith(SHARED_ATTR + ".") or any(key.startswith(m + ".") for m in modules_to_save)
+
+
+def adapter_state_dict(model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+    """Everything that is not the frozen base: adapter tensors (trainable and frozen),
+    shared tensors once, and the modules trained in full."""
+    return {k: v.detach() for k, v in model.state_dict().items() if _is_adapter_key(k, modules_to_save)}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], modules_to_save: list[str]) -> None:
+    expected = set(adapter_state_dict(model, modules_to_save))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        from .errors import CheckpointError
+
+        raise CheckpointError(
+            f"adapter weights do not fit the model: {len(missing)} missing (e.g. {sorted(missing)[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})",
+            hint="load the adapter into the base model and recipe it was trained with",
+        )
+    model.load_state_dict(state, strict=False)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone (the task head, if trained, stays as it is)."""
+    layers = list(_adapters(model))
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_enabled = True
+
+
+@torch.no_grad()
+def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Replace each AdaptedLinear by its base layer holding W0 + ΔW. Returns the count."""
+    count = 0
+    for name, layer in list(adapted_layers(model)):
+        if not layer.adapter.is_linear:
+            from .errors import MergeError
+
+            raise MergeError(f"{name}: this adapter's update is not linear in the input and cannot be merged into a weight")
+        base = layer.base_layer
+        base.weight.data = layer.merged_weight(dtype)
+        if base.bias is not None and dtype is not None:
+            base.bias.data = base.bias.data.to(dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, base)
+        count += 1
+    if hasattr(model, SHARED_ATTR):
+        delattr(model, SHARED_ATTR)
+    return count
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Unique tensors counted once: trainable, and all (base + adapter + head)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return {"trainable": trainable, "total": total}

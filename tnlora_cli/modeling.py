@@ -1,0 +1,93 @@
+"""Resolve a recipe's `model` and load the tokenizer and the task model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from .embedded import MODELS
+from .errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Top-level modules that hold a task head created fresh for fine-tuning.
+HEAD_NAMES = ("classifier", "score")
+
+
+def resolve_model(name: str, trust_remote_code: bool = False) -> str:
+    """An embedded alias, a local directory, or a hub id (checked now, before any work)."""
+    if name in MODELS:
+        return str(MODELS[name]())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model: {path} has no config.json", hint="point model at a Hugging Face model directory")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        raise ModelError(f"model: directory {name} does not exist", hint=f"use an embedded alias ({', '.join(MODELS)}) or an existing directory")
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelError(
+            f"model: '{name}' is not an embedded alias, not a local directory, and could not be fetched"
+            + (" (HF_HUB_OFFLINE=1)" if offline else f" ({type(exc).__name__})"),
+            hint=f"use one of {', '.join(MODELS)}, a local directory, or a hub id on a machine with network access",
+        ) from None
+    return name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # GPT-2 and Llama tokenizers have no pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_class(task: str) -> type:
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def load_model(
+    path: str,
+    task: str,
+    dtype: str = "float32",
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """Load the base model for `task`. The classification head is created from the global
+    RNG, so callers seed it first (the same seed gives the same head in train and eval)."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
+    if task == "classification":
+        assert label_names is not None
+        kwargs.update(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    if device is not None:
+        kwargs["device_map"] = {"": device}
+    model = model_class(task).from_pretrained(path, **kwargs)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def head_module_names(model: nn.Module, task: str) -> list[str]:
+    """Modules trained in full by default: the freshly created classification head."""
+    if task != "classification":
+        return []
+    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def output_head_names(model: PreTrainedModel) -> set[str]:
+    """Names of the output projection (lm_head), excluded from 'all-linear'."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}

@@ -1,0 +1,113 @@
+"""From a recipe (or a saved run) to a model with its adapter attached.
+
+Validation order is deliberate: recipe, model path, data and columns, then the model and
+its targets. Only after all of that has passed does anything get written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from transformers import PreTrainedModel
+
+from .checkpoint import find_recipe_file, load_adapter, resolve_adapter_dir
+from .data import TaskData, prepare_data
+from .errors import CheckpointError, RecipeError
+from .inject import InjectionReport, inject_adapter, load_adapter_state_dict
+from .modeling import head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
+from .recipe import Recipe, load_recipe
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    model_path: str
+    tokenizer: Any
+    data: TaskData
+    model: PreTrainedModel
+    injection: InjectionReport
+    #: Task-head weights as created before training (the "base" of a classification run).
+    initial_head: dict[str, torch.Tensor]
+
+
+def prepare(
+    recipe: Recipe,
+    *,
+    targets: list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+    dtype: str | None = None,
+) -> Prepared:
+    """Load tokenizer, data and base model, and attach a fresh adapter."""
+    model_path = resolve_model(recipe.model, recipe.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+    data = prepare_data(recipe.data, recipe.task, tokenizer)
+    # The task head is drawn from the global RNG: seeding here makes it the same in
+    # train, eval and merge.
+    set_seed(recipe.training.seed)
+    model = load_model(
+        model_path,
+        recipe.task,
+        dtype=dtype or recipe.model_dtype,
+        label_names=data.label_names,
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    if modules_to_save is None:
+        modules_to_save = recipe.adapter.modules_to_save
+        if modules_to_save is None:
+            modules_to_save = head_module_names(model, recipe.task)
+    names = {n for n, _ in model.named_modules()}
+    for name in modules_to_save:
+        if name not in names:
+            raise RecipeError(f"adapter.modules_to_save: the model has no module '{name}'", hint="use top-level module names such as classifier or score")
+    initial_head = {k: v.detach().clone() for k, v in model.state_dict().items() if any(k.startswith(m + ".") for m in modules_to_save)}
+    injection = inject_adapter(
+        model, recipe.adapter, targets=targets, modules_to_save=modules_to_save, excluded=output_head_names(model)
+    )
+    return Prepared(recipe, model_path, tokenizer, data, model, injection, initial_head)
+
+
+def adapter_metadata(prepared: Prepared) -> dict[str, Any]:
+    """What `load_run` needs to rebuild the adapter exactly (with the recipe beside it)."""
+    recipe = prepared.recipe
+    return {
+        "adapter": recipe.adapter.model_dump(mode="json"),
+        "task": recipe.task,
+        "base_model": recipe.model,
+        "targets": prepared.injection.targets,
+        "modules_to_save": prepared.injection.modules_to_save,
+        "label_names": prepared.data.label_names,
+    }
+
+
+@dataclass
+class LoadedRun:
+    prepared: Prepared
+    adapter_dir: Path
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+    def load_weights(self) -> None:
+        load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save)
+
+
+def load_run(path: str | Path, *, dtype: str | None = None) -> LoadedRun:
+    """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
+
+    The adapter weights are returned, not yet loaded, so the caller can first measure the
+    base model.
+    """
+    adapter_dir = resolve_adapter_dir(Path(path))
+    recipe = load_recipe(find_recipe_file(adapter_dir))
+    state, config = load_adapter(adapter_dir)
+    prepared = prepare(recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype)
+    if prepared.data.label_names != config.get("label_names"):
+        raise CheckpointError(
+            f"the labels of the data ({prepared.data.label_names}) differ from the adapter's ({config.get('label_names')})",
+            hint="evaluate with the data the adapter was trained on",
+        )
+    return LoadedRun(prepared, adapter_dir, state, config)

@@ -1,0 +1,236 @@
+"""Recipes: YAML files validated into typed, strict settings.
+
+Every section rejects unknown keys (with a "did you mean" suggestion), checks types and
+ranges, and a few rules tie fields together (a classification task needs a label column).
+Errors name the YAML path and raise `RecipeError` before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from .adapters import REGISTRY
+from .adapters.base import StrictModel
+from .errors import RecipeError
+
+Task = Literal["classification", "causal-lm", "instruction"]
+
+# Discriminated on `type`: each adapter module contributes its own strict config class.
+AdapterSection = Annotated[
+    Union[tuple(cls.config_class for cls in REGISTRY.values())],  # type: ignore[valid-type]
+    Field(discriminator="type"),
+]
+
+
+class DataConfig(StrictModel):
+    train: str = Field(description="Embedded alias (chatterbot, shakespeare) or a local .jsonl/.json/.csv/.parquet/.txt file.")
+    eval: str | None = Field(None, description="Held-out file; default: a deterministic split of `train`.")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of `train` held out when `eval` is not given.")
+    split_seed: int = Field(0, description="Seed of the train/held-out split.")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+    text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="Second text for pair classification.")
+    label_column: str | None = Field(None, description="Class labels (classification).")
+    labels: list[str] | None = Field(None, description="Keep only rows with these labels, in this order.")
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    max_length: int = Field(128, ge=8, description="Tokens per example (block size when packing).")
+    packing: bool = Field(True, description="causal-lm: concatenate texts and cut blocks of max_length.")
+
+
+class TrainingConfig(StrictModel):
+    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Examples per device per micro-batch.")
+    eval_batch_size: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+
+
+class Recipe(StrictModel):
+    model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
+    task: Task
+    adapter: AdapterSection
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = "runs/run"
+    model_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="dtype of the frozen base weights; adapters are always fp32. auto: the checkpoint's."
+    )
+    trust_remote_code: bool = False
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (`--set a.b=v`) and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist", hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}", hint="fix the YAML syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, source=str(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides in place; values are parsed as YAML."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE", hint="for example --set training.max_steps=50")
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise RecipeError(f"--set {item!r}: {where} is not a section", hint=f"{where} holds a value; set it directly")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; raise one `RecipeError` naming the first problems."""
+    _check_keys(raw, Recipe, ())
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc, raw, source), hint="fix the value in the recipe or with --set KEY=VALUE") from None
+    _cross_checks(recipe)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _cross_checks(recipe: Recipe) -> None:
+    data, training = recipe.data, recipe.training
+    if recipe.task == "classification" and not data.label_column:
+        raise RecipeError(
+            "data.label_column: a classification task needs a label column",
+            hint="set data.label_column to the column that holds each example's class",
+        )
+    if data.labels is not None and len(set(data.labels)) < 2:
+        raise RecipeError("data.labels: needs at least two distinct labels", hint="list the classes to keep, or remove the key")
+    if training.warmup_steps >= training.max_steps:
+        raise RecipeError(
+            f"training.warmup_steps: {training.warmup_steps} warm-up steps leave no training in {training.max_steps} steps",
+            hint="use fewer warm-up steps than training.max_steps",
+        )
+
+
+# ------------------------------------------------------------------- key checking
+
+
+def _path(parts: tuple) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """Pydantic model classes inside an annotation (Optional, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _model_classes(typing.get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [c for a in typing.get_args(annotation) for c in _model_classes(a)]
+    return []
+
+
+def _check_keys(raw: Any, model: type[BaseModel], loc: tuple) -> None:
+    """Reject unknown keys at every depth, with the nearest valid key as a suggestion."""
+    if not isinstance(raw, dict):
+        return
+    fields = model.model_fields
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(fields)}"
+            raise RecipeError(f"{_path(loc + (key,))}: unknown key", hint=hint)
+    for key, value in raw.items():
+        classes = _model_classes(fields[key].annotation)
+        if not classes:
+            continue
+        if key == "adapter" and model is Recipe:
+            _check_keys(value, _adapter_config_class(value, loc + (key,)), loc + (key,))
+        elif len(classes) == 1:
+            _check_keys(value, classes[0], loc + (key,))
+
+
+def _adapter_config_class(raw: Any, loc: tuple) -> type[BaseModel]:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{_path(loc)}: must be a mapping with at least 'type' and 'target_modules'", hint="e.g. adapter: {type: lora, target_modules: [query, value]}")
+    kind = raw.get("type")
+    names = list(REGISTRY)
+    if kind is None:
+        raise RecipeError(f"{_path(loc + ('type',))}: missing", hint=f"set the adapter type, one of: {', '.join(names)}")
+    if kind not in REGISTRY:
+        close = difflib.get_close_matches(str(kind), names, n=1, cutoff=0.5)
+        hint = (f"did you mean '{close[0]}'? " if close else "") + f"available adapters: {', '.join(names)}"
+        raise RecipeError(f"{_path(loc + ('type',))}: unknown adapter type '{kind}'", hint=hint)
+    return REGISTRY[kind].config_class
+
+
+def _format_validation_error(exc: ValidationError, raw: dict, source: str) -> str:
+    """One line per offending path; union-member and discriminator noise removed."""
+    messages: dict[str, list[str]] = {}
+    for err in exc.errors():
+        node: Any = raw
+        kept: list = []
+        for part in err["loc"]:
+            # Keep only the parts of the location that exist in the user's YAML.
+            if isinstance(node, dict) and part in node:
+                kept.append(part)
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                kept.append(part)
+                node = node[part]
+            elif err["type"] == "missing" and isinstance(node, dict) and isinstance(part, str) and part not in REGISTRY:
+                kept.append(part)
+                break
+        path = _path(tuple(kept))
+        msg = "required key is missing" if err["type"] == "missing" else err["msg"]
+        if "input" in err and err["type"] != "missing" and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        if msg not in messages.setdefault(path, []):
+            messages[path].append(msg)
+    lines = [f"{path}: {' or '.join(msgs)}" for path, msgs in messages.items()]
+    head = f"invalid recipe {source}" if len(lines) > 1 else ""
+    return (head + ":\n  " + "\n  ".join(lines)) if head else lines[0]

@@ -1,0 +1,2 @@
+"""Tensor algebra shared by every adapter: initialisers now; tensor-train and Tucker
+contraction join here, never inside an adapter module."""

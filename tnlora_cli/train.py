@@ -1,0 +1,269 @@
+"""The training loop (single process, or data-parallel under `accelerate launch`).
+
+Batches are a pure function of (seed, step): sample k of the stream is
+`permutation(seed, epoch = k // n)[k % n]`, and each rank takes its slice of every global
+batch. Resuming therefore needs only the step counter, and an interrupted-then-resumed run
+ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from .checkpoint import (
+    atomic_directory,
+    checkpoint_dirs,
+    publish_directory,
+    load_adapter,
+    load_rng_state,
+    load_training_state,
+    save_adapter,
+    save_rng_state,
+    save_training_state,
+    write_json,
+)
+from .data import collate
+from .errors import CheckpointError, RecipeError
+from .evaluate import compare_with_base, evaluate_examples, majority_rate
+from .inject import adapter_state_dict, count_parameters, load_adapter_state_dict
+from .pipeline import Prepared, adapter_metadata, prepare
+from .plots import plot_loss_curve
+from .recipe import Recipe, recipe_to_yaml
+from .reporting import Reporter
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    evaluation: dict[str, dict[str, float]] | None
+    majority_rate: float | None
+    parameters: dict[str, int]
+
+
+class BatchStream:
+    """Deterministic example indices for every (step, micro-batch, rank)."""
+
+    def __init__(self, n_examples: int, seed: int) -> None:
+        self.n = n_examples
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k >= epoch - 1}
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return self._perms[epoch]
+
+    def indices(self, micro_index: int, batch_size: int, world: int, rank: int) -> list[int]:
+        start = (micro_index * world + rank) * batch_size
+        return [self._perm(k // self.n)[k % self.n] for k in range(start, start + batch_size)]
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _resume_from(output_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Which checkpoint to continue from; refuse to clobber a previous run by accident."""
+    has_run = (output_dir / "adapter").exists() or bool(checkpoint_dirs(output_dir))
+    if resume is None:
+        if has_run and not overwrite:
+            raise RecipeError(
+                f"output_dir: {output_dir} already holds a run",
+                hint="pass --resume auto to continue it, --overwrite to start again, or set output_dir (--set output_dir=...)",
+            )
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "training_state.json").is_file():
+        raise CheckpointError(f"--resume {resume}: not a checkpoint directory", hint=f"use --resume auto or a path like {output_dir}/checkpoints/step-000100")
+    return path
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the recipe's adapter; returns where it went and the final held-out metrics.
+
+    `stop_after` ends the run after that step as an interruption would (checkpoints as
+    configured, no final adapter): used to test resuming and for time-boxed jobs.
+    """
+    reporter = reporter or Reporter()
+    cfg = recipe.training
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    out = Path(recipe.output_dir)
+    resume_dir = _resume_from(out, resume, overwrite)
+
+    reporter.status(f"loading {recipe.model} and {recipe.data.train}")
+    prepared = prepare(recipe)
+    model = prepared.model.to(accelerator.device)
+    params = count_parameters(model)
+    if resume_dir is not None:
+        state, _ = load_adapter(resume_dir / "adapter")
+        load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    start_step = 0
+    if resume_dir is not None:
+        start_step = load_training_state(resume_dir, optimizer, scheduler)["step"]
+        rng_file = resume_dir / f"rng_state_{accelerator.process_index}.safetensors"
+        if rng_file.is_file():
+            load_rng_state(rng_file)
+    elif is_main:
+        if overwrite:
+            for stale in ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json"):
+                target = out / stale
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    accelerator.wait_for_everyone()
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stream = BatchStream(len(prepared.data.train), cfg.seed)
+    pad_id = prepared.tokenizer.pad_token_id
+    world, rank = accelerator.num_processes, accelerator.process_index
+    metrics_file = out / "metrics.jsonl"
+
+    def log(record: dict[str, Any]) -> None:
+        if is_main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if is_main:
+        reporter.start(cfg.max_steps, "training", completed=start_step)
+    model.train()
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    last_loss: float | None = None
+    step = start_step
+    while step < cfg.max_steps:
+        for micro in range(cfg.gradient_accumulation_steps):
+            micro_index = step * cfg.gradient_accumulation_steps + micro
+            idx = stream.indices(micro_index, cfg.batch_size, world, rank)
+            batch = {k: v.to(accelerator.device) for k, v in collate([prepared.data.train[i] for i in idx], pad_id).items()}
+            window_tokens += int(batch["attention_mask"].sum())
+            last_micro = micro == cfg.gradient_accumulation_steps - 1
+            sync = accelerator.no_sync(model) if not last_micro and world > 1 else contextlib.nullcontext()
+            with sync:
+                loss = model(**batch).loss / cfg.gradient_accumulation_steps
+                accelerator.backward(loss)
+            window_loss += loss.detach()
+        if cfg.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens * world / elapsed}
+            log(record)
+            last_loss = mean_loss
+            window_loss.zero_()
+            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+            if is_main:
+                reporter.advance(step, {"loss": mean_loss, "lr": record["lr"], "tok/s": record["tokens_per_s"]})
+        elif is_main:
+            reporter.advance(step)
+
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            if is_main:
+                values = evaluate_examples(accelerator.unwrap_model(model), prepared.data.eval, recipe.task, pad_id, cfg.eval_batch_size or cfg.batch_size)
+                log({"step": step, **{f"eval_{k}": v for k, v in values.items()}})
+                reporter.metrics(step, values)
+            accelerator.wait_for_everyone()
+        if (cfg.save_every and step % cfg.save_every == 0) or (stop_after is not None and step == stop_after):
+            _save_checkpoint(accelerator, accelerator.unwrap_model(model), prepared, optimizer.optimizer, scheduler, step, out, cfg.save_total_limit)
+        if stop_after is not None and step >= stop_after:
+            break
+    if is_main:
+        reporter.finish()
+
+    unwrapped = accelerator.unwrap_model(model)
+    checksums = accelerator.gather(_adapter_checksum(unwrapped, prepared).to(accelerator.device).reshape(1)).tolist()
+    if stop_after is not None and step < cfg.max_steps:
+        return TrainResult(out, step, last_loss, None, None, params)
+
+    evaluation = None
+    if is_main:
+        with atomic_directory(out / "adapter", overwrite=True) as tmp:
+            save_adapter(tmp, adapter_state_dict(unwrapped, prepared.injection.modules_to_save), adapter_metadata(prepared))
+        reporter.status(f"evaluating base and tuned model on {len(prepared.data.eval)} held-out examples")
+        evaluation = compare_with_base(
+            unwrapped, prepared.initial_head, prepared.data.eval, recipe.task, pad_id, cfg.eval_batch_size or cfg.batch_size
+        )
+        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "adapter_checksum_per_rank": checksums})
+        write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval), "metrics": evaluation})
+        plot_loss_curve(metrics_file, out / "loss.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, step, last_loss, evaluation, majority_rate(prepared.data.eval), params)
+
+
+def _adapter_checksum(model: torch.nn.Module, prepared: Prepared) -> torch.Tensor:
+    """A float64 fingerprint of all trained tensors, compared across ranks after DDP."""
+    state = adapter_state_dict(model, prepared.injection.modules_to_save)
+    total = torch.zeros((), dtype=torch.float64)
+    for i, key in enumerate(sorted(state)):
+        total += (state[key].double().cpu() * (1.0 + 1e-3 * i)).sum()
+    return total
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, model: torch.nn.Module, prepared: Prepared, optimizer: Any, scheduler: Any, step: int, out: Path, keep: int | None
+) -> None:
+    """Main rank writes adapter, recipe and optimizer state into a temporary directory,
+    every rank adds its RNG state, then the directory is renamed into place."""
+    dest = out / "checkpoints" / f"step-{step:06d}"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "adapter").mkdir(parents=True)
+        save_adapter(tmp / "adapter", adapter_state_dict(model, prepared.injection.modules_to_save), adapter_metadata(prepared))
+        (tmp / "recipe.yaml").write_text(recipe_to_yaml(prepared.recipe))
+        save_training_state(tmp, optimizer, scheduler, step, {"world_size": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    save_rng_state(tmp / f"rng_state_{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_directory(tmp, dest)
+        if keep:
+            for old in checkpoint_dirs(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
