@@ -76,6 +76,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     [
         (lambda r: r["training"].update(max_stpes=3), "did you mean 'max_steps'"),
         (lambda r: r.update(model="/nonexistent/model"), "does not exist"),
+        (lambda r: r.update(model="some-org/some-model"), "could not be fetched"),
         (lambda r: r["adapter"].update(target_modules=["qury"]), "query"),
         (lambda r: r["adapter"].update(type="tucker"), "unknown adapter type"),
         (lambda r: r["data"].update(label_column="missing_col"), "column 'missing_col'"),

@@ -125,6 +125,11 @@ def train(
     prepared = prepare(recipe)
     model = prepared.model.to(accelerator.device)
     params = count_parameters(model)
+    roles = ", ".join(f"{role} x{len(names)}" for role, names in prepared.injection.roles.items())
+    reporter.status(
+        f"{recipe.adapter.type} on {len(prepared.injection.targets)} layers ({roles}); trainable parameters "
+        f"{params['trainable']:,} = {100 * params['trainable'] / params['total']:.3f}% of {params['total']:,}"
+    )
     if resume_dir is not None:
         state, _ = load_adapter(resume_dir / "adapter")
         load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
