@@ -36,12 +36,13 @@ def test_tt_n_params_is_the_sum_of_core_sizes():
 @pytest.mark.parametrize("n, k", [(768, 3), (4096, 3), (1024, 5), (50257, 2), (7, 3), (5120, 3)])
 def test_factorize_dim(n, k):
     modes = factorize_dim(n, k)
-    assert len(modes) == k and math.prod(modes) == n and modes == sorted(modes, reverse=True)
+    assert len(modes) == k and math.prod(modes) == n and modes == sorted(modes)
 
 
 def test_factorize_dim_is_balanced():
     assert factorize_dim(4096, 3) == [16, 16, 16]
-    assert factorize_dim(768, 3) == [12, 8, 8]
+    assert factorize_dim(768, 3) == [8, 8, 12]
+    assert factorize_dim(1024, 3) == [8, 8, 16] and factorize_dim(5120, 3) == [16, 16, 20]
 
 
 def test_kaiming_uniform_bound_and_seed():

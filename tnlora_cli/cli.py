@@ -169,6 +169,57 @@ def merge(
         )
 
 
+@app.command("count-params")
+def count_params_(
+    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (or give --model and --set adapter...).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model: a shipped config (llama-2-7b, roberta-base, ...), minilm, or a directory.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="classification, causal-lm or instruction (without a recipe: causal-lm).")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Exact trainable, frozen and stored parameters per module role, from the config alone
+    (the base model is built on the meta device: no weights, no network).
+
+    Example: tnlora count-params --model llama-2-7b --set adapter.type=tera
+    --set adapter.target_modules=[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8
+    """
+    _quiet_libraries()
+    from .count import count_params, shipped_configs
+    from .recipe import apply_overrides, load_recipe, validate_recipe
+
+    overrides = list(set_ or [])
+    if model:
+        overrides.append(f"model={model}")
+    if task:
+        overrides.append(f"task={task}")
+    if recipe is not None:
+        spec = _run(load_recipe, recipe, overrides)
+    else:
+        if not model:
+            console.print(f"[bold red]error:[/bold red] give a RECIPE or --model (shipped configs: {', '.join(shipped_configs())})")
+            raise typer.Exit(2)
+        # Data is not read when counting; placeholders satisfy the schema.
+        raw: dict[str, Any] = {"task": "causal-lm", "adapter": {}, "data": {"train": "-", "label_column": "label"}}
+        _run(apply_overrides, raw, overrides)
+        spec = _run(validate_recipe, raw, "command line")
+    report = _run(count_params, spec)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    table = Table(title=f"{report.adapter} on {report.model}")
+    for column in ("module role", "layers", "trainable", "frozen", "stored"):
+        table.add_column(column, justify="left" if column == "module role" else "right")
+    for role, c in report.roles.items():
+        table.add_row(role, str(c.layers) if c.layers else "-", f"{c.trainable:,}", f"{c.frozen:,}", f"{c.stored:,}")
+    total = report.adapter_total
+    table.add_section()
+    table.add_row("[bold]adapter total", str(total.layers), f"[bold]{total.trainable:,}", f"{total.frozen:,}", f"{total.stored:,}")
+    if report.head.layers:
+        table.add_row("task head (trained in full)", str(report.head.layers), f"{report.head.trainable:,}", "0", f"{report.head.trainable:,}")
+    out_console.print(table)
+    out_console.print(f"base model: {report.base_parameters:,} parameters; adapter trainable = {report.trainable_percent:.4f}% of base + adapter")
+
+
 def main() -> None:
     app()
 

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import REGISTRY, AdaptedLinear, AdapterConfig, SharedStore
-from .adapters.base import layer_dims
+from .adapters.base import LayerSpec, layer_dims
 from .errors import TargetError
 from .tensor.init import make_generator
 
@@ -40,8 +40,10 @@ def is_linear_leaf(module: nn.Module) -> bool:
 
 
 def module_role(name: str) -> str:
-    """The role of a layer is its own attribute name (query, q_proj, c_attn, ...)."""
-    return name.rsplit(".", 1)[-1]
+    """The role of a layer is its own attribute name (query, q_proj, c_attn, ...); an index
+    in a container keeps its parent's name (classifier.1)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def _matches(name: str, spec: list[str] | str) -> bool:
@@ -108,25 +110,35 @@ def inject_adapter(
     if targets is None:
         targets = find_targets(model, config, excluded=set(excluded or ()) | set(modules_to_save))
     shared = SharedStore()
-    model.add_module(SHARED_ATTR, shared)
     generator = make_generator(config.seed)
-    roles: dict[str, list[str]] = {}
+    specs = []
     for name in targets:
         base = model.get_submodule(name)
         if not is_linear_leaf(base):
             raise TargetError(f"{name} is a {type(base).__name__}, not a linear layer")
-        in_features, out_features = layer_dims(base)
-        role = module_role(name)
-        adapter = adapter_cls(in_features, out_features, config, shared, role, generator)
+        specs.append(LayerSpec(name, module_role(name), *layer_dims(base)))
+    adapter_cls.prepare_shared(shared, config, specs, generator)
+    model.add_module(SHARED_ATTR, shared)
+    roles: dict[str, list[str]] = {}
+    for spec in specs:
+        name, role = spec.name, spec.role
+        base = model.get_submodule(name)
+        adapter = adapter_cls(spec.in_features, spec.out_features, config, shared, role, generator)
         weight = base.weight
-        adapter.to(device=weight.device if weight.device.type != "meta" else "cpu")
+        adapter.to(device=_materialisable(weight.device))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, AdaptedLinear(base, adapter))
         roles.setdefault(role, []).append(name)
-    shared.to(next(iter(_adapters(model))).base_layer.weight.device if targets else "cpu")
+    shared.to(_materialisable(model.get_submodule(specs[0].name).base_layer.weight.device))
     freeze_base(model, modules_to_save)
     return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=roles)
+
+
+def _materialisable(device: torch.device) -> torch.device:
+    """Adapters live beside their layer, except on the meta device (count-params), where
+    they are real CPU tensors so that their sizes and seeds are exact."""
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _adapters(model: nn.Module) -> Iterator[AdaptedLinear]:

@@ -23,8 +23,10 @@ from .modeling import DTYPES, model_class
 from .pipeline import load_run
 from .reporting import Reporter
 
-#: (absolute, relative to the largest reference logit) tolerance per merged dtype.
-TOLERANCES = {torch.float32: (1e-4, 0.0), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
+#: (absolute, relative to the largest reference logit) tolerance per merged dtype. fp32 allows
+#: 1e-5 of the logit scale on top of 1e-4: a 30-layer model's logits (|z| ~ 20) differ by
+#: ~1e-4 between x·W0 + x·A·B and x·(W0 + BA) from rounding alone.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 
 
 @dataclass

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from .embedded import MODELS
 from .errors import ModelError
@@ -49,8 +57,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def model_class(task: str) -> type:
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+def model_class(task: str, config: object | None = None) -> type:
+    if task != "classification":
+        return AutoModelForCausalLM
+    if config is not None and type(config) in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        # Vision backbones (the TensorGuide paper's ResNet-18): counted, not trained.
+        return AutoModelForImageClassification
+    return AutoModelForSequenceClassification
 
 
 def load_model(

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from .adapters import REGISTRY
 from .checkpoint import (
     atomic_directory,
     checkpoint_dirs,
@@ -135,7 +136,7 @@ def train(
         load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
         optimizer,
@@ -238,6 +239,17 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, step, last_loss, evaluation, majority_rate(prepared.data.eval), params)
+
+
+def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """One AdamW group per learning rate (TRAC's controllers may have their own)."""
+    adapter_cls = REGISTRY[recipe.adapter.type]
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lr = adapter_cls.learning_rate(recipe.adapter, name, recipe.training.learning_rate)
+            groups.setdefault(lr, []).append(p)
+    return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
 
 def _adapter_checksum(model: torch.nn.Module, prepared: Prepared) -> torch.Tensor:

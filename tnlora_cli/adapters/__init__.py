@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from .base import AdaptedLinear, Adapter, AdapterConfig, SharedStore
+from .base import AdaptedLinear, Adapter, AdapterConfig, LowRankAdapter, SharedStore
 from .lora import LoraAdapter, LoraConfig
+from .loretta import LorettaAdapter, LorettaConfig
+from .tensorguide import TensorGuideAdapter, TensorGuideConfig
+from .tera import TeraAdapter, TeraConfig
+from .trac import TracAdapter, TracConfig
+from .vera import VeraAdapter, VeraConfig
 
 REGISTRY: dict[str, type[Adapter]] = {
     "lora": LoraAdapter,
+    "vera": VeraAdapter,
+    "loretta": LorettaAdapter,
+    "tensorguide": TensorGuideAdapter,
+    "trac": TracAdapter,
+    "tera": TeraAdapter,
 }
 
-__all__ = ["REGISTRY", "AdaptedLinear", "Adapter", "AdapterConfig", "SharedStore", "LoraAdapter", "LoraConfig"]
+__all__ = [
+    "REGISTRY", "AdaptedLinear", "Adapter", "AdapterConfig", "LowRankAdapter", "SharedStore",
+    "LoraAdapter", "LoraConfig", "LorettaAdapter", "LorettaConfig", "TensorGuideAdapter", "TensorGuideConfig",
+    "TeraAdapter", "TeraConfig", "TracAdapter", "TracConfig", "VeraAdapter", "VeraConfig",
+]

@@ -12,7 +12,8 @@ registered exactly once.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,12 +54,28 @@ class SharedStore(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.tensors = nn.ParameterDict()
+        #: key -> the module role it serves ("*" for every role), for parameter accounting.
+        self.roles: dict[str, str] = {}
 
-    def get_or_create(self, key: str, factory: Any, trainable: bool) -> nn.Parameter:
-        """Return the shared tensor `key`, creating it with `factory()` on first use."""
+    def get_or_create(self, key: str, factory: Any, trainable: bool, role: str = "*") -> nn.Parameter:
+        """Return the shared tensor `key`, creating it with `factory()` on first use.
+
+        Keys use "_" separators only (ParameterDict keys cannot contain dots).
+        """
         if key not in self.tensors:
             self.tensors[key] = nn.Parameter(factory(), requires_grad=trainable)
+            self.roles[key] = role
         return self.tensors[key]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What an adapter needs to know of one target layer before anything is built."""
+
+    name: str
+    role: str
+    in_features: int
+    out_features: int
 
 
 class Adapter(nn.Module):
@@ -87,6 +104,16 @@ class Adapter(nn.Module):
         self.out_features = out_features
         self.role = role
 
+    @classmethod
+    def prepare_shared(cls, shared: SharedStore, config: AdapterConfig, layers: list[LayerSpec], generator: torch.Generator) -> None:
+        """Build model-wide tensors that depend on all target layers (VeRA sizes its
+        projections by the largest layer). Called once, before any layer is built."""
+
+    @classmethod
+    def learning_rate(cls, config: AdapterConfig, param_name: str, base_lr: float) -> float:
+        """Learning rate of one trainable tensor (TRAC gives its controllers their own)."""
+        return base_lr
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         raise NotImplementedError
 
@@ -99,6 +126,29 @@ class Adapter(nn.Module):
         for p in self.parameters():
             return p.dtype
         return torch.float32
+
+
+class LowRankAdapter(Adapter):
+    """An adapter whose update is scaling · B Aᵀ with thin factors A (in, r), B (out, r).
+
+    Subclasses set `scaling` and `dropout` and implement `factors()`; the forward pass never
+    builds the (out, in) matrix: (x A) Bᵀ costs T·r·(in + out).
+    """
+
+    scaling: float
+    dropout: nn.Module
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (in, r) and B (out, r)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return (self.dropout(x) @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return at_least_fp32(b) @ at_least_fp32(a).T * self.scaling
 
 
 class AdaptedLinear(nn.Module):

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from ..tensor.init import kaiming_uniform
-from .base import Adapter, AdapterConfig, SharedStore, at_least_fp32
+from .base import AdapterConfig, LowRankAdapter, SharedStore
 
 
 class LoraConfig(AdapterConfig):
@@ -23,7 +23,7 @@ class LoraConfig(AdapterConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(LowRankAdapter):
     config_class = LoraConfig
 
     def __init__(
@@ -42,9 +42,5 @@ class LoraAdapter(Adapter):
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., in) @ (in, r) @ (r, out): T·r·(in + out) MACs; ΔW is never built here.
-        return (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        return (at_least_fp32(self.lora_B) @ at_least_fp32(self.lora_A)) * self.scaling
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.T, self.lora_B

@@ -33,7 +33,8 @@ def tt_n_params(mode_sizes: Sequence[int], ranks: Sequence[int]) -> int:
 
 
 def factorize_dim(n: int, n_modes: int) -> list[int]:
-    """Split n into `n_modes` integer factors as equal as possible (largest first).
+    """Split n into `n_modes` integer factors as equal as possible (smallest first, as the
+    papers' tables: 768 -> [8, 8, 12]).
 
     Greedy on the prime factors: each prime, largest first, goes to the currently smallest
     mode. Modes of size 1 appear only when n has fewer prime factors than `n_modes`.
@@ -52,6 +53,91 @@ def factorize_dim(n: int, n_modes: int) -> list[int]:
     modes = [1] * n_modes
     for prime in sorted(primes, reverse=True):
         modes[modes.index(min(modes))] *= prime
-    modes.sort(reverse=True)
+    modes.sort()
     assert math.prod(modes) == n
     return modes
+
+
+def tt_to_matrix(cores: Sequence[torch.Tensor], n_rows: int) -> torch.Tensor:
+    """Contract cores into a matrix with `n_rows` rows (row-major over the leading modes).
+
+    Two forms of a (dim, r) factor matrix share this: r as the open last rank
+    (cores over dim's modes ending in rank r, the TRAC form) or r as a last mode with
+    boundary rank 1 (the LoRETTA form).
+    """
+    return tt_to_tensor(cores).reshape(n_rows, -1)
+
+
+def tt_normal(
+    shapes: Sequence[tuple[int, int, int]], fan_sum: int, generator: torch.Generator, order: int | None = None
+) -> list[torch.Tensor]:
+    """TT-normal initialisation: core k ~ N(0, 1) / sqrt(r_{k+1}) * sigma^(1/order),
+    sigma = sqrt(1 / fan_sum), so the contracted matrix has entries of std about sigma.
+
+    `fan_sum` is rows + columns of the matrix the train represents; `order` defaults to the
+    number of cores (TRAC's shared cores use the order of the full train, methods.md §2).
+    """
+    order = order or len(shapes)
+    sigma = math.sqrt(1.0 / fan_sum)
+    return [torch.randn(shape, generator=generator) / math.sqrt(shape[2]) * sigma ** (1.0 / order) for shape in shapes]
+
+
+def tt_ranks_for(n_modes: int, rank: int) -> list[int]:
+    """[1, rank, ..., rank, 1] for `n_modes` modes."""
+    return [1] + [rank] * (n_modes - 1) + [1]
+
+
+def fold_dim(dim: int, mode_size: int) -> list[int]:
+    """Fold `dim` into modes of `mode_size` (TeRA's indim/outdim), the remaining factor as a
+    last mode: 4096 by 8 -> [8, 8, 8, 8], 384 by 8 -> [8, 8, 6]. A mode size of at least
+    `dim` leaves it unfolded. Raises ValueError when `dim` is not divisible by it."""
+    if mode_size >= dim:
+        return [dim]
+    if mode_size < 2 or dim % mode_size:
+        raise ValueError(f"{dim} is not divisible by {mode_size}")
+    modes, rest = [], dim
+    while rest % mode_size == 0 and rest > 1:
+        modes.append(mode_size)
+        rest //= mode_size
+    if rest > 1:
+        modes.append(rest)
+    return modes
+
+
+def factor_core_shapes(dim_modes: Sequence[int], r: int, ranks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Core shapes of a TT for a (dim, r) factor matrix.
+
+    - `len(ranks) == len(dim_modes) + 1` and `ranks[-1] == r`: r is the open last rank
+      (TRAC; ranks [1, r1, r2] + [r]).
+    - `len(ranks) == len(dim_modes) + 2` and `ranks[-1] == 1`: r is one more mode
+      (LoRETTA; ranks [1, t, ..., t, 1] over dim_modes + [r]).
+    """
+    if ranks[0] != 1:
+        raise ValueError(f"the first TT rank must be 1, got {list(ranks)}")
+    if len(ranks) == len(dim_modes) + 1 and ranks[-1] == r:
+        modes = list(dim_modes)
+    elif len(ranks) == len(dim_modes) + 2 and ranks[-1] == 1:
+        modes = list(dim_modes) + [r]
+    else:
+        raise ValueError(
+            f"ranks {list(ranks)} do not fit modes {list(dim_modes)} with r={r}: give {len(dim_modes) + 1} ranks ending in r, "
+            f"or {len(dim_modes) + 2} ranks ending in 1"
+        )
+    return [(ranks[k], n, ranks[k + 1]) for k, n in enumerate(modes)]
+
+
+def tt_matrix_apply(z: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract a vector z (prod n_k) with TT-matrix cores (r_k, n_k, m_k, r_{k+1}).
+
+    Returns the flat vector over (m_1, ..., m_d), row-major. Mode by mode, so the cost is
+    sum_k r_k n_k m_k r_{k+1} times what is left of z and produced of the output.
+    """
+    in_modes = [core.shape[1] for core in cores]
+    # state: (P produced outputs, r_k, n_k, rest of the inputs)
+    state = z.reshape(1, 1, in_modes[0], -1)
+    for k, core in enumerate(cores):
+        p, _, _, q = state.shape
+        state = torch.einsum("prnq,rnms->pmsq", state, core).reshape(p * core.shape[2], core.shape[3], q)
+        if k + 1 < len(cores):
+            state = state.reshape(state.shape[0], state.shape[1], in_modes[k + 1], -1)
+    return state.reshape(-1)

@@ -1,0 +1,120 @@
+"""TensorGuide (Qi et al., 2025): one tensor-train network generates both LoRA-style matrices.
+
+Per adapted layer, a TT-matrix with cores (r_k, n_k, m_k, r_{k+1}) maps a fixed Gaussian
+z (prod n_k, drawn from the adapter's seed and saved with it) to a flat vector of
+M·(in + out) entries, split into W1 (in, M) and W2 (M, out):
+
+    y = W0 x + s · σ(x W1) W2,   hidden width M, σ = none (default) | relu | gelu | tanh.
+
+With σ = none the update is linear, ΔW = s (W1 W2)ᵀ, and merges; otherwise merge and rank
+inspection refuse. The output modes m_k are factorised from M·(in + out) when not given.
+
+Start. W1 and W2 come from the same cores, so zeroing a core would zero both and every
+gradient. tnlora's default (`start: zero`) subtracts the branch at the initial cores,
+regenerated from a frozen copy of the initial cores: the model starts exactly at the base and every core
+gets gradients from step 1. `start: paper` follows the official code instead: cores
+~ N(0, 0.1²), no subtraction (set `scale: 0.01` as it does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..errors import RecipeError
+from ..tensor.tt import factorize_dim, tt_matrix_apply
+from .base import Adapter, AdapterConfig, SharedStore, at_least_fp32
+
+ACTIVATIONS = {"none": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+class TensorGuideConfig(AdapterConfig):
+    type: Literal["tensorguide"] = "tensorguide"
+    hidden: int = Field(8, gt=0, description="Hidden width M of the generated pair W1 (in, M), W2 (M, out).")
+    in_modes: list[int] = Field([2, 2, 2, 2, 2], min_length=1, description="Modes of the latent z (its size is their product).")
+    out_modes: list[int] | None = Field(None, description="Output modes; product M·(in+out). Default: factorised per layer.")
+    ranks: list[int] | int = Field(2, description="TT ranks, [1, r, ..., r, 1] from one number, or the full list.")
+    scale: float = Field(1.0, gt=0, description="s in y = W0x + s·σ(xW1)W2.")
+    activation: Literal["none", "relu", "gelu", "tanh"] = "none"
+    start: Literal["zero", "paper"] = "zero"
+
+
+class TensorGuideAdapter(Adapter):
+    config_class = TensorGuideConfig
+
+    def __init__(self, in_features: int, out_features: int, config: TensorGuideConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
+        super().__init__(in_features, out_features, config, shared, role, generator)
+        self.hidden, self.scale = config.hidden, config.scale
+        self.activation_name = config.activation
+        total = config.hidden * (in_features + out_features)
+        d = len(config.in_modes)
+        out_modes = config.out_modes or factorize_dim(total, d)
+        if len(out_modes) != d or math.prod(out_modes) != total:
+            raise RecipeError(
+                f"adapter.out_modes: {out_modes} must be {d} modes multiplying to hidden·(in+out) = {config.hidden}·({in_features}+{out_features}) = {total}",
+                hint=f"e.g. {factorize_dim(total, d)}, or remove the key to factorise per layer",
+            )
+        ranks = config.ranks if isinstance(config.ranks, list) else [1] + [config.ranks] * (d - 1) + [1]
+        if len(ranks) != d + 1:
+            raise RecipeError(f"adapter.ranks: {ranks} needs {d + 1} entries for {d} modes", hint="give one rank per core boundary, or a single number")
+        self.register_buffer("z", torch.randn(math.prod(config.in_modes), generator=generator))
+        shapes = [(ranks[k], config.in_modes[k], out_modes[k], ranks[k + 1]) for k in range(d)]
+        if config.start == "paper":
+            cores = [torch.randn(s, generator=generator) * 0.1 for s in shapes]
+        else:
+            # Entries of the generated vector get std 1/sqrt(in): each core contributes
+            # (1/sqrt(in))^(1/d) and the 1/sqrt(n_k r_{k+1}) that its sums add up.
+            cores = [torch.randn(s, generator=generator) * in_features ** (-0.5 / d) / math.sqrt(s[1] * s[3]) for s in shapes]
+        self.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
+        self.subtract_start = config.start == "zero"
+        if self.subtract_start:
+            # The initial cores, not W1_0/W2_0: as small as the trainable part, and the
+            # generated start costs one more (token-free) contraction per forward.
+            for k, c in enumerate(cores):
+                self.register_buffer(f"start_core{k}", c.clone())
+
+    @property
+    def is_linear(self) -> bool:  # type: ignore[override]
+        return self.activation_name == "none"
+
+    def _start_cores(self) -> list[torch.Tensor]:
+        return [getattr(self, f"start_core{k}") for k in range(len(self.cores))]
+
+    def generate(self, cores: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """W1 (in, M) and W2 (M, out) from the TT network applied to z (no token dimension)."""
+        cores = list(self.cores) if cores is None else cores
+        flat = tt_matrix_apply(self.z.to(cores[0].dtype), cores)
+        split = self.in_features * self.hidden
+        return flat[:split].reshape(self.in_features, self.hidden), flat[split:].reshape(self.hidden, self.out_features)
+
+    def _branch(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        h = x @ w1.to(x.dtype)
+        act = ACTIVATIONS[self.activation_name]
+        return (act(h) if act is not None else h) @ w2.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.generate()
+        out = self._branch(x, w1, w2)
+        if self.subtract_start:
+            with torch.no_grad():
+                w1_start, w2_start = self.generate(self._start_cores())
+            out = out - self._branch(x, w1_start, w2_start)
+        return out * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        if not self.is_linear:
+            raise RecipeError(
+                f"tensorguide with activation '{self.activation_name}' has no weight update: its branch is nonlinear in the input",
+                hint="merge and rank inspection need activation: none",
+            )
+        w1, w2 = (at_least_fp32(t) for t in self.generate())
+        delta = w1 @ w2
+        if self.subtract_start:
+            w1_start, w2_start = (at_least_fp32(t) for t in self.generate(self._start_cores()))
+            delta = delta - w1_start @ w2_start
+        return (delta * self.scale).T

@@ -1,0 +1,115 @@
+"""TRAC (Ye, Zhang, Zhang): tensor-train LoRA factors shared across layers.
+
+A (in, r) and B (out, r) are 3-core TTs, cores (1, n1, r1), (r1, n2, r2), (r2, n3, r):
+- core 1: per layer, trainable;
+- core 2: frozen random, shared by every layer of the same role (query, value, ...) and factor;
+- core 3: trainable, shared the same way, gated per layer by controller vectors
+  b (r2) and d (n3): core3~ = act(b)[:, None, None] * act(d)[None, :, None] * core3,
+  act = identity (`none`) or len(v) * softmax(v) (`softmax`, the paper's "exponential").
+ΔW = (alpha / r) B Aᵀ; B's shared core 3 starts at zero, so ΔW = 0.
+
+Roles are the layers' own attribute names, never a substring guess: `up_proj`, `down_proj`
+and `gate_proj` share nothing. Initialisation is TT-normal with sigma = sqrt(1 / (dim + r)),
+per-layer cores with order 3 and shared cores with order 4, as in the official code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import RecipeError
+from ..tensor.tt import tt_normal, tt_to_matrix
+from .base import AdapterConfig, LowRankAdapter, SharedStore
+from .tt_common import check_ranks, dim_modes
+
+#: Paper defaults by hidden size (TRAC's tensor_cfg): modes, A ranks, B ranks (r appended).
+DEFAULT_MODES = {768: [8, 8, 12], 1024: [8, 8, 16], 1280: [8, 8, 20], 4096: [16, 16, 16], 5120: [16, 16, 20]}
+DEFAULT_RANKS_A = {768: [1, 8, 12], 1024: [1, 8, 12], 1280: [1, 12, 24], 4096: [1, 12, 24], 5120: [1, 15, 30]}
+DEFAULT_RANKS_B = {768: [1, 24, 36], 1024: [1, 24, 36], 1280: [1, 36, 72], 4096: [1, 36, 72], 5120: [1, 45, 90]}
+
+RankSpec = list[int] | dict[int, list[int]] | None
+
+
+class TracConfig(AdapterConfig):
+    type: Literal["trac"] = "trac"
+    r: int = Field(8, gt=0, description="LoRA rank (the open last TT rank).")
+    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    modes: dict[int, list[int]] | None = Field(None, description="3 modes per dimension, e.g. {768: [8, 8, 12]}; default: paper table, else factorised.")
+    ranks_a: RankSpec = Field(None, description="[1, r1, r2] for A (one list, or per dimension); default: paper table.")
+    ranks_b: RankSpec = Field(None, description="[1, s1, s2] for B; default: paper table.")
+    activation: Literal["none", "softmax"] = Field("none", description="Controller activation (softmax = length x softmax).")
+    controller_init: Literal["ones", "zeros"] = "ones"
+    controller_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the controllers (default: training.learning_rate).")
+
+
+def _ranks_for(spec: RankSpec, table: dict[int, list[int]], dim: int, modes: list[int], r: int) -> list[int]:
+    if isinstance(spec, dict):
+        if dim in spec:
+            return list(spec[dim])
+    elif spec is not None:
+        return list(spec)
+    if dim in table and dim in DEFAULT_MODES and modes == DEFAULT_MODES[dim]:
+        return list(table[dim])
+    # Other sizes: the 768 ranks, capped by what a TT of these modes can use.
+    base = table[768]
+    r1 = min(base[1], modes[0])
+    return [1, r1, min(base[2], r1 * modes[1], modes[2] * r)]
+
+
+def _activate(v: torch.Tensor, kind: str) -> torch.Tensor:
+    return v.numel() * torch.softmax(v, dim=0) if kind == "softmax" else v
+
+
+class TracAdapter(LowRankAdapter):
+    config_class = TracConfig
+
+    def __init__(self, in_features: int, out_features: int, config: TracConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
+        super().__init__(in_features, out_features, config, shared, role, generator)
+        self.scaling = config.alpha / config.r
+        self.activation = config.activation
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._shared: dict[str, torch.Tensor] = {}
+        for factor, dim, ranks, table in (("a", in_features, config.ranks_a, DEFAULT_RANKS_A), ("b", out_features, config.ranks_b, DEFAULT_RANKS_B)):
+            modes = dim_modes(dim, config.modes, 3, DEFAULT_MODES)
+            if len(modes) != 3:
+                raise RecipeError(f"adapter.modes.{dim}: TRAC uses exactly 3 modes, got {modes}", hint="give three modes per dimension")
+            rank_list = _ranks_for(ranks, table, dim, modes, config.r)
+            shapes = check_ranks(rank_list + [config.r], modes, config.r, f"ranks_{factor}")
+            first = tt_normal(shapes[:1], fan_sum=dim + config.r, generator=generator, order=3)[0]
+            setattr(self, f"core1_{factor}", nn.Parameter(first))
+            key = f"trac_{role}_{factor}_{dim}_{'x'.join(map(str, modes))}_{'x'.join(map(str, rank_list))}_r{config.r}"
+            if key + "_core2" not in shared.tensors:
+                # Drawn once, at the first layer of this role and factor.
+                core2, core3 = tt_normal(shapes[1:], fan_sum=dim + config.r, generator=generator, order=4)
+                if factor == "b":
+                    core3 = torch.zeros_like(core3)  # ΔW = 0 at the start
+                shared.get_or_create(key + "_core2", lambda c=core2: c, trainable=False, role=role)
+                shared.get_or_create(key + "_core3", lambda c=core3: c, trainable=True, role=role)
+            self._shared[f"core2_{factor}"] = shared.tensors[key + "_core2"]
+            self._shared[f"core3_{factor}"] = shared.tensors[key + "_core3"]
+            fill = torch.ones if config.controller_init == "ones" else torch.zeros
+            setattr(self, f"controller_rank_{factor}", nn.Parameter(fill(shapes[2][0])))
+            setattr(self, f"controller_dim_{factor}", nn.Parameter(fill(shapes[2][1])))
+
+    @classmethod
+    def learning_rate(cls, config: TracConfig, param_name: str, base_lr: float) -> float:
+        if "controller_" in param_name and config.controller_learning_rate is not None:
+            return config.controller_learning_rate
+        return base_lr
+
+    def _factor(self, factor: str, rows: int) -> torch.Tensor:
+        gate_rank = _activate(getattr(self, f"controller_rank_{factor}"), self.activation)
+        gate_dim = _activate(getattr(self, f"controller_dim_{factor}"), self.activation)
+        core3 = self._shared[f"core3_{factor}"] * gate_rank[:, None, None] * gate_dim[None, :, None]
+        # (n1, r1) x (r1, n2, r2) first: the frozen core meets the small per-layer core, then
+        # the gated shared core; no step depends on the number of tokens.
+        return tt_to_matrix([getattr(self, f"core1_{factor}"), self._shared[f"core2_{factor}"], core3], rows)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._factor("a", self.in_features), self._factor("b", self.out_features)
+

@@ -1,0 +1,68 @@
+"""VeRA (Kopiczko et al., 2024): ΔW = diag(λ_b) B diag(λ_d) A.
+
+One frozen pair A (r, max_in) and B (max_out, r) serves the whole model; each layer uses
+the slices A[:, :in] and B[:out, :]. Both are Kaiming-uniform draws from a generator seeded
+by `adapter.seed` (A first, then B; fan-in max_in for A and r for B) and are saved with the
+adapter. Per layer, λ_b (out) starts at 0, so ΔW = 0, and λ_d (r) at `d_initial`.
+Trainable per layer: out + r.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..tensor.init import kaiming_uniform, make_generator
+from .base import Adapter, AdapterConfig, LayerSpec, SharedStore, at_least_fp32
+
+
+class VeraConfig(AdapterConfig):
+    type: Literal["vera"] = "vera"
+    r: int = Field(256, gt=0, description="Rank of the shared random projections.")
+    d_initial: float = Field(0.1, description="Initial value of every λ_d.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
+
+
+class VeraAdapter(Adapter):
+    config_class = VeraConfig
+
+    @classmethod
+    def prepare_shared(cls, shared: SharedStore, config: VeraConfig, layers: list[LayerSpec], generator: torch.Generator) -> None:
+        max_in = max(spec.in_features for spec in layers)
+        max_out = max(spec.out_features for spec in layers)
+        # Own generator: the projections depend on the seed and sizes alone.
+        g = make_generator(config.seed)
+        a = kaiming_uniform((config.r, max_in), fan_in=max_in, generator=g)
+        b = kaiming_uniform((max_out, config.r), fan_in=config.r, generator=g)
+        shared.get_or_create("vera_A", lambda: a, trainable=False)
+        shared.get_or_create("vera_B", lambda: b, trainable=False)
+
+    def __init__(self, in_features: int, out_features: int, config: VeraConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
+        super().__init__(in_features, out_features, config, shared, role, generator)
+        # Plain dict: the shared tensors stay registered only on the SharedStore.
+        self._shared = {"A": shared.tensors["vera_A"], "B": shared.tensors["vera_B"]}
+        self.lambda_b = nn.Parameter(torch.zeros(out_features))
+        self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial)))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.r = config.r
+
+    def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._shared["A"][:, : self.in_features], self._shared["B"][: self.out_features, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self._projections()
+        x = self.dropout(x)
+        tokens = x.numel() // self.in_features
+        n, m, r = self.in_features, self.out_features, self.r
+        # x-path: T·r·(n+m); dense: n·m·r to build ΔW, then T·n·m. With r of 256-1024 the
+        # dense path wins for long batches (methods.md §9); pick the cheaper one per call.
+        if tokens * r * (n + m) <= n * m * r + tokens * n * m:
+            return self.lambda_b * ((self.lambda_d * (x @ a.T.to(x.dtype))) @ b.T.to(x.dtype))
+        return x @ self.delta_weight().T.to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self._projections()
+        return at_least_fp32(self.lambda_b)[:, None] * (at_least_fp32(b) * at_least_fp32(self.lambda_d)) @ at_least_fp32(a)
