@@ -329,3 +329,17 @@ def test_tensorguide_on_the_output_head(make_recipe, tmp_path):
     assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
     report = merge_run(raw["output_dir"], tmp_path / "m")
     assert report.untied and report.max_abs_diff <= 1e-4
+
+
+def test_nonlinear_tensorguide_trains_but_merge_refuses(make_recipe, tmp_path):
+    from tnlora_cli.errors import MergeError
+    from tnlora_cli.merge import merge_run
+    from tnlora_cli.train import train
+
+    raw = _recipe(make_recipe, "tensorguide", activation="gelu")
+    raw["training"]["max_steps"] = 30
+    result = train(validate_recipe(raw))
+    assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
+    with pytest.raises(MergeError, match="nonlinear"):
+        merge_run(raw["output_dir"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()

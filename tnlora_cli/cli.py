@@ -220,6 +220,43 @@ def count_params_(
     out_console.print(f"base model: {report.base_parameters:,} parameters; adapter trainable = {report.trainable_percent:.4f}% of base + adapter")
 
 
+@app.command("inspect-rank")
+def inspect_rank(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories, checkpoints or adapter directories.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: one panel per module role, rank against layer.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every layer's statistics as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write every layer's statistics as CSV.")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Singular values above rtol x the largest count (default: eps(fp32) x max(m, n)).")] = None,
+    dense: Annotated[bool, typer.Option(help="Dense SVD of every ΔW, even where the factors give it exactly.")] = False,
+) -> None:
+    """Rank, effective rank and spectrum of every adapter's weight update ΔW, per layer."""
+    _quiet_libraries()
+    from .ranks import inspect_run, plot_ranks, write_csv
+
+    reports = [_run(inspect_run, run, rtol=rtol, dense=dense, reporter=RichReporter()) for run in runs]
+    table = Table(title="rank of ΔW per module role")
+    for column in ("run", "role", "layers", "rank (min-max)", "max rank", "effective rank", "rank @99% energy", "method"):
+        table.add_column(column, justify="left" if column in ("run", "role", "method") else "right")
+    for report in reports:
+        for role in dict.fromkeys(layer["role"] for layer in report["layers"]):
+            rows = [layer for layer in report["layers"] if layer["role"] == role]
+            if rows[0]["rank"] is None:
+                table.add_row(report["label"], role, str(len(rows)), "nonlinear", str(rows[0]["max_rank"]), "-", "-", "nonlinear")
+                continue
+            ranks = [r["rank"] for r in rows]
+            eff = sum(r["effective_rank"] for r in rows) / len(rows)
+            r99 = sum(r["rank_99"] for r in rows) / len(rows)
+            table.add_row(report["label"], role, str(len(rows)), f"{min(ranks)}-{max(ranks)}", str(rows[0]["max_rank"]), f"{eff:.1f}", f"{r99:.1f}", rows[0]["method"])
+    out_console.print(table)
+    if plot:
+        plot_ranks(reports, plot)
+        out_console.print(f"plot written to {plot}")
+    if json_out:
+        json_out.write_text(json.dumps(reports, indent=2))
+    if csv_out:
+        write_csv(reports, csv_out)
+
+
 def main() -> None:
     app()
 

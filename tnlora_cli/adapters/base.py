@@ -121,6 +121,11 @@ class Adapter(nn.Module):
         """The update as a dense (out, in) matrix in at least fp32, scaling included."""
         raise NotImplementedError
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A (in, k), B (out, k)) with ΔW = B Aᵀ when the update is a product of thin
+        factors (exact rank and spectrum come cheap from them); None for other updates."""
+        return None
+
     @property
     def compute_dtype(self) -> torch.dtype:
         for p in self.parameters():
@@ -145,6 +150,10 @@ class LowRankAdapter(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         return (self.dropout(x) @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.factors()
+        return at_least_fp32(a), at_least_fp32(b) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()

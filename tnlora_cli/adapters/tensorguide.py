@@ -106,6 +106,17 @@ class TensorGuideAdapter(Adapter):
             out = out - self._branch(x, w1_start, w2_start)
         return out * self.scale
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ΔW = s (W1 W2 - W1_0 W2_0)ᵀ = B Aᵀ with A = [W1, W1_0] (in, 2M) and
+        B = s [W2ᵀ, -W2_0ᵀ] (out, 2M); None when σ is nonlinear."""
+        if not self.is_linear:
+            return None
+        w1, w2 = (at_least_fp32(t) for t in self.generate())
+        if not self.subtract_start:
+            return w1, self.scale * w2.T
+        s1, s2 = (at_least_fp32(t) for t in self.generate(self._start_cores()))
+        return torch.cat([w1, s1], dim=1), self.scale * torch.cat([w2.T, -s2.T], dim=1)
+
     def delta_weight(self) -> torch.Tensor:
         if not self.is_linear:
             raise RecipeError(
@@ -115,6 +126,7 @@ class TensorGuideAdapter(Adapter):
         w1, w2 = (at_least_fp32(t) for t in self.generate())
         delta = w1 @ w2
         if self.subtract_start:
-            w1_start, w2_start = (at_least_fp32(t) for t in self.generate(self._start_cores()))
-            delta = delta - w1_start @ w2_start
+            # Two products, then the difference: exactly zero at the start.
+            s1, s2 = (at_least_fp32(t) for t in self.generate(self._start_cores()))
+            delta = delta - s1 @ s2
         return (delta * self.scale).T

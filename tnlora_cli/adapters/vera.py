@@ -63,6 +63,10 @@ class VeraAdapter(Adapter):
             return self.lambda_b * ((self.lambda_d * (x @ a.T.to(x.dtype))) @ b.T.to(x.dtype))
         return x @ self.delta_weight().T.to(x.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self._projections()
-        return at_least_fp32(self.lambda_b)[:, None] * (at_least_fp32(b) * at_least_fp32(self.lambda_d)) @ at_least_fp32(a)
+        return (at_least_fp32(a) * at_least_fp32(self.lambda_d)[:, None]).T, at_least_fp32(self.lambda_b)[:, None] * at_least_fp32(b)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.low_rank_factors()
+        return b @ a.T

@@ -1,0 +1,139 @@
+"""Training-step time and peak memory of every adapter, as ratios to LoRA, in one run.
+
+    python benchmarks/step_time.py                       # MiniLM config, CPU, batch 16 x 128
+    python benchmarks/step_time.py --model llama-2-7b --layers 2 --batch 4 --seq 512   # a GPU
+    pip install 'tnlora[bench]'                           # adds peft's LoRA as a second baseline
+
+Each case runs in its own process (a fresh model from the config, random weights, the
+adapter on the attention query/value layers) for `--steps` timed optimizer steps after
+`--warmup`; the parent prints a table with the ratios to tnlora's LoRA and to peft's LoRA.
+Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the process's peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ADAPTERS = {
+    "lora": {"type": "lora", "r": 8, "alpha": 16},
+    "vera": {"type": "vera", "r": 256},
+    "loretta": {"type": "loretta", "r": 8, "alpha": 16, "tt_rank": 5},
+    "trac": {"type": "trac", "r": 8, "alpha": 16, "activation": "softmax"},
+    "tera": {"type": "tera", "outdim": 8},
+    "tensorguide": {"type": "tensorguide", "hidden": 8, "ranks": 4},
+}
+CASES = ["peft-lora", *ADAPTERS]
+
+
+def _targets(model) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModel
+
+    from tnlora_cli.adapters import REGISTRY
+    from tnlora_cli.count import load_config
+    from tnlora_cli.inject import inject_adapter
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    torch.manual_seed(0)
+    config = load_config(args.model)
+    if args.layers:
+        for key in ("num_hidden_layers", "n_layer"):
+            if hasattr(config, key):
+                setattr(config, key, args.layers)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModel.from_config(config).to(device=device, dtype=dtype)
+    targets = _targets(model)
+    if case == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    else:
+        cfg = REGISTRY[case].config_class(target_modules=targets, **ADAPTERS[case])
+        inject_adapter(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            out = model(input_ids=ids).last_hidden_state
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"case": case, "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="minilm, a shipped config (llama-2-7b, roberta-base, ...) or a directory")
+    parser.add_argument("--layers", type=int, default=0, help="truncate to this many layers (0: all)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args)))
+        return
+
+    results = {}
+    for case in args.cases.split(","):
+        cmd = [sys.executable, __file__, "--case", case] + [a for a in sys.argv[1:] if not a.startswith("--cases")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = "peft not installed" if "No module named 'peft'" in proc.stderr else proc.stderr.strip().splitlines()[-1]
+            print(f"{case}: skipped ({reason})", file=sys.stderr)
+            continue
+        results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "lora" not in results:
+        sys.exit("the lora baseline did not run")
+    base, peft = results["lora"], results.get("peft-lora")
+    device = base["device"]
+    print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} steps")
+    header = f"{'adapter':<12} {'trainable':>10} {'step ms':>9} {'x lora':>7} {'x peft':>7} {'peak MB':>9} {'x lora':>7} {'x peft':>7}"
+    print(header)
+    print("-" * len(header))
+    for case, r in results.items():
+        t_peft = f"{r['step_s'] / peft['step_s']:.2f}" if peft else "-"
+        m_peft = f"{r['peak_bytes'] / peft['peak_bytes']:.2f}" if peft else "-"
+        print(
+            f"{case:<12} {r['trainable']:>10,} {1e3 * r['step_s']:>9.1f} {r['step_s'] / base['step_s']:>7.2f} {t_peft:>7} "
+            f"{r['peak_bytes'] / 2**20:>9.0f} {r['peak_bytes'] / base['peak_bytes']:>7.2f} {m_peft:>7}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
