@@ -114,3 +114,74 @@ def test_cli_eval_and_merge(make_recipe, tmp_path):
     assert "verified" in result.output
     result = runner.invoke(app, ["merge", str(run), "--out", str(tmp_path / "m")])
     assert result.exit_code == 1 and "--force" in result.output
+
+
+def _reshard(src: Path, dst: Path, max_shard_size: str, dtype=None) -> None:
+    """Re-save a tiny base model sharded (and optionally in another dtype)."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32)
+    model.save_pretrained(dst, max_shard_size=max_shard_size)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    (dst / "extra_loader_file.json").write_text('{"kept": true}')
+
+
+def test_streaming_merge_of_a_sharded_checkpoint(make_recipe, tiny_models, tmp_path):
+    base = tmp_path / "sharded-base"
+    _reshard(tiny_models["llama"], base, "20KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    raw = make_recipe("llama", "causal-lm")
+    raw["adapter"] = {"type": "trac", "target_modules": ["q_proj", "v_proj", "lm_head"], "r": 4}
+    raw["model"] = str(base)
+    raw["training"]["max_steps"] = 10
+    train(validate_recipe(raw))
+    out = tmp_path / "merged"
+    report = merge_run(raw["output_dir"], out, max_shard_size="30KB")
+    assert report.mode == "streaming" and report.shards > 1 and report.max_abs_diff <= 1e-4
+    assert report.untied and "lm_head" in report.untied[0]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == report.shards
+    assert (out / "extra_loader_file.json").is_file() and (out / "generation_config.json").is_file()
+    # The in-memory path writes the same weights.
+    report2 = merge_run(raw["output_dir"], tmp_path / "in-memory", streaming=False)
+    assert report2.mode == "in memory"
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_bfloat16_base_stays_bfloat16(make_recipe, tiny_models, tmp_path):
+    base = tmp_path / "bf16-base"
+    _reshard(tiny_models["llama"], base, "10MB", dtype=torch.bfloat16)
+    raw = make_recipe("llama", "causal-lm")
+    raw["model"] = str(base)
+    raw["training"]["max_steps"] = 10
+    train(validate_recipe(raw))
+    report = merge_run(raw["output_dir"], tmp_path / "merged")
+    assert report.dtype == "bfloat16" and report.mode == "streaming"
+    assert json.loads((tmp_path / "merged/config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged/model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert (tmp_path / "merged/model.safetensors").stat().st_size < 1.1 * (base / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_killed_merge_leaves_no_destination(make_recipe, tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = _trained_run(make_recipe, "bert", "classification")
+    dest = tmp_path / "merged"
+    proc = subprocess.Popen([sys.executable, "-m", "tnlora_cli", "merge", str(run), "--out", str(dest)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".merged.tmp-*")) and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "merge finished before it could be interrupted"
+    proc.send_signal(getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    assert not dest.exists()
+    if signal_name == "SIGTERM":
+        assert not list(tmp_path.glob(".merged.tmp-*")), "SIGTERM should clean the temporary directory"

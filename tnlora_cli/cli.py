@@ -148,25 +148,62 @@ def eval_(
 
 @app.command()
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (latest adapter) or checkpoint.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (its final adapter, else its latest checkpoint), a checkpoint, or an adapter directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the base checkpoint's dtype).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     verify: Annotated[bool, typer.Option(help="Reload the result and compare logits with the adapter model.")] = True,
 ) -> None:
     """Add every adapter update into the base weights and write a directory that
-    `AutoModel*.from_pretrained` loads without tnlora."""
+    `AutoModel*.from_pretrained` loads without tnlora (streaming shard by shard)."""
     _quiet_libraries()
     from .merge import merge_run
 
-    report = _run(merge_run, run_dir, out, dtype=dtype, force=force, verify=verify, reporter=RichReporter())
+    _cleanup_on_sigterm()
+    report = _run(merge_run, run_dir, out, dtype=dtype, force=force, verify=verify, max_shard_size=max_shard_size, reporter=RichReporter())
     for note in report.untied:
-        out_console.print(f"untied {note}: the merged directory stores both weights")
-    out_console.print(f"merged {report.merged_layers} layers into {report.dtype} weights: {report.out}")
+        out_console.print(f"untied {note}: the merged directory stores both weights and tie_word_embeddings is false")
+    out_console.print(f"merged {report.merged_layers} layers into {report.dtype} weights ({report.mode}, {report.shards} shard(s)): {report.out}")
     if report.max_abs_diff is not None:
         out_console.print(
             f"verified: max |logit difference| {report.max_abs_diff:.3g}, mean {report.mean_abs_diff:.3g} (tolerance {report.tolerance:.3g})"
         )
+    else:
+        out_console.print("not verified (--no-verify)")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for adapter_config.json + adapter_model.safetensors.")],
+    as_lora: Annotated[bool, typer.Option("--as-lora", help="Export as an ordinary LoRA (the only format so far).")] = True,
+    rank: Annotated[Optional[int], typer.Option(help="Rank of every exported layer.")] = None,
+    energy: Annotated[Optional[float], typer.Option(help="Per layer, the smallest rank keeping this share of the spectrum's energy (e.g. 0.99).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Turn any adapter's ΔW into a LoRA by truncated SVD, in peft's format (peft and
+    LoRA-serving engines load it); prints the relative error per layer."""
+    _quiet_libraries()
+    from .export import export_as_lora
+
+    report = _run(export_as_lora, run_dir, out, rank=rank, energy=energy, force=force, reporter=RichReporter())
+    table = Table(title=f"LoRA export to {out}")
+    for column in ("layer", "rank", "relative error"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in report.layers:
+        table.add_row(row["name"], str(row["rank"]), f"{row['relative_error']:.2e}")
+    out_console.print(table)
+    worst = max(row["relative_error"] for row in report.layers)
+    out_console.print(f"{len(report.layers)} layers; largest relative error (Frobenius) {worst:.2e}")
+
+
+def _cleanup_on_sigterm() -> None:
+    """SIGTERM unwinds like an error, so temporary output is removed (SIGKILL cannot be
+    caught; the destination is still never half-written, only a hidden temp dir remains)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @app.command("count-params")

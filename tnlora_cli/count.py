@@ -96,10 +96,15 @@ def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
         ) from None
 
 
-def build_on_meta(recipe: Recipe, num_labels: int = 2) -> torch.nn.Module:
+def build_on_meta(recipe: Recipe, label_names: list[str] | None = None) -> torch.nn.Module:
+    """The recipe's task model on the meta device. Without `label_names`, a classification
+    head has the recipe's `data.labels` (or 2) classes."""
     config = load_config(recipe.model, recipe.trust_remote_code)
     if recipe.task == "classification":
-        config.num_labels = len(recipe.data.labels) if recipe.data.labels else num_labels
+        names = label_names or recipe.data.labels or ["LABEL_0", "LABEL_1"]
+        config.num_labels = len(names)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
     with torch.device("meta"):
         return model_class(recipe.task, config).from_config(config, trust_remote_code=recipe.trust_remote_code)
 

@@ -1,32 +1,44 @@
 """`tnlora merge`: W0 + ΔW into a plain Hugging Face directory, then verified.
 
-ΔW is built in fp32 from the adapter's factors and cast once to the target dtype (the
-base checkpoint's own dtype unless asked otherwise: never a silent upcast). The result is
-written beside the destination and renamed into place only after it was reloaded with
-`from_pretrained` and its logits matched the adapter model's.
+ΔW is built in fp32 from the adapter's own tensors and added to the base weight in fp32,
+then cast once: to the base checkpoint's stored dtype unless `--dtype` says otherwise (never
+a silent upcast). When the base is a safetensors checkpoint (one file, or shards with an
+index) the merge streams: it reads one tensor at a time, writes output shards of at most
+`max_shard_size` and an index, so memory stays near one output shard plus the adapter. The
+adapters are rebuilt on a meta-device model (no base weights in memory). A base that is not
+a safetensors checkpoint, or whose tensor names cannot be matched, is merged in memory.
+
+Everything is written into a temporary directory beside the destination, reloaded with
+`from_pretrained` and compared with the adapter model, and only then renamed into place.
 """
 
 from __future__ import annotations
 
+import gc
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_directory
 from .data import collate
 from .errors import MergeError
-from .inject import adapted_layers, merge_into_base
-from .modeling import DTYPES, model_class
-from .pipeline import load_run
+from .inject import SHARED_ATTR, adapted_layers, merge_into_base
+from .modeling import DTYPES, load_tokenizer, model_class, resolve_model
+from .pipeline import load_adapters_on_meta, load_run
 from .reporting import Reporter
 
 #: (absolute, relative to the largest reference logit) tolerance per merged dtype. fp32 allows
 #: 1e-5 of the logit scale on top of 1e-4: a 30-layer model's logits (|z| ~ 20) differ by
 #: ~1e-4 between x·W0 + x·A·B and x·(W0 + BA) from rounding alone.
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -34,10 +46,26 @@ class MergeReport:
     out: Path
     dtype: str
     merged_layers: int
-    untied: list[str]
-    max_abs_diff: float | None
-    mean_abs_diff: float | None
-    tolerance: float | None
+    mode: str  # "streaming" or "in memory"
+    shards: int = 1
+    untied: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    tolerance: float | None = None
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit) and lowered[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(lowered[: -len(unit)]) * factor)
+    if lowered.isdigit():
+        return int(lowered)
+    raise MergeError(f"--max-shard-size {text!r}: not a size", hint="use e.g. 5GB, 500MB or a number of bytes")
 
 
 def checkpoint_dtype(model_path: str) -> str:
@@ -47,26 +75,87 @@ def checkpoint_dtype(model_path: str) -> str:
     return name if name in DTYPES else "float32"
 
 
-def _untie_adapted(model: nn.Module) -> list[str]:
-    """Give an adapted weight that is tied to another module (lm_head <-> embeddings) its
-    own copy, and tell the config, so merging does not silently change the other use."""
+def safetensors_shards(model_path: str) -> list[Path] | None:
+    """The base's safetensors files in order, or None when it has none."""
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [root / name for name in dict.fromkeys(weight_map.values())]
+    single = root / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def _tied_partners(model: nn.Module) -> dict[str, list[str]]:
+    """Plain weight name -> other plain names holding the same Parameter (tied weights)."""
     owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter):
-            owners.setdefault(id(weight), []).append(name)
-    untied = []
-    for name, layer in adapted_layers(model):
-        weight = layer.base_layer.weight
-        sharers = [n for n in owners.get(id(weight), []) if n != name and not n.startswith(name + ".") and n != name + ".base_layer"]
-        if sharers:
-            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-            untied.append(f"{name} (was tied to {', '.join(sharers)})")
-    if untied:
-        for config in (model.config, getattr(model.config, "text_config", None)):
-            if config is not None and hasattr(config, "tie_word_embeddings"):
-                config.tie_word_embeddings = False
-    return untied
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(_plain(name))
+    return {n: [m for m in names if m != n] for names in owners.values() for n in names if len(set(names)) > 1}
+
+
+def _plain(key: str) -> str:
+    """The key a weight has without tnlora's wrapper (x.base_layer.weight -> x.weight)."""
+    return key.replace(".base_layer.", ".")
+
+
+def _untie_config(config) -> None:
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Everything of the base directory a loader may need, except weights and indexes."""
+    for item in src.iterdir():
+        if item.name in INDEX_NAMES or item.name == "config.json" or item.suffix in WEIGHT_SUFFIXES or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+class _ShardWriter:
+    """Collects tensors and writes safetensors shards of at most `max_bytes` (plus index)."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + size > self.max_bytes:
+            self.flush()
+        self.buffer[key] = tensor.contiguous()
+        self.buffer_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.directory / f".shard-{len(self.files):05d}.tmp"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def close(self) -> int:
+        self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.directory / "model.safetensors")
+            return 1
+        weight_map = {}
+        n = len(self.files)
+        for i, (path, keys) in enumerate(self.files):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return n
 
 
 @torch.no_grad()
@@ -77,51 +166,187 @@ def merge_run(
     dtype: str | None = None,
     force: bool = False,
     verify: bool = True,
+    max_shard_size: str | int = "5GB",
+    streaming: bool = True,
     n_verify: int = 8,
     reporter: Reporter | None = None,
 ) -> MergeReport:
+    """Merge a run's adapter into its base; see the module docstring."""
     reporter = reporter or Reporter()
     out = Path(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype}: unknown", hint=f"use one of {', '.join(DTYPES)}")
-    reporter.status(f"loading {path}")
-    run = load_run(path, dtype="auto")
-    run.load_weights()
-    prepared = run.prepared
-    model = prepared.model.eval()
-    target_name = dtype or checkpoint_dtype(prepared.model_path)
-    target = DTYPES[target_name]
+    max_bytes = parse_size(max_shard_size)
+    reporter.status(f"reading the adapter of {path}")
+    model, meta = load_adapters_on_meta(path)
+    recipe = meta["recipe"]
     for name, layer in adapted_layers(model):
         if not layer.adapter.is_linear:
-            raise MergeError(f"{name}: the {prepared.recipe.adapter.type} update is nonlinear in the input and cannot be merged into a weight")
+            raise MergeError(f"{name}: the {recipe.adapter.type} update is nonlinear in the input and cannot be merged into a weight")
+    model_path = resolve_model(recipe.model, recipe.trust_remote_code)
+    target_name = dtype or checkpoint_dtype(model_path)
+    target = DTYPES[target_name]
+    shards = safetensors_shards(model_path) if streaming else None
+    with atomic_directory(out, overwrite=force) as tmp:
+        report = None
+        if shards is not None:
+            report = _merge_streaming(model, meta, model_path, shards, tmp, target_name, dtype is not None, max_bytes, reporter)
+        if report is None:
+            reporter.status("merging in memory (the base is not a safetensors checkpoint tnlora can stream)")
+            report = _merge_in_memory(path, tmp, target_name)
+        report.out = out
+        del model
+        gc.collect()
+        if verify:
+            _verify(path, tmp, recipe.task, target, n_verify, report, reporter)
+    return report
 
-    samples = prepared.data.eval[:n_verify]
-    batch = collate(samples, prepared.tokenizer.pad_token_id)
-    batch.pop("labels")
-    reference = model(**batch).logits.float() if verify else None
 
-    untied = _untie_adapted(model)
-    reporter.status(f"merging {len(list(adapted_layers(model)))} adapted layers into {target_name} weights")
+def _merge_streaming(
+    model: nn.Module, meta: dict, model_path: str, shards: list[Path], tmp: Path, target_name: str, cast_all: bool, max_bytes: int, reporter: Reporter
+) -> MergeReport | None:
+    target = DTYPES[target_name]
+    recipe, config, state = meta["recipe"], meta["config"], meta["state"]
+    plain_keys = {_plain(k) for k in model.state_dict() if ".adapter." not in k and not k.startswith(SHARED_ATTR + ".")}
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def to_model_key(key: str) -> str:
+        if key in plain_keys:
+            return key
+        return f"{prefix}.{key}" if prefix and f"{prefix}.{key}" in plain_keys else key
+
+    ckpt_keys: dict[str, tuple[Path, str]] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                ckpt_keys[to_model_key(key)] = (shard, key)
+    layers = {f"{name}.weight": layer for name, layer in adapted_layers(model)}
+    tied = _tied_partners(model)
+    untied: list[str] = []
+    extra: dict[str, str] = {}  # adapted key missing from the checkpoint -> tied key to start from
+    for key in layers:
+        if key in tied:
+            untied.append(f"{key.removesuffix('.weight')} (was tied to {', '.join(k.removesuffix('.weight') for k in tied[key])})")
+        if key not in ckpt_keys:
+            source = next((k for k in tied.get(key, []) if k in ckpt_keys), None)
+            if source is None:
+                return None  # names we cannot match: let from_pretrained do it in memory
+            extra[key] = source
+    heads = {k: v for k, v in state.items() if ".adapter." not in k and not k.startswith(SHARED_ATTR + ".")}
+
+    element = torch.tensor([], dtype=target).element_size()
+    needed = sum(_numel(path, key) for path, key in ckpt_keys.values()) * element * 1.05 + 2**20
+    free = shutil.disk_usage(tmp).free
+    if free < needed:
+        raise MergeError(f"not enough disk space: the merged model needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free", hint="free space or choose another --out")
+
+    def merged(layer, weight: torch.Tensor) -> torch.Tensor:
+        delta = layer.adapter.delta_weight().float()
+        if layer.fan_in_fan_out:
+            delta = delta.T
+        result = weight.float() + delta
+        if not torch.isfinite(result).all():
+            raise MergeError("a merged weight has non-finite values", hint="the adapter has diverged; merge an earlier checkpoint")
+        return result.to(target)
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(target) if cast_all and tensor.is_floating_point() else tensor
+
+    writer = _ShardWriter(tmp, max_bytes)
+    reporter.start(len(ckpt_keys) + len(extra) + len(heads), "merging")
+    done = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                model_key = to_model_key(key)
+                if model_key in heads:
+                    continue  # replaced by the trained head below
+                tensor = f.get_tensor(key)
+                writer.add(model_key, merged(layers[model_key], tensor) if model_key in layers else cast(tensor))
+                done += 1
+                reporter.advance(done)
+    for key, source in extra.items():
+        path, ckpt_key = ckpt_keys[source]
+        with safe_open(str(path), framework="pt") as f:
+            writer.add(key, merged(layers[key], f.get_tensor(ckpt_key)))
+        done += 1
+        reporter.advance(done)
+    for key, tensor in heads.items():
+        writer.add(key, tensor.to(target) if tensor.is_floating_point() else tensor)
+        done += 1
+        reporter.advance(done)
+    n_shards = writer.close()
+    reporter.finish()
+
+    _copy_side_files(Path(model_path), tmp)
+    model.config.dtype = target
+    model.config.architectures = [type(model).__name__]
+    if untied:
+        _untie_config(model.config)
+    model.config.save_pretrained(tmp)
+    load_tokenizer(model_path, recipe.trust_remote_code).save_pretrained(tmp)
+    return MergeReport(tmp, target_name, len(layers), "streaming", n_shards, untied)
+
+
+def _numel(path: Path, key: str) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        shape = f.get_slice(key).get_shape()
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _merge_in_memory(path: str | Path, tmp: Path, target_name: str) -> MergeReport:
+    target = DTYPES[target_name]
+    run = load_run(path, dtype="auto")
+    run.load_weights()
+    model = run.prepared.model.eval()
+    untied = _untie_in_memory(model)
     merged = merge_into_base(model, target)
     model.to(target)
     model.config.dtype = target
-    with atomic_directory(out, overwrite=force) as tmp:
-        model.save_pretrained(tmp)
-        prepared.tokenizer.save_pretrained(tmp)
-        max_diff = mean_diff = tol = None
-        if verify:
-            reporter.status("reloading the merged model to compare logits")
-            reloaded = model_class(prepared.recipe.task).from_pretrained(tmp, dtype=target).eval()
-            logits = reloaded(**batch).logits.float()
-            diff = (logits - reference).abs()
-            max_diff, mean_diff = diff.max().item(), diff.mean().item()
-            atol, rtol = TOLERANCES[target]
-            tol = atol + rtol * reference.abs().max().item()
-            if not max_diff <= tol:
-                raise MergeError(
-                    f"verification failed: merged logits differ from the adapter model's by up to {max_diff:.3g} (tolerance {tol:.3g}); nothing was written",
-                    hint="merge in a wider dtype (--dtype float32) or report this as a bug",
-                )
-    return MergeReport(out, target_name, merged, untied, max_diff, mean_diff, tol)
+    model.save_pretrained(tmp)
+    run.prepared.tokenizer.save_pretrained(tmp)
+    return MergeReport(tmp, target_name, merged, "in memory", 1, untied)
+
+
+def _untie_in_memory(model: nn.Module) -> list[str]:
+    """Give an adapted weight tied to another module its own copy, and tell the config."""
+    tied = _tied_partners(model)
+    untied = []
+    for name, layer in adapted_layers(model):
+        key = f"{name}.weight"
+        if key in tied:
+            layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach().clone(), requires_grad=False)
+            untied.append(f"{name} (was tied to {', '.join(k.removesuffix('.weight') for k in tied[key])})")
+    if untied:
+        _untie_config(model.config)
+    return untied
+
+
+def _verify(path: str | Path, merged_dir: Path, task: str, target: torch.dtype, n: int, report: MergeReport, reporter: Reporter) -> None:
+    """Adapter model and merged model, one after the other, on the same held-out inputs."""
+    reporter.status("computing reference logits with the adapter model")
+    run = load_run(path, dtype="auto")
+    run.load_weights()
+    batch = collate(run.prepared.data.eval[:n], run.prepared.tokenizer.pad_token_id)
+    batch.pop("labels")
+    reference = run.prepared.model.eval()(**batch).logits.float()
+    del run
+    gc.collect()
+    reporter.status("reloading the merged model to compare logits")
+    reloaded = model_class(task).from_pretrained(merged_dir, dtype=target).eval()
+    logits = reloaded(**batch).logits.float()
+    diff = (logits - reference).abs()
+    atol, rtol = TOLERANCES[target]
+    report.max_abs_diff, report.mean_abs_diff = diff.max().item(), diff.mean().item()
+    report.tolerance = atol + rtol * reference.abs().max().item()
+    if not report.max_abs_diff <= report.tolerance:
+        raise MergeError(
+            f"verification failed: merged logits differ from the adapter model's by up to {report.max_abs_diff:.3g} "
+            f"(tolerance {report.tolerance:.3g}); nothing was written",
+            hint="merge in a wider dtype (--dtype float32) or report this as a bug",
+        )

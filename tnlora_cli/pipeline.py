@@ -15,9 +15,10 @@ from accelerate.utils import set_seed
 from transformers import PreTrainedModel
 
 from .checkpoint import find_recipe_file, load_adapter, resolve_adapter_dir
+from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
-from .inject import InjectionReport, inject_adapter, load_adapter_state_dict
+from .inject import SHARED_ATTR, InjectionReport, inject_adapter, load_adapter_state_dict
 from .modeling import head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
 
@@ -111,3 +112,22 @@ def load_run(path: str | Path, *, dtype: str | None = None) -> LoadedRun:
             hint="evaluate with the data the adapter was trained on",
         )
     return LoadedRun(prepared, adapter_dir, state, config)
+
+
+def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's adapters on a meta-device base: real adapter tensors, no base weights.
+
+    Enough for everything that needs ΔW but not the base (rank inspection, streaming
+    merge, export). Task-head weights stay in the returned state, not in the model.
+    """
+    adapter_dir = resolve_adapter_dir(Path(path))
+    recipe = load_recipe(find_recipe_file(adapter_dir))
+    state, config = load_adapter(adapter_dir)
+    model = build_on_meta(recipe, label_names=config.get("label_names"))
+    inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[])
+    adapter_state = {k: v for k, v in state.items() if ".adapter." in k or k.startswith(SHARED_ATTR + ".")}
+    missing = set(adapter_state) ^ {k for k in model.state_dict() if ".adapter." in k or k.startswith(SHARED_ATTR + ".")}
+    if missing:
+        raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
+    model.load_state_dict(adapter_state, strict=False)
+    return model, {"adapter_dir": str(adapter_dir), "recipe": recipe, "config": config, "state": state}

@@ -19,10 +19,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import find_recipe_file, load_adapter, resolve_adapter_dir
-from .count import build_on_meta
-from .inject import SHARED_ATTR, adapted_layers, inject_adapter
-from .recipe import load_recipe
+from .inject import adapted_layers
+from .pipeline import load_adapters_on_meta
 from .reporting import Reporter
 
 N_TOP = 8
@@ -88,28 +86,10 @@ def _layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_adapter_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The run's adapters on a meta-device base: real adapter tensors, no base weights."""
-    adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
-    state, config = load_adapter(adapter_dir)
-    labels = config.get("label_names")
-    model = build_on_meta(recipe, num_labels=len(labels) if labels else 2)
-    inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[])
-    adapter_state = {k: v for k, v in state.items() if ".adapter." in k or k.startswith(SHARED_ATTR + ".")}
-    missing = set(adapter_state) ^ {k for k in model.state_dict() if ".adapter." in k or k.startswith(SHARED_ATTR + ".")}
-    if missing:
-        from .errors import CheckpointError
-
-        raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
-    model.load_state_dict(adapter_state, strict=False)
-    return model, {"adapter_dir": str(adapter_dir), "recipe": recipe, "config": config}
-
-
 def inspect_run(path: str | Path, rtol: float | None = None, dense: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Rank statistics of every adapted layer of a run, checkpoint or adapter directory."""
     reporter = reporter or Reporter()
-    model, meta = load_adapter_model(path)
+    model, meta = load_adapters_on_meta(path)
     recipe = meta["recipe"]
     layers = list(adapted_layers(model))
     trainable = sum(t.numel() for t in {id(p): p for p in model.parameters() if p.requires_grad and p.device.type != "meta"}.values())

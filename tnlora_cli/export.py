@@ -1,0 +1,126 @@
+"""`tnlora export --as-lora`: any adapter's ΔW as an ordinary LoRA, in peft's format.
+
+Per layer, ΔW = U S Vᵀ is truncated to rank k (a fixed `rank`, or the smallest k keeping
+`energy` of Σσ²) and written as lora_B = U_k S_k (out, k), lora_A = V_kᵀ (k, in) with
+lora_alpha = k, so peft's scaling is 1 and B A is the truncated ΔW. Low-rank updates get
+U, S, V from their factors (two thin QRs and a small SVD); others from a dense SVD. The
+relative Frobenius error of the truncation is reported per layer; for updates of rank at
+most k (LoRA itself at its r) the export is exact up to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_directory
+from .errors import MergeError, RecipeError
+from .inject import SHARED_ATTR, adapted_layers
+from .modeling import resolve_model
+from .pipeline import load_adapters_on_meta
+from .reporting import Reporter
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    layers: list[dict] = field(default_factory=list)  # name, rank, relative_error
+
+
+def _svd(adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (out, k), S (k), V (in, k) of ΔW, from thin factors when the adapter has them."""
+    factors = adapter.low_rank_factors()
+    if factors is None:
+        u, s, vh = torch.linalg.svd(adapter.delta_weight().double(), full_matrices=False)
+        return u, s, vh.T
+    a, b = (t.double() for t in factors)
+    q_a, r_a = torch.linalg.qr(a)
+    q_b, r_b = torch.linalg.qr(b)
+    u_m, s, vh_m = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u_m, s, q_a @ vh_m.T
+
+
+def _choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    if rank is not None:
+        return max(1, min(rank, s.numel()))
+    share = (s**2).cumsum(0) / (s**2).sum().clamp_min(1e-300)
+    return max(1, int((share < energy - 1e-12).sum()) + 1)
+
+
+@torch.no_grad()
+def export_as_lora(
+    path: str | Path,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> ExportReport:
+    reporter = reporter or Reporter()
+    if (rank is None) == (energy is None):
+        raise RecipeError("export: give exactly one of --rank and --energy", hint="e.g. --rank 16 or --energy 0.99")
+    if rank is not None and rank < 1:
+        raise RecipeError(f"--rank {rank}: must be at least 1")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise RecipeError(f"--energy {energy}: must be in (0, 1]")
+    out = Path(out)
+    if out.exists() and not force:
+        raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+    model, meta = load_adapters_on_meta(path)
+    recipe, config, state = meta["recipe"], meta["config"], meta["state"]
+    layers = list(adapted_layers(model))
+    for name, layer in layers:
+        if not layer.adapter.is_linear:
+            raise MergeError(f"{name}: the {recipe.adapter.type} update is nonlinear in the input; it has no LoRA form")
+    tensors: dict[str, torch.Tensor] = {}
+    report = ExportReport(out)
+    ranks: dict[str, int] = {}
+    fan_in_fan_out = False
+    reporter.start(len(layers), "factorising updates")
+    for i, (name, layer) in enumerate(layers):
+        u, s, v = _svd(layer.adapter)
+        k = _choose_rank(s, rank, energy)
+        total = float((s**2).sum())
+        error = (float((s[k:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
+        tensors[f"base_model.model.{name}.lora_A.weight"] = v[:, :k].T.float().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (u[:, :k] * s[:k]).float().contiguous()
+        ranks[name] = k
+        fan_in_fan_out |= layer.fan_in_fan_out
+        report.layers.append({"name": name, "rank": k, "relative_error": error})
+        reporter.advance(i + 1)
+    reporter.finish()
+    heads = config.get("modules_to_save") or []
+    for key, tensor in state.items():
+        if ".adapter." not in key and not key.startswith(SHARED_ATTR + "."):
+            tensors[f"base_model.model.{key}"] = tensor.contiguous()
+    top = max(ranks.values())
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM",
+        "base_model_name_or_path": resolve_model(recipe.model, recipe.trust_remote_code),
+        "r": top,
+        "lora_alpha": top,
+        # Per-layer ranks (from --energy) with alpha = rank, so every layer's scaling is 1.
+        "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != top},
+        "alpha_pattern": {re.escape(n): k for n, k in ranks.items() if k != top},
+        "target_modules": sorted(ranks),
+        "modules_to_save": heads or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    with atomic_directory(out, overwrite=force) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+        (tmp / "tnlora_export.json").write_text(json.dumps({"source": str(path), "adapter": recipe.adapter.type, "layers": report.layers}, indent=2) + "\n")
+    return report
