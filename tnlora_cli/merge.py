@@ -17,12 +17,12 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_directory
@@ -116,46 +116,86 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-class _ShardWriter:
-    """Collects tensors and writes safetensors shards of at most `max_bytes` (plus index)."""
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+SAFETENSORS_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory, self.max_bytes = directory, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + size > self.max_bytes:
-            self.flush()
-        self.buffer[key] = tensor.contiguous()
-        self.buffer_bytes += size
-        self.total += size
+@dataclass
+class _Entry:
+    """One output tensor: where it comes from and what it becomes."""
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        path = self.directory / f".shard-{len(self.files):05d}.tmp"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
 
-    def close(self) -> int:
-        self.flush()
-        if len(self.files) == 1:
-            self.files[0][0].rename(self.directory / "model.safetensors")
-            return 1
-        weight_map = {}
-        n = len(self.files)
-        for i, (path, keys) in enumerate(self.files):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.directory / name)
-            weight_map.update({k: name for k in keys})
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return n
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def _write_safetensors(path: Path, entries: list[_Entry]) -> None:
+    """Write a safetensors file one tensor at a time: the header is computed from shapes and
+    dtypes first, so memory holds a single tensor, never the whole shard."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.key] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for e in entries:
+            tensor = e.produce()
+            if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
+                raise AssertionError(f"{e.key}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {e.shape} {e.dtype}")
+            if tensor.numel():
+                # A memoryview of the tensor's bytes: no second copy of the largest tensor.
+                f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+
+
+def _write_shards(directory: Path, entries: list[_Entry], max_bytes: int, reporter: Reporter) -> int:
+    """Split entries into shards of at most max_bytes, write them, and an index if several."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    done = 0
+    reporter.start(len(entries), "merging")
+    for name, shard in zip(names, shards):
+        counted = []
+        for e in shard:
+            produce = e.produce
+
+            def counting(produce=produce):
+                nonlocal done
+                tensor = produce()
+                done += 1
+                reporter.advance(done)
+                return tensor
+
+            counted.append(_Entry(e.key, e.shape, e.dtype, counting))
+        _write_safetensors(directory / name, counted)
+    reporter.finish()
+    if n > 1:
+        weight_map = {e.key: name for name, shard in zip(names, shards) for e in shard}
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return n
 
 
 @torch.no_grad()
@@ -236,49 +276,51 @@ def _merge_streaming(
             extra[key] = source
     heads = {k: v for k, v in state.items() if ".adapter." not in k and not k.startswith(SHARED_ATTR + ".")}
 
-    element = torch.tensor([], dtype=target).element_size()
-    needed = sum(_numel(path, key) for path, key in ckpt_keys.values()) * element * 1.05 + 2**20
-    free = shutil.disk_usage(tmp).free
-    if free < needed:
-        raise MergeError(f"not enough disk space: the merged model needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free", hint="free space or choose another --out")
+    def read(path: Path, key: str) -> torch.Tensor:
+        # Open per tensor: the memory map of a shard never stays resident.
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
 
-    def merged(layer, weight: torch.Tensor) -> torch.Tensor:
+    def merged(model_key: str, path: Path, key: str) -> torch.Tensor:
+        layer = layers[model_key]
         delta = layer.adapter.delta_weight().float()
         if layer.fan_in_fan_out:
             delta = delta.T
-        result = weight.float() + delta
+        result = read(path, key).float() + delta
         if not torch.isfinite(result).all():
             raise MergeError("a merged weight has non-finite values", hint="the adapter has diverged; merge an earlier checkpoint")
         return result.to(target)
 
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(target) if cast_all and tensor.is_floating_point() else tensor
+    def plain_copy(path: Path, key: str, out_dtype: torch.dtype) -> torch.Tensor:
+        return read(path, key).to(out_dtype)
 
-    writer = _ShardWriter(tmp, max_bytes)
-    reporter.start(len(ckpt_keys) + len(extra) + len(heads), "merging")
-    done = 0
+    entries: list[_Entry] = []
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
                 model_key = to_model_key(key)
                 if model_key in heads:
                     continue  # replaced by the trained head below
-                tensor = f.get_tensor(key)
-                writer.add(model_key, merged(layers[model_key], tensor) if model_key in layers else cast(tensor))
-                done += 1
-                reporter.advance(done)
+                info = f.get_slice(key)
+                shape, stored = tuple(info.get_shape()), SAFETENSORS_TO_TORCH[info.get_dtype()]
+                if model_key in layers:
+                    entries.append(_Entry(model_key, shape, target, lambda m=model_key, p=shard, k=key: merged(m, p, k)))
+                else:
+                    out_dtype = target if cast_all and stored.is_floating_point else stored
+                    entries.append(_Entry(model_key, shape, out_dtype, lambda p=shard, k=key, d=out_dtype: plain_copy(p, k, d)))
     for key, source in extra.items():
         path, ckpt_key = ckpt_keys[source]
-        with safe_open(str(path), framework="pt") as f:
-            writer.add(key, merged(layers[key], f.get_tensor(ckpt_key)))
-        done += 1
-        reporter.advance(done)
+        shape = tuple(layers[key].base_layer.weight.shape)
+        entries.append(_Entry(key, shape, target, lambda m=key, p=path, k=ckpt_key: merged(m, p, k)))
     for key, tensor in heads.items():
-        writer.add(key, tensor.to(target) if tensor.is_floating_point() else tensor)
-        done += 1
-        reporter.advance(done)
-    n_shards = writer.close()
-    reporter.finish()
+        out_dtype = target if tensor.is_floating_point() else tensor.dtype
+        entries.append(_Entry(key, tuple(tensor.shape), out_dtype, lambda t=tensor, d=out_dtype: t.to(d)))
+
+    needed = sum(e.nbytes for e in entries) * 1.02 + 2**20
+    free = shutil.disk_usage(tmp).free
+    if free < needed:
+        raise MergeError(f"not enough disk space: the merged model needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free", hint="free space or choose another --out")
+    n_shards = _write_shards(tmp, entries, max_bytes, reporter)
 
     _copy_side_files(Path(model_path), tmp)
     model.config.dtype = target
@@ -288,15 +330,6 @@ def _merge_streaming(
     model.config.save_pretrained(tmp)
     load_tokenizer(model_path, recipe.trust_remote_code).save_pretrained(tmp)
     return MergeReport(tmp, target_name, len(layers), "streaming", n_shards, untied)
-
-
-def _numel(path: Path, key: str) -> int:
-    with safe_open(str(path), framework="pt") as f:
-        shape = f.get_slice(key).get_shape()
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _merge_in_memory(path: str | Path, tmp: Path, target_name: str) -> MergeReport:
