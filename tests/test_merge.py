@@ -185,3 +185,28 @@ def test_a_killed_merge_leaves_no_destination(make_recipe, tmp_path, signal_name
     assert not dest.exists()
     if signal_name == "SIGTERM":
         assert not list(tmp_path.glob(".merged.tmp-*")), "SIGTERM should clean the temporary directory"
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tiny_models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    _reshard(tiny_models["llama"], path, "20KB")
+    return path
+
+
+@pytest.mark.parametrize("model", ["bert", "llama-sharded", "gpt2"])
+@pytest.mark.parametrize("kind", ["lora", "vera", "loretta", "trac", "tera", "tensorguide"])
+def test_every_adapter_merges_into_every_tiny_model(make_recipe, sharded_llama, tmp_path, kind, model):
+    """BERT (single file), Llama with tied embeddings (sharded, index), GPT-2 (Conv1D)."""
+    from test_adapters import _recipe
+
+    task = "classification" if model == "bert" else "causal-lm"
+    raw = _recipe(make_recipe, kind, model.split("-")[0], task)
+    if model == "llama-sharded":
+        raw["model"] = str(sharded_llama)
+    raw["training"]["max_steps"] = 5
+    train(validate_recipe(raw))
+    report = merge_run(raw["output_dir"], tmp_path / "merged", max_shard_size="40KB")
+    assert report.mode == "streaming"
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert report.shards > 1 if model == "llama-sharded" else True
