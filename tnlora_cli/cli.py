@@ -171,6 +171,12 @@ def merge(
         )
     else:
         out_console.print("not verified (--no-verify)")
+    if report.quantized_bits:
+        out_console.print(
+            f"note: the adapter was trained on a {report.quantized_bits}-bit base and is merged into the original "
+            f"{report.dtype} weights; the {report.quantized_bits}-bit training model differs from the merged model by up to "
+            f"{report.quantization_gap:.3g} in the logits (the quantization's rounding, not the merge)"
+        )
 
 
 @app.command()

@@ -225,15 +225,28 @@ def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     return count
 
 
+def logical_numel(t: torch.Tensor) -> int:
+    """Elements of the weight a tensor stands for: a bitsandbytes 4-bit parameter packs two
+    values per byte (its numel is half), so count its original shape."""
+    quant_state = getattr(t, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        n = 1
+        for s in shape:
+            n *= s
+        return n
+    return t.numel()
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Unique tensors counted once: trainable, and all (base + adapter + head)."""
+    """Unique parameters counted once: trainable, and all (base + adapter + head)."""
     seen: set[int] = set()
     trainable = total = 0
-    for p in list(model.parameters()) + list(model.buffers()):
+    for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += logical_numel(p)
         if p.requires_grad:
             trainable += p.numel()
     return {"trainable": trainable, "total": total}

@@ -52,6 +52,10 @@ class MergeReport:
     max_abs_diff: float | None = None
     mean_abs_diff: float | None = None
     tolerance: float | None = None
+    #: Trained on a bitsandbytes base: max |logit| difference between that quantized adapter
+    #: model and the merged full-precision model (the quantization error, not a merge error).
+    quantization_gap: float | None = None
+    quantized_bits: int | None = None
 
 
 def parse_size(text: str | int) -> int:
@@ -334,7 +338,7 @@ def _merge_streaming(
 
 def _merge_in_memory(path: str | Path, tmp: Path, target_name: str) -> MergeReport:
     target = DTYPES[target_name]
-    run = load_run(path, dtype="auto")
+    run = load_run(path, dtype="auto", quantize=False)
     run.load_weights()
     model = run.prepared.model.eval()
     untied = _untie_in_memory(model)
@@ -363,13 +367,24 @@ def _untie_in_memory(model: nn.Module) -> list[str]:
 def _verify(path: str | Path, merged_dir: Path, task: str, target: torch.dtype, n: int, report: MergeReport, reporter: Reporter) -> None:
     """Adapter model and merged model, one after the other, on the same held-out inputs."""
     reporter.status("computing reference logits with the adapter model")
-    run = load_run(path, dtype="auto")
+    # The reference is the adapter on the original (unquantized) base weights: that is what
+    # the merged model must equal. A quantized training base is measured separately below.
+    run = load_run(path, dtype="auto", quantize=False)
     run.load_weights()
     batch = collate(run.prepared.data.eval[:n], run.prepared.tokenizer.pad_token_id)
     batch.pop("labels")
     reference = run.prepared.model.eval()(**batch).logits.float()
+    quantization = run.prepared.recipe.quantization
     del run
     gc.collect()
+    quantized_logits = None
+    if quantization is not None:
+        reporter.status(f"measuring the {quantization.bits}-bit training model against the merged one")
+        run = load_run(path)
+        run.load_weights()
+        quantized_logits = run.prepared.model.eval()(**batch).logits.float()
+        del run
+        gc.collect()
     reporter.status("reloading the merged model to compare logits")
     reloaded = model_class(task).from_pretrained(merged_dir, dtype=target).eval()
     logits = reloaded(**batch).logits.float()
@@ -377,6 +392,9 @@ def _verify(path: str | Path, merged_dir: Path, task: str, target: torch.dtype, 
     atol, rtol = TOLERANCES[target]
     report.max_abs_diff, report.mean_abs_diff = diff.max().item(), diff.mean().item()
     report.tolerance = atol + rtol * reference.abs().max().item()
+    if quantized_logits is not None:
+        report.quantization_gap = (quantized_logits - logits).abs().max().item()
+        report.quantized_bits = quantization.bits
     if not report.max_abs_diff <= report.tolerance:
         raise MergeError(
             f"verification failed: merged logits differ from the adapter model's by up to {report.max_abs_diff:.3g} "

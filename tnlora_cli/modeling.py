@@ -66,6 +66,28 @@ def model_class(task: str, config: object | None = None) -> type:
     return AutoModelForSequenceClassification
 
 
+def quantization_config(quantization, keep_full: list[str]):
+    """transformers' BitsAndBytesConfig for a recipe's `quantization` section. `keep_full`
+    names modules left unquantized: the task head must be, or its forward fails."""
+    from transformers import BitsAndBytesConfig
+
+    compute = quantization.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return BitsAndBytesConfig(
+        load_in_4bit=quantization.bits == 4,
+        load_in_8bit=quantization.bits == 8,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute],
+        llm_int8_skip_modules=sorted(set(keep_full) | {"lm_head", *HEAD_NAMES}),
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(
     path: str,
     task: str,
@@ -74,10 +96,15 @@ def load_model(
     pad_token_id: int | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    quantization=None,
+    keep_full: list[str] | None = None,
 ) -> PreTrainedModel:
     """Load the base model for `task`. The classification head is created from the global
     RNG, so callers seed it first (the same seed gives the same head in train and eval)."""
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, keep_full or [])
+        device = device or default_device()
     if task == "classification":
         assert label_names is not None
         kwargs.update(

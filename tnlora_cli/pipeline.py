@@ -41,8 +41,10 @@ def prepare(
     targets: list[str] | None = None,
     modules_to_save: list[str] | None = None,
     dtype: str | None = None,
+    quantize: bool = True,
 ) -> Prepared:
-    """Load tokenizer, data and base model, and attach a fresh adapter."""
+    """Load tokenizer, data and base model, and attach a fresh adapter. `quantize=False`
+    loads the base unquantized even when the recipe quantizes it (merge reference)."""
     model_path = resolve_model(recipe.model, recipe.trust_remote_code)
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
@@ -56,6 +58,8 @@ def prepare(
         label_names=data.label_names,
         pad_token_id=tokenizer.pad_token_id,
         trust_remote_code=recipe.trust_remote_code,
+        quantization=recipe.quantization if quantize else None,
+        keep_full=list(modules_to_save or recipe.adapter.modules_to_save or []),
     )
     if modules_to_save is None:
         modules_to_save = recipe.adapter.modules_to_save
@@ -96,7 +100,7 @@ class LoadedRun:
         load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save)
 
 
-def load_run(path: str | Path, *, dtype: str | None = None) -> LoadedRun:
+def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True) -> LoadedRun:
     """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
 
     The adapter weights are returned, not yet loaded, so the caller can first measure the
@@ -105,7 +109,7 @@ def load_run(path: str | Path, *, dtype: str | None = None) -> LoadedRun:
     adapter_dir = resolve_adapter_dir(Path(path))
     recipe = load_recipe(find_recipe_file(adapter_dir))
     state, config = load_adapter(adapter_dir)
-    prepared = prepare(recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype)
+    prepared = prepare(recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize)
     if prepared.data.label_names != config.get("label_names"):
         raise CheckpointError(
             f"the labels of the data ({prepared.data.label_names}) differ from the adapter's ({config.get('label_names')})",

@@ -64,6 +64,13 @@ class TrainingConfig(StrictModel):
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
 
 
+class QuantizationConfig(StrictModel):
+    bits: Literal[4, 8] = Field(description="Load the frozen base in 4-bit (QLoRA-style) or 8-bit through bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="4-bit matmul dtype; auto: bf16 on a GPU that has it, else fp32.")
+
+
 class Recipe(StrictModel):
     model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
     task: Task
@@ -75,6 +82,7 @@ class Recipe(StrictModel):
         "float32", description="dtype of the frozen base weights; adapters are always fp32. auto: the checkpoint's."
     )
     trust_remote_code: bool = False
+    quantization: QuantizationConfig | None = Field(None, description="Quantize the frozen base (adapters and task head stay full precision).")
 
 
 # ---------------------------------------------------------------------------- loading

@@ -124,7 +124,7 @@ def train(
 
     reporter.status(f"loading {recipe.model} and {recipe.data.train}")
     prepared = prepare(recipe)
-    model = prepared.model.to(accelerator.device)
+    model = prepared.model if recipe.quantization else prepared.model.to(accelerator.device)  # bnb models are placed at load
     params = count_parameters(model)
     roles = ", ".join(f"{role} x{len(names)}" for role, names in prepared.injection.roles.items())
     reporter.status(
