@@ -21,13 +21,14 @@ ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
-@pytest.mark.parametrize("kind", ["lora", "trac"])
-def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, tmp_path, kind):
-    """TRAC uses one trainable core in many layers: DDP must reduce its gradient once."""
+@pytest.mark.parametrize("kind, checkpointing", [("lora", False), ("trac", False), ("trac", True)])
+def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, tmp_path, kind, checkpointing):
+    """TRAC uses one trainable core in many layers: DDP must reduce its gradient once, also
+    with gradient checkpointing (no "marked ready twice")."""
     adapter = {"lora": {"type": "lora", "r": 4, "alpha": 8}, "trac": {"type": "trac", "r": 4, "activation": "softmax"}}[kind]
     raw = make_recipe("bert", "classification")
     raw["adapter"] = {"target_modules": ["query", "value"], **adapter}
-    raw["training"].update(max_steps=40, batch_size=4)
+    raw["training"].update(max_steps=40, batch_size=4, gradient_checkpointing=checkpointing)
     raw["output_dir"] = str(tmp_path / "ddp")
     recipe = write_recipe(tmp_path / "ddp.yaml", raw)
     # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on a CPU-only
@@ -35,7 +36,7 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(29517 + len(kind)), "-m", "tnlora_cli", "train", str(recipe)],
+         "--dynamo_backend", "no", "--main_process_port", str(29517 + len(kind) + 10 * checkpointing), "-m", "tnlora_cli", "train", str(recipe)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]

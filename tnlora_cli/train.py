@@ -125,6 +125,8 @@ def train(
     reporter.status(f"loading {recipe.model} and {recipe.data.train}")
     prepared = prepare(recipe)
     model = prepared.model if recipe.quantization else prepared.model.to(accelerator.device)  # bnb models are placed at load
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = count_parameters(model)
     roles = ", ".join(f"{role} x{len(names)}" for role, names in prepared.injection.roles.items())
     reporter.status(
@@ -239,6 +241,20 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, step, last_loss, evaluation, majority_rate(prepared.data.eval), params)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: gradients reach adapters inside checkpointed blocks
+    without `enable_input_require_grads`, and parameters used by several layers (shared
+    cores) are not "marked ready twice" under DDP, unlike the reentrant variant."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RecipeError(
+            f"training.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing",
+            hint="set training.gradient_checkpointing: false",
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
 
 
 def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
