@@ -111,6 +111,7 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest checkpoint in output_dir) or a checkpoint directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start again in an output_dir that already holds a run.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show matched modules, exact counts, a memory estimate and tokenized samples; load no weights, write nothing.")] = False,
 ) -> None:
     """Fine-tune the recipe's model with its adapter; writes adapter, metrics and plots to output_dir.
 
@@ -121,6 +122,11 @@ def train(
     from .train import train as run_train
 
     spec = _run(load_recipe, recipe, set_ or [])
+    if dry_run:
+        from .dryrun import dry_run as run_dry
+
+        _print_dry_run(_run(run_dry, spec))
+        return
     result = _run(run_train, spec, resume=resume, overwrite=overwrite, reporter=RichReporter())
     if result.evaluation is None:
         return
@@ -249,6 +255,41 @@ def count_params_(
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
+    _print_counts(report)
+
+
+def _print_dry_run(report: Any) -> None:
+    from rich.text import Text
+
+    table = Table(title="adapted modules")
+    for column in ("role", "layers", "first", "last"):
+        table.add_column(column)
+    for role, names in report.modules.items():
+        table.add_row(role, str(len(names)), names[0], names[-1])
+    out_console.print(table)
+    _print_counts(report.counts)
+    memory = Table(title="memory estimate")
+    memory.add_column("part")
+    memory.add_column("GiB", justify="right")
+    for part, value in report.memory.items():
+        memory.add_row(f"[bold]{part}" if part == "total" else part, f"{value / 2**30:.3f}")
+    out_console.print(memory)
+    for note in report.notes:
+        out_console.print(f"[dim]{note}[/dim]")
+    for i, sample in enumerate(report.samples):
+        text = Text(f"sample {i}: ")
+        if sample["trained"] is None:
+            text.append("".join(sample["tokens"]))
+            text.append(f"  -> label {sample['label']}", style="bold green")
+        else:
+            for token, trained in zip(sample["tokens"], sample["trained"]):
+                text.append(token, style="bold green" if trained else "dim")
+        out_console.print(text)
+    if report.samples and report.samples[0]["trained"] is not None:
+        out_console.print("[dim]green: tokens in the loss; dim: masked (prompt)[/dim]")
+
+
+def _print_counts(report: Any) -> None:
     table = Table(title=f"{report.adapter} on {report.model}")
     for column in ("module role", "layers", "trainable", "frozen", "stored"):
         table.add_column(column, justify="left" if column == "module role" else "right")

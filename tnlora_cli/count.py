@@ -118,9 +118,10 @@ def _unique(tensors) -> list[torch.Tensor]:
     return out
 
 
-def count_params(recipe: Recipe) -> CountReport:
-    """Count the recipe's adapter on its model (built on the meta device)."""
-    model = build_on_meta(recipe)
+def count_params(recipe: Recipe, model: torch.nn.Module | None = None) -> CountReport:
+    """Count the recipe's adapter on its model (built on the meta device unless given; the
+    adapter is attached to `model`)."""
+    model = model if model is not None else build_on_meta(recipe)
     base_parameters = sum(t.numel() for t in _unique(model.parameters()))
     modules_to_save = recipe.adapter.modules_to_save
     if modules_to_save is None:

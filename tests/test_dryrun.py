@@ -1,0 +1,46 @@
+"""train --dry-run: counts, matched modules, memory estimate and masked samples; no weights, no writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import write_recipe
+from tnlora_cli.cli import app
+from tnlora_cli.dryrun import dry_run
+from tnlora_cli.recipe import load_recipe, validate_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_on_the_llama2_7b_config_with_trac():
+    result = CliRunner().invoke(app, ["train", str(ROOT / "recipes/paper/trac_llama2_7b.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "106,496" in result.output and "memory estimate" in result.output and "q_proj" in result.output
+    assert not (ROOT / "runs/trac-llama2-7b").exists()
+
+
+def test_memory_estimate_follows_quantization_and_checkpointing():
+    base = load_recipe(ROOT / "recipes/paper/trac_llama2_7b.yaml")
+    plain = dry_run(base, with_samples=False).memory
+    raw = base.model_dump(mode="json")
+    raw["quantization"] = {"bits": 4}
+    raw["training"]["gradient_checkpointing"] = True
+    small = dry_run(validate_recipe(raw), with_samples=False).memory
+    # 6.5 B linear weights at ~0.52 byte instead of 4; embeddings and lm_head stay fp32.
+    assert small["base weights"] < plain["base weights"] / 5
+    assert small["activations"] < plain["activations"] / 5
+    assert small["gradients (fp32)"] == plain["gradients (fp32)"] == 106_496 * 4
+
+
+def test_dry_run_shows_the_loss_mask_and_writes_nothing(make_recipe, tmp_path):
+    raw = make_recipe("gpt2", "instruction")
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "sample 0" in result.output and "masked" in result.output
+    report = dry_run(validate_recipe(raw))
+    trained = report.samples[0]["trained"]
+    assert not trained[0] and trained[-1]  # prompt masked, response learnt
+    assert not Path(raw["output_dir"]).exists()
