@@ -149,14 +149,14 @@ def test_trac_reference_and_sharing():
     _randomise(model)
     ad0, ad1 = _layer(model, "block0.up"), _layer(model, "block1.up")
     # Same role and factor: the same shared cores; per-layer first cores differ.
-    assert ad0._shared["core2_a"] is ad1._shared["core2_a"] and ad0._shared["core3_b"] is ad1._shared["core3_b"]
+    assert ad0.shared_tensor("core2_a") is ad1.shared_tensor("core2_a") and ad0.shared_tensor("core3_b") is ad1.shared_tensor("core3_b")
     assert ad0.core1_a is not ad1.core1_a
-    assert _layer(model, "block0.down")._shared["core3_a"] is not ad0._shared["core3_a"]
+    assert _layer(model, "block0.down").shared_tensor("core3_a") is not ad0.shared_tensor("core3_a")
     act = lambda v: v.numel() * torch.softmax(v, 0)  # noqa: E731
 
     def factor(f, rows):
-        g3 = ad0._shared[f"core3_{f}"] * act(getattr(ad0, f"controller_rank_{f}"))[:, None, None] * act(getattr(ad0, f"controller_dim_{f}"))[None, :, None]
-        return torch.einsum("aib,bjc,ckr->ijkr", getattr(ad0, f"core1_{f}"), ad0._shared[f"core2_{f}"], g3).reshape(rows, -1)
+        g3 = ad0.shared_tensor(f"core3_{f}") * act(getattr(ad0, f"controller_rank_{f}"))[:, None, None] * act(getattr(ad0, f"controller_dim_{f}"))[None, :, None]
+        return torch.einsum("aib,bjc,ckr->ijkr", getattr(ad0, f"core1_{f}"), ad0.shared_tensor(f"core2_{f}"), g3).reshape(rows, -1)
 
     alpha, r = 16.0, 4
     torch.testing.assert_close(ad0.delta_weight(), factor("b", 24) @ factor("a", 16).T * (alpha / r))
@@ -167,8 +167,8 @@ def test_tera_reference_and_both_paths():
     _randomise(model)
     ad = _layer(model)  # in 16 unfolded, out 24 -> [4, 6]
     assert ad.in_modes == [16] and ad.out_modes == [4, 6]
-    g = ad._shared["core"]
-    a = [f.T * d for f, d in zip(ad._factors, ad.d)]
+    g = ad.shared_tensor("core")
+    a = [f.T * d for f, d in zip(ad.frozen_factors(), ad.d)]
     ref = torch.einsum("pqr,ip,jq,kr->ijk", g, *a).reshape(16, 24).T
     torch.testing.assert_close(ad.delta_weight(), ref)
     x = torch.randn(5, 16, dtype=torch.float64)
@@ -302,7 +302,7 @@ def test_shared_tensors_are_saved_once_and_tied_again_on_load(make_recipe):
     store = getattr(model, SHARED_ATTR).tensors
     layers = [layer.adapter for name, layer in adapted_layers(model) if name.endswith("q_proj")]
     key = next(k for k in store if k.startswith("trac_q_proj_b") and k.endswith("core3"))
-    assert all(layer._shared["core3_b"] is store[key] for layer in layers)
+    assert all(layer.shared_tensor("core3_b") is store[key] for layer in layers)
     torch.testing.assert_close(store[key].detach(), saved[f"{SHARED_ATTR}.tensors.{key}"])
     assert store[key].abs().sum() > 0  # trained away from its zero start
 

@@ -109,6 +109,19 @@ class Adapter(nn.Module):
         """Build model-wide tensors that depend on all target layers (VeRA sizes its
         projections by the largest layer). Called once, before any layer is built."""
 
+    def use_shared(self, shared: SharedStore, **names: str) -> None:
+        """Declare the store entries this layer uses (local name -> store key).
+
+        The layer keeps the store, not the tensors: `shared_tensor` looks them up at call time,
+        so a wrapper that replaces registered parameters (FSDP2's sharding, `to_empty`) is seen
+        by every layer. The store is not made a submodule: it is registered once, on the model.
+        """
+        self.__dict__["_store"] = shared
+        self._shared_keys = dict(names)
+
+    def shared_tensor(self, name: str) -> torch.Tensor:
+        return self.__dict__["_store"].tensors[self._shared_keys[name]]
+
     @classmethod
     def learning_rate(cls, config: AdapterConfig, param_name: str, base_lr: float) -> float:
         """Learning rate of one trainable tensor (TRAC gives its controllers their own)."""

@@ -69,19 +69,22 @@ class TeraAdapter(Adapter):
             shared.get_or_create(key + "_core", lambda: _kaiming_normal(tuple(modes), in_features, generator), trainable=False)
             for i, size in enumerate(modes):
                 shared.get_or_create(f"{key}_factor{i}", lambda s=size: _kaiming_normal((s, s), s, generator), trainable=False)
-        self._shared = {"core": shared.tensors[key + "_core"]}
-        self._factors = [shared.tensors[f"{key}_factor{i}"] for i in range(len(modes))]
+        self.use_shared(shared, core=key + "_core", **{f"factor{i}": f"{key}_factor{i}" for i in range(len(modes))})
         self.d = nn.ParameterList(nn.Parameter(torch.ones(size)) for size in modes)
         with torch.no_grad():
             self.d[-1].zero_()
 
+    def frozen_factors(self) -> list[torch.Tensor]:
+        """The shared A_i: (R_i, I_i)."""
+        return [self.shared_tensor(f"factor{i}") for i in range(len(self.d))]
+
     def _scaled_factors(self) -> list[torch.Tensor]:
         """A_iᵀ D_i: (I_i, R_i)."""
-        return [a.T * d for a, d in zip(self._factors, self.d)]
+        return [a.T * d for a, d in zip(self.frozen_factors(), self.d)]
 
     def _delta_in_out(self) -> torch.Tensor:
         """ΔW as an (in, out) matrix."""
-        return tucker_to_tensor(self._shared["core"], self._scaled_factors()).reshape(self.in_features, self.out_features)
+        return tucker_to_tensor(self.shared_tensor("core"), self._scaled_factors()).reshape(self.in_features, self.out_features)
 
     def costs(self, tokens: int) -> tuple[int, int]:
         """Multiply-adds of (input path, dense path) for a call with `tokens` rows."""
@@ -107,12 +110,12 @@ class TeraAdapter(Adapter):
         # x ×_i (D_i A_i) over the input modes: (T, I_1..I_k) -> (T, R_1..R_k)
         h = multi_mode_dot(x.reshape(tokens, *self.in_modes), [f.T for f in factors[:n_in]], list(range(1, n_in + 1)))
         # through the core: (T, ΠR_in) @ (ΠR_in, ΠR_out)
-        h = h.reshape(tokens, -1) @ self._shared["core"].to(x.dtype).reshape(h[0].numel(), -1)
+        h = h.reshape(tokens, -1) @ self.shared_tensor("core").to(x.dtype).reshape(h[0].numel(), -1)
         # ×_i (A_iᵀ D_i) over the output modes: (T, R_k+1..R_N) -> (T, I_k+1..I_N)
         h = multi_mode_dot(h.reshape(tokens, *self.out_modes), factors[n_in:], list(range(1, len(self.out_modes) + 1)))
         return h.reshape(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
-        core = at_least_fp32(self._shared["core"])
-        factors = [at_least_fp32(a).T * at_least_fp32(d) for a, d in zip(self._factors, self.d)]
+        core = at_least_fp32(self.shared_tensor("core"))
+        factors = [at_least_fp32(a).T * at_least_fp32(d) for a, d in zip(self.frozen_factors(), self.d)]
         return tucker_to_tensor(core, factors).reshape(self.in_features, self.out_features).T

@@ -73,7 +73,7 @@ class TracAdapter(LowRankAdapter):
         self.scaling = config.alpha / config.r
         self.activation = config.activation
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self._shared: dict[str, torch.Tensor] = {}
+        keys: dict[str, str] = {}
         for factor, dim, ranks, table in (("a", in_features, config.ranks_a, DEFAULT_RANKS_A), ("b", out_features, config.ranks_b, DEFAULT_RANKS_B)):
             modes = dim_modes(dim, config.modes, 3, DEFAULT_MODES)
             if len(modes) != 3:
@@ -90,11 +90,11 @@ class TracAdapter(LowRankAdapter):
                     core3 = torch.zeros_like(core3)  # ΔW = 0 at the start
                 shared.get_or_create(key + "_core2", lambda c=core2: c, trainable=False, role=role)
                 shared.get_or_create(key + "_core3", lambda c=core3: c, trainable=True, role=role)
-            self._shared[f"core2_{factor}"] = shared.tensors[key + "_core2"]
-            self._shared[f"core3_{factor}"] = shared.tensors[key + "_core3"]
+            keys[f"core2_{factor}"], keys[f"core3_{factor}"] = key + "_core2", key + "_core3"
             fill = torch.ones if config.controller_init == "ones" else torch.zeros
             setattr(self, f"controller_rank_{factor}", nn.Parameter(fill(shapes[2][0])))
             setattr(self, f"controller_dim_{factor}", nn.Parameter(fill(shapes[2][1])))
+        self.use_shared(shared, **keys)
 
     @classmethod
     def learning_rate(cls, config: TracConfig, param_name: str, base_lr: float) -> float:
@@ -105,10 +105,10 @@ class TracAdapter(LowRankAdapter):
     def _factor(self, factor: str, rows: int) -> torch.Tensor:
         gate_rank = _activate(getattr(self, f"controller_rank_{factor}"), self.activation)
         gate_dim = _activate(getattr(self, f"controller_dim_{factor}"), self.activation)
-        core3 = self._shared[f"core3_{factor}"] * gate_rank[:, None, None] * gate_dim[None, :, None]
+        core3 = self.shared_tensor(f"core3_{factor}") * gate_rank[:, None, None] * gate_dim[None, :, None]
         # (n1, r1) x (r1, n2, r2) first: the frozen core meets the small per-layer core, then
         # the gated shared core; no step depends on the number of tokens.
-        return tt_to_matrix([getattr(self, f"core1_{factor}"), self._shared[f"core2_{factor}"], core3], rows)
+        return tt_to_matrix([getattr(self, f"core1_{factor}"), self.shared_tensor(f"core2_{factor}"), core3], rows)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._factor("a", self.in_features), self._factor("b", self.out_features)

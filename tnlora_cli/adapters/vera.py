@@ -42,15 +42,14 @@ class VeraAdapter(Adapter):
 
     def __init__(self, in_features: int, out_features: int, config: VeraConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
         super().__init__(in_features, out_features, config, shared, role, generator)
-        # Plain dict: the shared tensors stay registered only on the SharedStore.
-        self._shared = {"A": shared.tensors["vera_A"], "B": shared.tensors["vera_B"]}
+        self.use_shared(shared, A="vera_A", B="vera_B")
         self.lambda_b = nn.Parameter(torch.zeros(out_features))
         self.lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial)))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.r = config.r
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._shared["A"][:, : self.in_features], self._shared["B"][: self.out_features, :]
+        return self.shared_tensor("A")[:, : self.in_features], self.shared_tensor("B")[: self.out_features, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._projections()
