@@ -110,6 +110,7 @@ def test_cli_subprocess_error_has_no_traceback(make_recipe, tmp_path):
 def test_cli_help_lists_commands():
     result = _cli("--help")
     assert result.returncode == 0
-    for command in ("train", "eval", "merge"):
+    for command in ("train", "eval", "merge", "export", "count-params", "inspect-rank"):
         assert command in result.stdout
+    assert _cli("--version").stdout.startswith("tnlora ")
     assert "--resume" in _cli("train", "--help").stdout

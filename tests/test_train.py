@@ -82,6 +82,14 @@ def test_existing_run_is_not_clobbered(make_recipe):
     train(validate_recipe(raw), overwrite=True)
 
 
+def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(make_recipe):
+    raw = make_recipe("bert", "classification")
+    raw["training"]["max_steps"] = 2
+    train(validate_recipe(raw))
+    with pytest.raises(RecipeError, match="finished run"):
+        train(validate_recipe(raw), resume="auto")
+
+
 def test_checkpoint_rotation(make_recipe):
     raw = make_recipe("bert", "classification")
     raw["training"].update(max_steps=6, save_every=2, save_total_limit=2)

@@ -102,6 +102,21 @@ def _metrics_table(title: str, rows: dict[str, dict[str, float]], majority: floa
     return table
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"tnlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune Hugging Face models with tensor-network adapters."""
+
+
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=50 (repeatable).")]
 
 
@@ -161,8 +176,11 @@ def merge(
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     verify: Annotated[bool, typer.Option(help="Reload the result and compare logits with the adapter model.")] = True,
 ) -> None:
-    """Add every adapter update into the base weights and write a directory that
-    `AutoModel*.from_pretrained` loads without tnlora (streaming shard by shard)."""
+    """Merge the adapter into the base weights: a directory from_pretrained loads without tnlora.
+
+    Streams safetensors shard by shard, keeps the base's dtype, unties tied weights it changes,
+    verifies the result against the adapter model, and writes atomically.
+    """
     _quiet_libraries()
     from .merge import merge_run
 
@@ -194,8 +212,10 @@ def export(
     energy: Annotated[Optional[float], typer.Option(help="Per layer, the smallest rank keeping this share of the spectrum's energy (e.g. 0.99).")] = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Turn any adapter's ΔW into a LoRA by truncated SVD, in peft's format (peft and
-    LoRA-serving engines load it); prints the relative error per layer."""
+    """Export any adapter's update as an ordinary LoRA (truncated SVD, peft's format).
+
+    peft and LoRA-serving engines load the result; the relative error of each layer is printed.
+    """
     _quiet_libraries()
     from .export import export_as_lora
 
@@ -226,8 +246,9 @@ def count_params_(
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Exact trainable, frozen and stored parameters per module role, from the config alone
-    (the base model is built on the meta device: no weights, no network).
+    """Exact trainable, frozen and stored parameters per module role, from the config alone.
+
+    The base model is built on the meta device: no weights, no network.
 
     Example: tnlora count-params --model llama-2-7b --set adapter.type=tera
     --set adapter.target_modules=[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8

@@ -93,6 +93,11 @@ def _resume_from(output_dir: Path, resume: str | None, overwrite: bool) -> Path 
         return None
     if resume == "auto":
         found = checkpoint_dirs(output_dir)
+        if not found and (output_dir / "adapter").exists():
+            raise RecipeError(
+                f"--resume auto: {output_dir} holds a finished run and no checkpoint to continue from",
+                hint="raise training.max_steps with save_every set to continue later runs, or pass --overwrite to start again",
+            )
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "training_state.json").is_file():
