@@ -82,11 +82,6 @@ def tt_normal(
     return [torch.randn(shape, generator=generator) / math.sqrt(shape[2]) * sigma ** (1.0 / order) for shape in shapes]
 
 
-def tt_ranks_for(n_modes: int, rank: int) -> list[int]:
-    """[1, rank, ..., rank, 1] for `n_modes` modes."""
-    return [1] + [rank] * (n_modes - 1) + [1]
-
-
 def fold_dim(dim: int, mode_size: int) -> list[int]:
     """Fold `dim` into modes of `mode_size` (TeRA's indim/outdim), the remaining factor as a
     last mode: 4096 by 8 -> [8, 8, 8, 8], 384 by 8 -> [8, 8, 6]. A mode size of at least
