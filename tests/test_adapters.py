@@ -343,3 +343,15 @@ def test_nonlinear_tensorguide_trains_but_merge_refuses(make_recipe, tmp_path):
     with pytest.raises(MergeError, match="nonlinear"):
         merge_run(raw["output_dir"], tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_tensorguide_start_pair_cache_follows_loaded_state():
+    model = _build("tensorguide")
+    ad = _layer(model)
+    first = [t.clone() for t in ad.start_pair()]
+    assert ad.start_pair()[0] is ad.start_pair()[0]  # cached between calls
+    other = {k: v + 1.0 for k, v in ad.state_dict().items() if k.startswith("start_core")}
+    ad.load_state_dict(other, strict=False)
+    assert not torch.equal(ad.start_pair()[0], first[0])  # regenerated after the load
+    model.double()
+    assert ad.start_pair()[0].dtype == torch.float64

@@ -7,9 +7,6 @@ FSDP's sharded/unsharded parameters. Training must equal one process on the same
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,9 +44,9 @@ def _train(model_path: str, kind: str, steps: int, fsdp: bool) -> dict[str, torc
     return state
 
 
-def _worker(rank: int, world: int, port: int, model_path: str, kind: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, rendezvous: str, model_path: str, kind: str, out: str) -> None:
+    # A file rendezvous: no TCP port to race for with other tests.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         state = _train(model_path, kind, 3, fsdp=True)
         if rank == 0:
@@ -58,17 +55,11 @@ def _worker(rank: int, world: int, port: int, model_path: str, kind: str, out: s
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("kind", sorted(SETTINGS))
 def test_fsdp2_with_shared_cores_matches_one_process(tiny_models, tmp_path, kind):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     out = tmp_path / "fsdp.safetensors"
-    mp.spawn(_worker, args=(2, _free_port(), str(tiny_models["llama"]), kind, str(out)), nprocs=2)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_models["llama"]), kind, str(out)), nprocs=2)
     sharded = load_file(str(out))
     single = _train(str(tiny_models["llama"]), kind, 3, fsdp=False)
     assert sharded.keys() == single.keys()

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import atomic_directory
 from .errors import MergeError, RecipeError
-from .inject import SHARED_ATTR, adapted_layers
+from .inject import adapted_layers, is_adapter_tensor, require_linear
 from .modeling import resolve_model
 from .pipeline import load_adapters_on_meta
 from .reporting import Reporter
@@ -75,9 +75,7 @@ def export_as_lora(
     model, meta = load_adapters_on_meta(path)
     recipe, config, state = meta["recipe"], meta["config"], meta["state"]
     layers = list(adapted_layers(model))
-    for name, layer in layers:
-        if not layer.adapter.is_linear:
-            raise MergeError(f"{name}: the {recipe.adapter.type} update is nonlinear in the input; it has no LoRA form")
+    require_linear(model, "it has no LoRA form")
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(out)
     ranks: dict[str, int] = {}
@@ -97,7 +95,7 @@ def export_as_lora(
     reporter.finish()
     heads = config.get("modules_to_save") or []
     for key, tensor in state.items():
-        if ".adapter." not in key and not key.startswith(SHARED_ATTR + "."):
+        if not is_adapter_tensor(key):
             tensors[f"base_model.model.{key}"] = tensor.contiguous()
     top = max(ranks.values())
     peft_config = {

@@ -166,8 +166,25 @@ def freeze_base(model: nn.Module, modules_to_save: list[str]) -> None:
         p.requires_grad_(id(p) in trainable)
 
 
+def is_adapter_tensor(key: str) -> bool:
+    """A state-dict key of an adapter tensor (per layer, or shared in the store)."""
+    return ".adapter." in key or key.startswith(SHARED_ATTR + ".")
+
+
 def _is_adapter_key(key: str, modules_to_save: list[str]) -> bool:
-    return ".adapter." in key or key.startswith(SHARED_ATTR + ".") or any(key.startswith(m + ".") for m in modules_to_save)
+    return is_adapter_tensor(key) or any(key.startswith(m + ".") for m in modules_to_save)
+
+
+def require_linear(model: nn.Module, what: str) -> None:
+    """Refuse, before anything is written, an adapter whose branch is not a weight update."""
+    from .errors import MergeError
+
+    for name, layer in adapted_layers(model):
+        if not layer.adapter.is_linear:
+            raise MergeError(
+                f"{name}: this adapter's update is nonlinear in the input, so {what}",
+                hint="only tensorguide with activation: none (the default) has a weight update",
+            )
 
 
 def adapter_state_dict(model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
@@ -206,12 +223,9 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Replace each AdaptedLinear by its base layer holding W0 + ΔW. Returns the count."""
+    require_linear(model, "it cannot be merged into a weight")
     count = 0
     for name, layer in list(adapted_layers(model)):
-        if not layer.adapter.is_linear:
-            from .errors import MergeError
-
-            raise MergeError(f"{name}: this adapter's update is not linear in the input and cannot be merged into a weight")
         base = layer.base_layer
         base.weight.data = layer.merged_weight(dtype)
         if base.bias is not None and dtype is not None:

@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import atomic_directory
 from .data import collate
 from .errors import MergeError
-from .inject import SHARED_ATTR, adapted_layers, merge_into_base
+from .inject import adapted_layers, is_adapter_tensor, merge_into_base, require_linear
 from .modeling import DTYPES, load_tokenizer, model_class, resolve_model
 from .pipeline import load_adapters_on_meta, load_run
 from .reporting import Reporter
@@ -226,9 +226,7 @@ def merge_run(
     reporter.status(f"reading the adapter of {path}")
     model, meta = load_adapters_on_meta(path)
     recipe = meta["recipe"]
-    for name, layer in adapted_layers(model):
-        if not layer.adapter.is_linear:
-            raise MergeError(f"{name}: the {recipe.adapter.type} update is nonlinear in the input and cannot be merged into a weight")
+    require_linear(model, "it cannot be merged into a weight")
     model_path = resolve_model(recipe.model, recipe.trust_remote_code)
     target_name = dtype or checkpoint_dtype(model_path)
     target = DTYPES[target_name]
@@ -253,7 +251,7 @@ def _merge_streaming(
 ) -> MergeReport | None:
     target = DTYPES[target_name]
     recipe, config, state = meta["recipe"], meta["config"], meta["state"]
-    plain_keys = {_plain(k) for k in model.state_dict() if ".adapter." not in k and not k.startswith(SHARED_ATTR + ".")}
+    plain_keys = {_plain(k) for k in model.state_dict() if not is_adapter_tensor(k)}
     prefix = getattr(model, "base_model_prefix", "")
 
     def to_model_key(key: str) -> str:
@@ -278,7 +276,7 @@ def _merge_streaming(
             if source is None:
                 return None  # names we cannot match: let from_pretrained do it in memory
             extra[key] = source
-    heads = {k: v for k, v in state.items() if ".adapter." not in k and not k.startswith(SHARED_ATTR + ".")}
+    heads = {k: v for k, v in state.items() if not is_adapter_tensor(k)}
 
     def read(path: Path, key: str) -> torch.Tensor:
         # Open per tensor: the memory map of a shard never stays resident.
@@ -286,14 +284,7 @@ def _merge_streaming(
             return f.get_tensor(key)
 
     def merged(model_key: str, path: Path, key: str) -> torch.Tensor:
-        layer = layers[model_key]
-        delta = layer.adapter.delta_weight().float()
-        if layer.fan_in_fan_out:
-            delta = delta.T
-        result = read(path, key).float() + delta
-        if not torch.isfinite(result).all():
-            raise MergeError("a merged weight has non-finite values", hint="the adapter has diverged; merge an earlier checkpoint")
-        return result.to(target)
+        return layers[model_key].merged_weight(target, weight=read(path, key))
 
     def plain_copy(path: Path, key: str, out_dtype: torch.dtype) -> torch.Tensor:
         return read(path, key).to(out_dtype)

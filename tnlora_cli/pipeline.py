@@ -18,7 +18,7 @@ from .checkpoint import find_recipe_file, load_adapter, resolve_adapter_dir
 from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
-from .inject import SHARED_ATTR, InjectionReport, inject_adapter, load_adapter_state_dict
+from .inject import InjectionReport, inject_adapter, is_adapter_tensor, load_adapter_state_dict
 from .modeling import head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
 
@@ -129,8 +129,8 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     state, config = load_adapter(adapter_dir)
     model = build_on_meta(recipe, label_names=config.get("label_names"))
     inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[])
-    adapter_state = {k: v for k, v in state.items() if ".adapter." in k or k.startswith(SHARED_ATTR + ".")}
-    missing = set(adapter_state) ^ {k for k in model.state_dict() if ".adapter." in k or k.startswith(SHARED_ATTR + ".")}
+    adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}
+    missing = set(adapter_state) ^ {k for k in model.state_dict() if is_adapter_tensor(k)}
     if missing:
         raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
     model.load_state_dict(adapter_state, strict=False)

@@ -200,15 +200,19 @@ class AdaptedLinear(nn.Module):
         return out + self.adapter(x.to(self.adapter.compute_dtype)).to(out.dtype)
 
     @torch.no_grad()
-    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Base weight + ΔW, added in fp32 and cast once to `dtype` (default: the base's)."""
-        base = self.base_layer.weight
+    def merged_weight(self, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Base weight + ΔW, added in at least fp32 and cast once to `dtype` (default: the
+        base's). `weight` replaces the layer's own base weight (streaming merge reads the
+        original checkpoint tensor, e.g. when the layer itself is quantized or on meta)."""
+        base = self.base_layer.weight if weight is None else weight
         delta = self.adapter.delta_weight().to(base.device)
         if self.fan_in_fan_out:
             delta = delta.T
         merged = at_least_fp32(base) + delta
         if not torch.isfinite(merged).all():
-            raise FloatingPointError("merged weight has non-finite values")
+            from ..errors import MergeError
+
+            raise MergeError("a merged weight has non-finite values", hint="the adapter has diverged; merge an earlier checkpoint")
         return merged.to(dtype or base.dtype)
 
 

@@ -85,6 +85,19 @@ class TensorGuideAdapter(Adapter):
     def _start_cores(self) -> list[torch.Tensor]:
         return [getattr(self, f"start_core{k}") for k in range(len(self.cores))]
 
+    def start_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W1_0, W2_0 from the frozen start cores, generated once and cached: they never
+        change in training. The key includes the buffers' version counters, so loading a
+        state dict or moving the module regenerates them."""
+        cores = self._start_cores()
+        key = (cores[0].device, cores[0].dtype, tuple(c._version for c in cores))
+        cached = self.__dict__.get("_start_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.generate(cores))
+            self.__dict__["_start_cache"] = cached
+        return cached[1]
+
     def generate(self, cores: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W1 (in, M) and W2 (M, out) from the TT network applied to z (no token dimension)."""
         cores = list(self.cores) if cores is None else cores
@@ -101,9 +114,7 @@ class TensorGuideAdapter(Adapter):
         w1, w2 = self.generate()
         out = self._branch(x, w1, w2)
         if self.subtract_start:
-            with torch.no_grad():
-                w1_start, w2_start = self.generate(self._start_cores())
-            out = out - self._branch(x, w1_start, w2_start)
+            out = out - self._branch(x, *self.start_pair())
         return out * self.scale
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -114,7 +125,7 @@ class TensorGuideAdapter(Adapter):
         w1, w2 = (at_least_fp32(t) for t in self.generate())
         if not self.subtract_start:
             return w1, self.scale * w2.T
-        s1, s2 = (at_least_fp32(t) for t in self.generate(self._start_cores()))
+        s1, s2 = (at_least_fp32(t) for t in self.start_pair())
         return torch.cat([w1, s1], dim=1), self.scale * torch.cat([w2.T, -s2.T], dim=1)
 
     def delta_weight(self) -> torch.Tensor:
@@ -127,6 +138,6 @@ class TensorGuideAdapter(Adapter):
         delta = w1 @ w2
         if self.subtract_start:
             # Two products, then the difference: exactly zero at the start.
-            s1, s2 = (at_least_fp32(t) for t in self.generate(self._start_cores()))
+            s1, s2 = (at_least_fp32(t) for t in self.start_pair())
             delta = delta - s1 @ s2
         return (delta * self.scale).T
