@@ -101,9 +101,8 @@ def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 # ------------------------------------------------------------------- training state
 
 
-def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, extra: dict) -> None:
-    """Optimizer tensors in safetensors, everything else in JSON (no pickle anywhere)."""
-    opt = optimizer.state_dict()
+def save_training_state(directory: Path, opt: dict[str, Any], scheduler: Any, step: int, extra: dict) -> None:
+    """An optimizer state dict (full tensors) in safetensors, everything else in JSON (no pickle anywhere)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in opt["state"].items():
@@ -123,7 +122,8 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
     write_json(directory / "training_state.json", meta)
 
 
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+def load_training_state(directory: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore the scheduler; return the checkpoint's metadata and optimizer state dict."""
     meta = json.loads((directory / "training_state.json").read_text())
     tensors = load_file(str(directory / "training_state.safetensors"))
     state: dict[int, dict[str, Any]] = {}
@@ -132,9 +132,8 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
         state.setdefault(int(index), {})[key] = value
     for index, entry in meta["optimizer_scalars"].items():
         state.setdefault(int(index), {}).update(entry)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
-    return meta
+    return meta, {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_rng_state(path: Path) -> None:

@@ -82,18 +82,20 @@ def _swapped_head(model: nn.Module, head_state: dict[str, torch.Tensor]):
 
 def compare_with_base(
     model: nn.Module,
-    initial_head: dict[str, torch.Tensor],
+    initial_head: dict[str, torch.Tensor] | None,
     examples: list[dict],
     task: str,
     pad_token_id: int,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
-    adapters off, trained head) and 'tuned'."""
+    adapters off, trained head) and 'tuned'. `initial_head=None`: the trained head cannot be
+    swapped out (it is sharded), so there is no 'base' row."""
     rows: dict[str, dict[str, float]] = {}
-    with adapters_disabled(model), _swapped_head(model, initial_head):
-        rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    if initial_head:
+    if initial_head is not None:
+        with adapters_disabled(model), _swapped_head(model, initial_head):
+            rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    if initial_head is None or initial_head:
         with adapters_disabled(model):
             rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
     rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)

@@ -241,7 +241,10 @@ def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
 
 def logical_numel(t: torch.Tensor) -> int:
     """Elements of the weight a tensor stands for: a bitsandbytes 4-bit parameter packs two
-    values per byte (its numel is half), so count its original shape."""
+    values per byte (its numel is half), so count its original shape; a parameter
+    partitioned by DeepSpeed ZeRO-3 is an empty placeholder that knows its full size."""
+    if getattr(t, "ds_numel", None) is not None:
+        return int(t.ds_numel)
     quant_state = getattr(t, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
     if shape is not None:

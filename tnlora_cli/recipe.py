@@ -59,6 +59,10 @@ class TrainingConfig(StrictModel):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
     seed: int = 0
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward (non-reentrant): less memory, ~30% more compute.")
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "auto",
+        description="Multi-process engine under `accelerate launch`; auto: what the accelerate config asks for (FSDP, DeepSpeed), else DDP.",
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")

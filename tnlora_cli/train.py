@@ -8,7 +8,6 @@ ends with the same adapter as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from transformers import get_scheduler
 
 from .adapters import REGISTRY
@@ -36,7 +34,8 @@ from .checkpoint import (
 from .data import collate
 from .errors import CheckpointError, RecipeError
 from .evaluate import compare_with_base, evaluate_examples, majority_rate
-from .inject import adapter_state_dict, count_parameters, load_adapter_state_dict
+from .distributed import Engine, build_engine
+from .inject import count_parameters, load_adapter_state_dict
 from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
 from .recipe import Recipe, recipe_to_yaml
@@ -71,14 +70,6 @@ class BatchStream:
     def indices(self, micro_index: int, batch_size: int, world: int, rank: int) -> list[int]:
         start = (micro_index * world + rank) * batch_size
         return [self._perm(k // self.n)[k % self.n] for k in range(start, start + batch_size)]
-
-
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
 
 
 def _resume_from(output_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
@@ -120,7 +111,8 @@ def train(
     """
     reporter = reporter or Reporter()
     cfg = recipe.training
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
+    engine = build_engine(cfg.distributed, cfg, quantized=recipe.quantization is not None)
+    accelerator = engine.accelerator
     is_main = accelerator.is_main_process
     if not is_main:
         reporter = Reporter()  # one progress display, from the main process
@@ -134,26 +126,32 @@ def train(
         enable_gradient_checkpointing(model)
     params = count_parameters(model)
     roles = ", ".join(f"{role} x{len(names)}" for role, names in prepared.injection.roles.items())
+    world, rank = accelerator.num_processes, accelerator.process_index
     reporter.status(
         f"{recipe.adapter.type} on {len(prepared.injection.targets)} layers ({roles}); trainable parameters "
         f"{params['trainable']:,} = {100 * params['trainable'] / params['total']:.3f}% of {params['total']:,}"
+        + (f"; {engine.name} on {world} processes" if world > 1 else "")
     )
     if resume_dir is not None:
         state, _ = load_adapter(resume_dir / "adapter")
         load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(_param_groups(m, recipe), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    model, optimizer = engine.wrap(model, make_optimizer)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-        optimizer,
+        engine.torch_optimizer,
         num_warmup_steps=cfg.warmup_steps,
         num_training_steps=cfg.max_steps,
     )
     start_step = 0
     if resume_dir is not None:
-        start_step = load_training_state(resume_dir, optimizer, scheduler)["step"]
-        rng_file = resume_dir / f"rng_state_{accelerator.process_index}.safetensors"
+        meta, optimizer_state = load_training_state(resume_dir, scheduler)
+        engine.load_optimizer_state(optimizer, optimizer_state)
+        start_step = meta["step"]
+        rng_file = resume_dir / f"rng_state_{rank}.safetensors"
         if rng_file.is_file():
             load_rng_state(rng_file)
     elif is_main:
@@ -166,11 +164,10 @@ def train(
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     accelerator.wait_for_everyone()
 
-    model, optimizer = accelerator.prepare(model, optimizer)
     stream = BatchStream(len(prepared.data.train), cfg.seed)
     pad_id = prepared.tokenizer.pad_token_id
-    world, rank = accelerator.num_processes, accelerator.process_index
     metrics_file = out / "metrics.jsonl"
+    eval_batch_size = cfg.eval_batch_size or cfg.batch_size
 
     def log(record: dict[str, Any]) -> None:
         if is_main:
@@ -189,14 +186,11 @@ def train(
             idx = stream.indices(micro_index, cfg.batch_size, world, rank)
             batch = {k: v.to(accelerator.device) for k, v in collate([prepared.data.train[i] for i in idx], pad_id).items()}
             window_tokens += int(batch["attention_mask"].sum())
-            last_micro = micro == cfg.gradient_accumulation_steps - 1
-            sync = accelerator.no_sync(model) if not last_micro and world > 1 else contextlib.nullcontext()
-            with sync:
-                loss = model(**batch).loss / cfg.gradient_accumulation_steps
-                accelerator.backward(loss)
-            window_loss += loss.detach()
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            with engine.accumulation(model, last_micro=micro == cfg.gradient_accumulation_steps - 1):
+                loss = model(**batch).loss
+                engine.backward(loss)
+            window_loss += loss.detach() / cfg.gradient_accumulation_steps
+        engine.clip_gradients()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -216,36 +210,39 @@ def train(
             reporter.advance(step)
 
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            if is_main:
-                values = evaluate_examples(accelerator.unwrap_model(model), prepared.data.eval, recipe.task, pad_id, cfg.eval_batch_size or cfg.batch_size)
+            if is_main or engine.sharded:  # sharded parameters: every rank takes part in every forward
+                values = evaluate_examples(engine.unwrap(model), prepared.data.eval, recipe.task, pad_id, eval_batch_size)
                 log({"step": step, **{f"eval_{k}": v for k, v in values.items()}})
                 reporter.metrics(step, values)
             accelerator.wait_for_everyone()
         if (cfg.save_every and step % cfg.save_every == 0) or (stop_after is not None and step == stop_after):
-            _save_checkpoint(accelerator, accelerator.unwrap_model(model), prepared, optimizer.optimizer, scheduler, step, out, cfg.save_total_limit)
+            _save_checkpoint(engine, model, prepared, optimizer, scheduler, step, out, cfg.save_total_limit)
         if stop_after is not None and step >= stop_after:
             break
     reporter.finish()
 
-    unwrapped = accelerator.unwrap_model(model)
-    checksums = accelerator.gather(_adapter_checksum(unwrapped, prepared).to(accelerator.device).reshape(1)).tolist()
+    unwrapped = engine.unwrap(model)
+    final_state = engine.adapter_state(model, prepared.injection.modules_to_save)
+    checksums = accelerator.gather(_checksum(final_state).to(accelerator.device).reshape(1)).tolist()
     if stop_after is not None and step < cfg.max_steps:
         return TrainResult(out, step, last_loss, None, None, params)
 
-    evaluation = None
     if is_main:
         with atomic_directory(out / "adapter", overwrite=True) as tmp:
-            save_adapter(tmp, adapter_state_dict(unwrapped, prepared.injection.modules_to_save), adapter_metadata(prepared))
+            save_adapter(tmp, final_state, adapter_metadata(prepared))
+    evaluation = None
+    if is_main or engine.sharded:
         reporter.status(f"evaluating base and tuned model on {len(prepared.data.eval)} held-out examples")
-        evaluation = compare_with_base(
-            unwrapped, prepared.initial_head, prepared.data.eval, recipe.task, pad_id, cfg.eval_batch_size or cfg.batch_size
-        )
-        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "adapter_checksum_per_rank": checksums})
+        # A sharded task head cannot be swapped for its initial copy: those rows come from `tnlora eval`.
+        initial_head = None if engine.sharded and prepared.initial_head else prepared.initial_head
+        evaluation = compare_with_base(unwrapped, initial_head, prepared.data.eval, recipe.task, pad_id, eval_batch_size)
+    if is_main:
+        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "engine": engine.name, "adapter_checksum_per_rank": checksums})
         write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval), "metrics": evaluation})
         plot_loss_curve(metrics_file, out / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(out, step, last_loss, evaluation, majority_rate(prepared.data.eval), params)
+    return TrainResult(out, step, last_loss, evaluation if is_main else None, majority_rate(prepared.data.eval), params)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -273,28 +270,29 @@ def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]
     return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
 
-def _adapter_checksum(model: torch.nn.Module, prepared: Prepared) -> torch.Tensor:
-    """A float64 fingerprint of all trained tensors, compared across ranks after DDP."""
-    state = adapter_state_dict(model, prepared.injection.modules_to_save)
+def _checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A float64 fingerprint of all trained tensors, compared across ranks."""
     total = torch.zeros((), dtype=torch.float64)
     for i, key in enumerate(sorted(state)):
         total += (state[key].double().cpu() * (1.0 + 1e-3 * i)).sum()
     return total
 
 
-def _save_checkpoint(
-    accelerator: Accelerator, model: torch.nn.Module, prepared: Prepared, optimizer: Any, scheduler: Any, step: int, out: Path, keep: int | None
-) -> None:
-    """Main rank writes adapter, recipe and optimizer state into a temporary directory,
-    every rank adds its RNG state, then the directory is renamed into place."""
+def _save_checkpoint(engine: Engine, model: torch.nn.Module, prepared: Prepared, optimizer: Any, scheduler: Any, step: int, out: Path, keep: int | None) -> None:
+    """Every rank helps gather the adapter and optimizer state (collective under sharding);
+    the main rank writes them into a temporary directory, every rank adds its RNG state,
+    then the directory is renamed into place."""
+    accelerator = engine.accelerator
+    adapter = engine.adapter_state(model, prepared.injection.modules_to_save)
+    optimizer_state = engine.optimizer_state(optimizer)
     dest = out / "checkpoints" / f"step-{step:06d}"
     tmp = dest.with_name(f".{dest.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "adapter").mkdir(parents=True)
-        save_adapter(tmp / "adapter", adapter_state_dict(model, prepared.injection.modules_to_save), adapter_metadata(prepared))
+        save_adapter(tmp / "adapter", adapter, adapter_metadata(prepared))
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(prepared.recipe))
-        save_training_state(tmp, optimizer, scheduler, step, {"world_size": accelerator.num_processes})
+        save_training_state(tmp, optimizer_state, scheduler, step, {"world_size": accelerator.num_processes, "engine": engine.name})
     accelerator.wait_for_everyone()
     save_rng_state(tmp / f"rng_state_{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()

@@ -224,7 +224,8 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a Conv1D."""
     if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape
+        # a weight partitioned by DeepSpeed ZeRO-3 at load time is an empty placeholder
+        in_features, out_features = getattr(layer.weight, "ds_shape", layer.weight.shape)
         return int(in_features), int(out_features)
     return int(layer.in_features), int(layer.out_features)
 

@@ -1,0 +1,129 @@
+"""FSDP2 and DeepSpeed ZeRO-2/3 inside `tnlora train`: 2 CPU processes through `accelerate launch`.
+
+TRAC on a tiny Llama: trainable cores shared by every layer, which FSDP must keep in one unit
+and ZeRO-3 partitions. Each engine must reach the adapter one process reaches with the global
+batch, save no empty tensors, and resume from a mid-run checkpoint to the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_recipe
+from tnlora_cli.distributed import build_engine, resolve_engine
+from tnlora_cli.errors import RecipeError
+from tnlora_cli.recipe import TrainingConfig, validate_recipe
+from tnlora_cli.train import train
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+ADAPTER = "adapter/adapter_model.safetensors"
+
+try:
+    import deepspeed  # noqa: F401
+
+    HAS_DEEPSPEED = True
+except ImportError:
+    HAS_DEEPSPEED = False
+
+
+def _zero3_config(tmp_path: Path) -> Path:
+    # Threshold 0: partition every parameter, even these tiny ones (the default keeps
+    # small parameters whole, which would hide an ungathered read). "auto": tnlora fills it.
+    config = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+# engine -> (launcher flags, recipe's training.distributed); ZeRO-3 is chosen by an accelerate config
+ENGINES = {
+    "fsdp": (["--multi_gpu"], "fsdp"),
+    "deepspeed-zero2": (["--multi_gpu"], "deepspeed-zero2"),
+    "deepspeed-zero3": (["--use_deepspeed", "--deepspeed_config_file", "{zero3}", "--zero3_init_flag", "true"], "auto"),
+}
+
+
+def _launch(flags: list[str], recipe: Path, port: int, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [ACCELERATE, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "tnlora_cli", "train", str(recipe), *extra],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=tol, atol=tol, msg=key)
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, tmp_path, engine):
+    if engine.startswith("deepspeed") and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed not installed")
+    flags, setting = ENGINES[engine]
+    flags = [f.format(zero3=_zero3_config(tmp_path)) for f in flags]
+    port = 29540 + sorted(ENGINES).index(engine)
+    raw = make_recipe("llama", "causal-lm", type="trac", r=4)
+    raw["adapter"].pop("alpha")
+    raw["training"].update(max_steps=20, batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2, log_every=5,
+                           save_every=10, save_total_limit=None, distributed=setting)
+    raw["output_dir"] = str(tmp_path / "run")
+    recipe = write_recipe(tmp_path / "run.yaml", raw)
+    _launch(flags, recipe, port)
+
+    run = tmp_path / "run"
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["engine"] == engine and final["world_size"] == 2
+    assert final["adapter_checksum_per_rank"][0] == final["adapter_checksum_per_rank"][1]
+    sharded = load_file(str(run / ADAPTER))
+    assert all(t.numel() > 0 for t in sharded.values()), "an adapter tensor was saved empty"
+    assert any(k.startswith("tnlora_shared.") for k in sharded), "the shared cores were not saved"
+
+    # One process, the global batch (2 x 4), the same stream: the same adapter.
+    single = dict(raw, output_dir=str(tmp_path / "single"))
+    single["training"] = dict(raw["training"], batch_size=8, distributed="ddp")
+    train(validate_recipe(single))
+    _assert_same(sharded, load_file(str(tmp_path / "single" / ADAPTER)), 1e-5)
+
+    # Interrupted after step 10, resumed by the same engine: the same adapter again.
+    uninterrupted = {k: v.clone() for k, v in sharded.items()}
+    shutil.rmtree(run / "checkpoints/step-000020")
+    shutil.rmtree(run / "adapter")
+    _launch(flags, recipe, port, "--resume", "auto")
+    _assert_same(load_file(str(run / ADAPTER)), uninterrupted, 1e-6)
+
+    # Checkpoints hold full tensors in one layout: one process resumes the sharded run's checkpoint.
+    train(validate_recipe(single), resume=str(run / "checkpoints/step-000010"), overwrite=True)
+    _assert_same(load_file(str(tmp_path / "single" / ADAPTER)), uninterrupted, 1e-5)
+
+
+def test_engine_choice_conflicts_are_recipe_errors(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert resolve_engine("auto") == "ddp"
+    assert resolve_engine("deepspeed-zero3") == "deepspeed-zero3"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert resolve_engine("auto") == "deepspeed"
+    with pytest.raises(RecipeError, match="launched with deepspeed"):
+        resolve_engine("fsdp")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(RecipeError, match="quantized"):
+        build_engine("fsdp", TrainingConfig(), quantized=True)
