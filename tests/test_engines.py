@@ -1,7 +1,7 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 inside `tnlora train`: 2 CPU processes through `accelerate launch`.
 
-TRAC on a tiny Llama: trainable cores shared by every layer, which FSDP must keep in one unit
-and ZeRO-3 partitions. Each engine must reach the adapter one process reaches with the global
+TRAC on a tiny Llama with gradient checkpointing: trainable cores shared by every layer, which
+FSDP must keep in one unit and ZeRO-3 partitions. Each engine must reach the adapter one process reaches with the global
 batch, save no empty tensors, and resume from a mid-run checkpoint to the same adapter.
 """
 
@@ -84,7 +84,7 @@ def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, t
     raw = make_recipe("llama", "causal-lm", type="trac", r=4)
     raw["adapter"].pop("alpha")
     raw["training"].update(max_steps=20, batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2, log_every=5,
-                           save_every=10, save_total_limit=None, distributed=setting)
+                           save_every=10, save_total_limit=None, distributed=setting, gradient_checkpointing=True)
     raw["output_dir"] = str(tmp_path / "run")
     recipe = write_recipe(tmp_path / "run.yaml", raw)
     _launch(flags, recipe, port)

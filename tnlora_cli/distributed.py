@@ -285,11 +285,17 @@ class DeepSpeedEngine(Engine):
             yield
 
     def adapter_state(self, model, modules_to_save):
+        from deepspeed.utils import safe_get_full_fp32_param
+
         module = self.unwrap(model)
-        keys = set(adapter_state_dict(module, modules_to_save))
-        params = [p for name, p in module.named_parameters() if name in keys]
-        with self._gathered(params):
-            return {k: v.detach().clone() for k, v in adapter_state_dict(module, modules_to_save).items()}
+        params = dict(module.named_parameters())
+        keys = [k for k in adapter_state_dict(module, modules_to_save) if k in params]
+        with self._gathered([params[k] for k in keys]):
+            state = {k: v.detach().clone() for k, v in adapter_state_dict(module, modules_to_save).items()}
+        for k in keys:
+            if params[k].requires_grad:  # DeepSpeed's fp32 master copy, not the (b)f16 working copy
+                state[k] = safe_get_full_fp32_param(params[k]).detach().cpu()
+        return state
 
     def optimizer_state(self, optimizer):
         from deepspeed.utils import safe_get_full_optimizer_state

@@ -254,7 +254,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             f"training.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing",
             hint="set training.gradient_checkpointing: false",
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
 
