@@ -34,6 +34,22 @@ def test_memory_estimate_follows_quantization_and_checkpointing():
     assert small["gradients (fp32)"] == plain["gradients (fp32)"] == 106_496 * 4
 
 
+def test_memory_estimate_per_process_follows_the_engine():
+    raw = load_recipe(ROOT / "recipes/paper/trac_llama2_7b.yaml").model_dump(mode="json")
+    one = dry_run(validate_recipe(raw), with_samples=False).memory
+    per = {}
+    for engine in ("ddp", "deepspeed-zero2", "fsdp", "deepspeed-zero3"):
+        raw["training"]["distributed"] = engine
+        per[engine] = dry_run(validate_recipe(raw), with_samples=False, processes=8).memory
+    assert per["ddp"] == one
+    assert per["deepspeed-zero2"]["base weights"] == one["base weights"]
+    assert per["deepspeed-zero2"]["AdamW states (fp32)"] == -(-one["AdamW states (fp32)"] // 8)
+    for engine in ("fsdp", "deepspeed-zero3"):
+        assert per[engine]["base weights"] == -(-one["base weights"] // 8)
+        assert per[engine]["activations"] == one["activations"]
+    assert per["fsdp"]["total"] < per["deepspeed-zero2"]["total"] < per["ddp"]["total"]
+
+
 def test_dry_run_shows_the_loss_mask_and_writes_nothing(make_recipe, tmp_path):
     raw = make_recipe("gpt2", "instruction")
     recipe = write_recipe(tmp_path / "r.yaml", raw)

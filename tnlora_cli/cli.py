@@ -127,6 +127,7 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest checkpoint in output_dir) or a checkpoint directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start again in an output_dir that already holds a run.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show matched modules, exact counts, a memory estimate and tokenized samples; load no weights, write nothing.")] = False,
+    processes: Annotated[int, typer.Option(min=1, help="With --dry-run: estimate memory per process for this many processes (training.distributed decides what is sharded).")] = 1,
 ) -> None:
     """Fine-tune the recipe's model with its adapter; writes adapter, metrics and plots to output_dir.
 
@@ -140,7 +141,7 @@ def train(
     if dry_run:
         from .dryrun import dry_run as run_dry
 
-        _print_dry_run(_run(run_dry, spec))
+        _print_dry_run(_run(run_dry, spec, processes=processes))
         return
     result = _run(run_train, spec, resume=resume, overwrite=overwrite, reporter=RichReporter())
     if result.evaluation is None:

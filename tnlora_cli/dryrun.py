@@ -15,7 +15,11 @@ training, and parameters counted exactly. Memory is an estimate:
   checkpointing, each layer's input (h values) plus one layer recomputed at a time: this is
   optimistic on CPU (SmolLM2: 887 MiB measured, 288 MiB estimated);
 - language models add the logits, their log-softmax and its gradient (3 x batch x length x
-  vocab fp32 values).
+  vocab fp32 values);
+- per process, with `processes` > 1: FSDP and ZeRO-3 divide weights, adapter tensors,
+  gradients and optimizer states by the number of processes, ZeRO-2 only gradients and
+  optimizer states, DDP nothing (activations are per process already). The blocks FSDP/ZeRO-3
+  gather for one layer's forward come on top.
 Runtime overheads (CUDA context, allocator caching, Python) are not included.
 """
 
@@ -52,7 +56,15 @@ def _config_value(config, *names: str, default: int = 0) -> int:
     return default
 
 
-def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport) -> tuple[dict[str, int], list[str]]:
+# which parts each engine divides across processes
+SHARDED_PARTS = {
+    "fsdp": ("base weights", "adapter tensors (fp32)", "gradients (fp32)", "AdamW states (fp32)"),
+    "deepspeed-zero3": ("base weights", "adapter tensors (fp32)", "gradients (fp32)", "AdamW states (fp32)"),
+    "deepspeed-zero2": ("gradients (fp32)", "AdamW states (fp32)"),
+}
+
+
+def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport, processes: int = 1) -> tuple[dict[str, int], list[str]]:
     notes: list[str] = []
     config = model.config
     dtype_name = recipe.model_dtype if recipe.model_dtype != "auto" else str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
@@ -102,6 +114,13 @@ def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport) -> tu
         "activations": int(activations),
         "logits, log-softmax, gradient": int(logits),
     }
+    engine = recipe.training.distributed
+    if processes > 1:
+        for part in SHARDED_PARTS.get(engine, ()):
+            memory[part] = -(-memory[part] // processes)
+        if engine == "auto":
+            notes.append("training.distributed: auto follows the accelerate config at launch; estimated as ddp (nothing sharded)")
+        notes.append(f"per process, {processes} processes, {'ddp' if engine == 'auto' else engine}")
     memory["total"] = sum(memory.values())
     if quant is not None:
         notes.append(f"{quant.bits}-bit linear layers; embeddings, lm_head and task heads stay in {dtype_name}")
@@ -129,13 +148,13 @@ def _samples(recipe: Recipe, n: int = 2) -> tuple[list[dict[str, Any]], str | No
     return out, None
 
 
-def dry_run(recipe: Recipe, with_samples: bool = True) -> DryRunReport:
+def dry_run(recipe: Recipe, with_samples: bool = True, processes: int = 1) -> DryRunReport:
     model = build_on_meta(recipe)
     counts = count_params(recipe, model=model)
     modules: dict[str, list[str]] = {}
     for name, layer in adapted_layers(model):
         modules.setdefault(layer.adapter.role, []).append(name)
-    memory, notes = estimate_memory(model, recipe, counts)
+    memory, notes = estimate_memory(model, recipe, counts, processes)
     report = DryRunReport(counts, modules, memory, notes)
     if with_samples:
         report.samples, note = _samples(recipe)
