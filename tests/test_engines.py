@@ -125,5 +125,9 @@ def test_engine_choice_conflicts_are_recipe_errors(monkeypatch):
     with pytest.raises(RecipeError, match="launched with deepspeed"):
         resolve_engine("fsdp")
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    single = build_engine("fsdp", TrainingConfig(), quantized=True)  # one process: nothing to shard
+    assert single.name == "ddp" and "needs several processes" in single.note
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="quantized"):
         build_engine("fsdp", TrainingConfig(), quantized=True)

@@ -56,6 +56,11 @@ def resolve_engine(setting: str) -> str:
 def build_engine(setting: str, training: Any, quantized: bool) -> Engine:
     """Create the accelerator and the engine object for one training run."""
     name = resolve_engine(setting)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not started by a distributed launcher
+        engine = Engine(training)
+        if name != "ddp":
+            engine.note = f"training.distributed: {name} needs several processes (accelerate launch); training in one process"
+        return engine
     if quantized and name != "ddp":
         raise RecipeError(
             f"training.distributed: {name} cannot shard a bitsandbytes-quantized base",
@@ -81,6 +86,7 @@ class Engine:
 
     name = "ddp"
     sharded = False  # True: parameters live in pieces, so every rank must run every forward
+    note: str | None = None  # said once at the start of training
 
     def __init__(self, training: Any) -> None:
         self.training = training

@@ -119,6 +119,8 @@ def train(
     out = Path(recipe.output_dir)
     resume_dir = _resume_from(out, resume, overwrite)
 
+    if engine.note:
+        reporter.status(engine.note)
     reporter.status(f"loading {recipe.model} and {recipe.data.train}")
     prepared = prepare(recipe)
     model = prepared.model if recipe.quantization else prepared.model.to(accelerator.device)  # bnb models are placed at load
