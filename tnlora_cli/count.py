@@ -18,7 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 from .embedded import minilm_path
 from .errors import ModelError
 from .inject import SHARED_ATTR, adapted_layers, inject_adapter
-from .modeling import head_module_names, model_class, output_head_names
+from .modeling import head_module_names, label_config, model_class, output_head_names
 from .recipe import Recipe
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -101,10 +101,7 @@ def build_on_meta(recipe: Recipe, label_names: list[str] | None = None) -> torch
     head has the recipe's `data.labels` (or 2) classes."""
     config = load_config(recipe.model, recipe.trust_remote_code)
     if recipe.task == "classification":
-        names = label_names or recipe.data.labels or ["LABEL_0", "LABEL_1"]
-        config.num_labels = len(names)
-        config.id2label = dict(enumerate(names))
-        config.label2id = {n: i for i, n in enumerate(names)}
+        config.update(label_config(label_names or recipe.data.labels or ["LABEL_0", "LABEL_1"]))
     with torch.device("meta"):
         return model_class(recipe.task, config).from_config(config, trust_remote_code=recipe.trust_remote_code)
 

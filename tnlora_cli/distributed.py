@@ -86,6 +86,7 @@ class Engine:
 
     name = "ddp"
     sharded = False  # True: parameters live in pieces, so every rank must run every forward
+    loads_on_main_only = False  # True: only the main rank reads the base weights
     note: str | None = None  # said once at the start of training
 
     def __init__(self, training: Any) -> None:
@@ -155,10 +156,16 @@ class FSDPEngine(Engine):
         # FSDP2's mixed-precision policy casts parameters; accelerate's autocast stays off.
         return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
 
+    loads_on_main_only = True  # other ranks build the model on the meta device
+
     def wrap(self, model, make_optimizer):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        model.to(self.accelerator.device)
+        empty = any(p.is_meta for p in model.parameters())
+        # The main rank's full weights (with the fresh or resumed adapter), kept on CPU until
+        # broadcast: each rank ends up holding only its shards, and only one rank ever read them.
+        full_state = {} if empty else model.state_dict()
         base_dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
         compute = torch.bfloat16 if self.mixed_precision == "bf16" else next(iter(base_dtypes - {torch.float32}), None)
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)  # an accelerate FSDP config, if launched with one
@@ -179,6 +186,11 @@ class FSDPEngine(Engine):
         for block in reversed(blocks):  # innermost first: a unit never contains an unsharded unit
             fully_shard(block, **options)
         fully_shard(model, **options)  # root unit: embeddings, heads, norms, the shared store
+        if empty:
+            model.to_empty(device=self.accelerator.device)
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # not in the state dict when non-persistent (rotary tables)
+            torch.distributed.broadcast(buffer.data, src=0)
         return model, self._remember(make_optimizer(model))  # over the sharded (DTensor) parameters
 
     def unwrap(self, model):

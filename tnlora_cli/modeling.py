@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,26 +99,39 @@ def load_model(
     device: str | torch.device | None = None,
     quantization=None,
     keep_full: list[str] | None = None,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """Load the base model for `task`. The classification head is created from the global
-    RNG, so callers seed it first (the same seed gives the same head in train and eval)."""
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
+    RNG, so callers seed it first (the same seed gives the same head in train and eval).
+
+    `empty=True` builds the same model on the meta device and reads no weights: for ranks
+    that receive theirs from rank 0 once the model is sharded."""
+    labels = label_config(label_names) if task == "classification" else {}
+    if empty:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **labels)
+        with torch.device("meta"):
+            model = model_class(task).from_config(
+                config, dtype=config.dtype if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code
+            )
+        if pad_token_id is not None and model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
+        return model
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": "auto" if dtype == "auto" else DTYPES[dtype], **labels}
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, keep_full or [])
         device = device or default_device()
-    if task == "classification":
-        assert label_names is not None
-        kwargs.update(
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-        )
     if device is not None:
         kwargs["device_map"] = {"": device}
     model = model_class(task).from_pretrained(path, **kwargs)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def label_config(label_names: list[str] | None) -> dict[str, Any]:
+    """Config entries of a classification head with these labels."""
+    assert label_names is not None, "classification needs its label names"
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
 def head_module_names(model: nn.Module, task: str) -> list[str]:

@@ -42,9 +42,11 @@ def prepare(
     modules_to_save: list[str] | None = None,
     dtype: str | None = None,
     quantize: bool = True,
+    empty: bool = False,
 ) -> Prepared:
     """Load tokenizer, data and base model, and attach a fresh adapter. `quantize=False`
-    loads the base unquantized even when the recipe quantizes it (merge reference)."""
+    loads the base unquantized even when the recipe quantizes it (merge reference);
+    `empty=True` builds model and adapter on the meta device (weights come later)."""
     model_path = resolve_model(recipe.model, recipe.trust_remote_code)
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
@@ -60,6 +62,7 @@ def prepare(
         trust_remote_code=recipe.trust_remote_code,
         quantization=recipe.quantization if quantize else None,
         keep_full=list(modules_to_save or recipe.adapter.modules_to_save or []),
+        empty=empty,
     )
     if modules_to_save is None:
         modules_to_save = recipe.adapter.modules_to_save

@@ -122,8 +122,12 @@ def train(
     if engine.note:
         reporter.status(engine.note)
     reporter.status(f"loading {recipe.model} and {recipe.data.train}")
-    prepared = prepare(recipe)
-    model = prepared.model if recipe.quantization else prepared.model.to(accelerator.device)  # bnb models are placed at load
+    empty = engine.loads_on_main_only and not is_main
+    prepared = prepare(recipe, empty=empty)
+    if recipe.quantization or engine.loads_on_main_only:
+        model = prepared.model  # bnb models are placed at load; FSDP places shards
+    else:
+        model = prepared.model.to(accelerator.device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = count_parameters(model)
@@ -134,7 +138,7 @@ def train(
         f"{params['trainable']:,} = {100 * params['trainable'] / params['total']:.3f}% of {params['total']:,}"
         + (f"; {engine.name} on {world} processes" if world > 1 else "")
     )
-    if resume_dir is not None:
+    if resume_dir is not None and not empty:  # an empty model receives the main rank's adapter
         state, _ = load_adapter(resume_dir / "adapter")
         load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
 
