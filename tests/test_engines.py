@@ -115,6 +115,28 @@ def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, t
     _assert_same(load_file(str(tmp_path / "single" / ADAPTER)), uninterrupted, 1e-5)
 
 
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
+@pytest.mark.parametrize("engine, kind", [("fsdp", "vera"), ("fsdp", "tera"), ("deepspeed-zero3", "vera"), ("deepspeed-zero3", "tera")])
+def test_frozen_shared_tensors_under_sharding_match_one_process(make_recipe, tmp_path, engine, kind):
+    """VeRA's and TeRA's frozen random tensors are shared by every layer: sharded, gathered
+    at call time, and saved whole with the adapter."""
+    if engine.startswith("deepspeed") and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed not installed")
+    flags, setting = ENGINES[engine]
+    flags = [f.format(zero3=_zero3_config(tmp_path)) for f in flags]
+    raw = make_recipe("llama", "causal-lm")
+    raw["adapter"] = {"type": kind, "target_modules": ["q_proj", "v_proj"], **({"r": 16} if kind == "vera" else {"outdim": 4})}
+    raw["training"].update(max_steps=10, batch_size=4, learning_rate=1e-2, log_every=5, distributed=setting)
+    raw["output_dir"] = str(tmp_path / "run")
+    _launch(flags, write_recipe(tmp_path / "run.yaml", raw), 29550 + len(engine) + len(kind))
+    single = dict(raw, output_dir=str(tmp_path / "single"))
+    single["training"] = dict(raw["training"], batch_size=8, distributed="ddp")
+    train(validate_recipe(single))
+    sharded = load_file(str(tmp_path / "run" / ADAPTER))
+    assert all(t.numel() > 0 for t in sharded.values())
+    _assert_same(sharded, load_file(str(tmp_path / "single" / ADAPTER)), 1e-5)
+
+
 def test_engine_choice_conflicts_are_recipe_errors(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
