@@ -93,6 +93,7 @@ def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, t
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["engine"] == engine and final["world_size"] == 2
     assert final["adapter_checksum_per_rank"][0] == final["adapter_checksum_per_rank"][1]
+    assert len(final["peak_memory_mib_per_rank"]) == 2 and min(final["peak_memory_mib_per_rank"]) > 0
     sharded = load_file(str(run / ADAPTER))
     assert all(t.numel() > 0 for t in sharded.values()), "an adapter tensor was saved empty"
     assert any(k.startswith("tnlora_shared.") for k in sharded), "the shared cores were not saved"

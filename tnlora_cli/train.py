@@ -230,6 +230,7 @@ def train(
     unwrapped = engine.unwrap(model)
     final_state = engine.adapter_state(model, prepared.injection.modules_to_save)
     checksums = accelerator.gather(_checksum(final_state).to(accelerator.device).reshape(1)).tolist()
+    peaks = accelerator.gather(torch.tensor([_peak_memory_mib()], device=accelerator.device)).tolist()
     if stop_after is not None and step < cfg.max_steps:
         return TrainResult(out, step, last_loss, None, None, params)
 
@@ -243,7 +244,8 @@ def train(
         initial_head = None if engine.sharded and prepared.initial_head else prepared.initial_head
         evaluation = compare_with_base(unwrapped, initial_head, prepared.data.eval, recipe.task, pad_id, eval_batch_size)
     if is_main:
-        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "engine": engine.name, "adapter_checksum_per_rank": checksums})
+        log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "engine": engine.name,
+             "adapter_checksum_per_rank": checksums, "peak_memory_mib_per_rank": peaks})
         write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval), "metrics": evaluation})
         plot_loss_curve(metrics_file, out / "loss.png")
     accelerator.wait_for_everyone()
@@ -286,6 +288,15 @@ def _checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:
     for i, key in enumerate(sorted(state)):
         total += (state[key].double().cpu() * (1.0 + 1e-3 * i)).sum()
     return total
+
+
+def _peak_memory_mib() -> float:
+    """This process's peak so far: allocated GPU memory, or resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _save_checkpoint(engine: Engine, model: torch.nn.Module, prepared: Prepared, optimizer: Any, scheduler: Any, step: int, out: Path, keep: int | None) -> None:
