@@ -1,8 +1,9 @@
 """Per-process memory and throughput of the training engines, in the same run.
 
-    python benchmarks/engines.py [--processes 2] [--steps 10] [--adapter trac] [--workdir /tmp/tnlora-engines]
+    python benchmarks/engines.py [--model smollm2-135m] [--processes 2] [--steps 10] [--adapter trac]
+                                 [--workdir /tmp/tnlora-engines]
 
-Trains SmolLM2-135M (embedded) on Shakespeare with the chosen adapter under DDP, FSDP2,
+Trains a causal LM (default SmolLM2-135M, embedded; any local Llama-style directory) on Shakespeare with the chosen adapter under DDP, FSDP2,
 DeepSpeed ZeRO-2 and ZeRO-3 (`accelerate launch`, one process per GPU, or gloo processes on
 CPU) and prints, per engine, each rank's peak memory (GPU: max allocated; CPU: peak RSS) and
 tokens/s, as ratios to DDP. Also checks that every engine ends with the same adapter as DDP.
@@ -31,6 +32,7 @@ ENGINES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="embedded alias or a local model directory (q_proj/v_proj layers)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--adapter", default="trac")
@@ -46,7 +48,7 @@ def main() -> None:
     results = {}
     for engine, flags in ENGINES.items():
         raw = {
-            "model": "smollm2-135m", "task": "causal-lm",
+            "model": args.model, "task": "causal-lm",
             "adapter": {"type": args.adapter, "target_modules": ["q_proj", "v_proj"]},
             "data": {"train": "shakespeare", "max_length": 128, "max_eval_samples": 16},
             "training": {"max_steps": args.steps, "batch_size": 4, "learning_rate": 1e-3, "log_every": args.steps,
@@ -70,7 +72,7 @@ def main() -> None:
             "checksum": records[-1]["adapter_checksum_per_rank"][0],
         }
     base = results.get("ddp")
-    print(f"{args.adapter} on SmolLM2-135M, {args.processes} processes, {args.steps} steps of 4 x 128 tokens per process")
+    print(f"{args.adapter} on {args.model}, {args.processes} processes, {args.steps} steps of 4 x 128 tokens per process")
     print(f"{'engine':<18}{'tok/s':>9}{'x ddp':>7}  {'peak MiB per rank':<26}{'x ddp (max)':>12}  same adapter as ddp")
     for engine, r in results.items():
         peaks = r["peak_mib"]

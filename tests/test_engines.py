@@ -57,6 +57,13 @@ ENGINES = {
 }
 
 
+# The same engines chosen by accelerate's own flags, the recipe saying `auto`
+FROM_ACCELERATE_CONFIG = {
+    "fsdp": (["--use_fsdp", "--fsdp_version", "2"], "auto"),
+    "deepspeed-zero3": ENGINES["deepspeed-zero3"],
+}
+
+
 def _launch(flags: list[str], recipe: Path, port: int, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -120,10 +127,10 @@ def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, t
 @pytest.mark.parametrize("engine, kind", [("fsdp", "vera"), ("fsdp", "tera"), ("deepspeed-zero3", "vera"), ("deepspeed-zero3", "tera")])
 def test_frozen_shared_tensors_under_sharding_match_one_process(make_recipe, tmp_path, engine, kind):
     """VeRA's and TeRA's frozen random tensors are shared by every layer: sharded, gathered
-    at call time, and saved whole with the adapter."""
+    at call time, and saved whole with the adapter. The engine comes from accelerate's flags."""
     if engine.startswith("deepspeed") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed not installed")
-    flags, setting = ENGINES[engine]
+    flags, setting = FROM_ACCELERATE_CONFIG[engine]
     flags = [f.format(zero3=_zero3_config(tmp_path)) for f in flags]
     raw = make_recipe("llama", "causal-lm")
     raw["adapter"] = {"type": kind, "target_modules": ["q_proj", "v_proj"], **({"r": 16} if kind == "vera" else {"outdim": 4})}
@@ -133,6 +140,8 @@ def test_frozen_shared_tensors_under_sharding_match_one_process(make_recipe, tmp
     single = dict(raw, output_dir=str(tmp_path / "single"))
     single["training"] = dict(raw["training"], batch_size=8, distributed="ddp")
     train(validate_recipe(single))
+    final = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()][-1]
+    assert final["engine"] == engine
     sharded = load_file(str(tmp_path / "run" / ADAPTER))
     assert all(t.numel() > 0 for t in sharded.values())
     _assert_same(sharded, load_file(str(tmp_path / "single" / ADAPTER)), 1e-5)

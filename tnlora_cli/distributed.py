@@ -154,7 +154,13 @@ class FSDPEngine(Engine):
                 hint="use bf16 (or no) with training.distributed: fsdp",
             )
         # FSDP2's mixed-precision policy casts parameters; accelerate's autocast stays off.
-        return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+        if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+            self.note = (
+                "fsdp: tnlora shards with FSDP2 itself (one unit per transformer block, shared cores in the root unit); "
+                "from the accelerate FSDP config it uses fsdp_reshard_after_forward and fsdp_offload_params"
+            )
+        return accelerator
 
     loads_on_main_only = True  # other ranks build the model on the meta device
 
