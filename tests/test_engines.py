@@ -64,6 +64,9 @@ FROM_ACCELERATE_CONFIG = {
 }
 
 
+SHARED_SETTINGS = {"vera": {"r": 16}, "tera": {"outdim": 4}, "tensorguide": {}}
+
+
 def _launch(flags: list[str], recipe: Path, port: int, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -124,19 +127,21 @@ def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, t
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
-@pytest.mark.parametrize("engine, kind", [("fsdp", "vera"), ("fsdp", "tera"), ("deepspeed-zero3", "vera"), ("deepspeed-zero3", "tera")])
+@pytest.mark.parametrize("engine", sorted(FROM_ACCELERATE_CONFIG))
+@pytest.mark.parametrize("kind", SHARED_SETTINGS)
 def test_frozen_shared_tensors_under_sharding_match_one_process(make_recipe, tmp_path, engine, kind):
-    """VeRA's and TeRA's frozen random tensors are shared by every layer: sharded, gathered
-    at call time, and saved whole with the adapter. The engine comes from accelerate's flags."""
+    """VeRA's and TeRA's frozen random tensors, and TensorGuide's one generator network, are
+    shared by every layer: sharded, gathered at call time, and saved whole with the adapter.
+    The engine comes from accelerate's flags."""
     if engine.startswith("deepspeed") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed not installed")
     flags, setting = FROM_ACCELERATE_CONFIG[engine]
     flags = [f.format(zero3=_zero3_config(tmp_path)) for f in flags]
     raw = make_recipe("llama", "causal-lm")
-    raw["adapter"] = {"type": kind, "target_modules": ["q_proj", "v_proj"], **({"r": 16} if kind == "vera" else {"outdim": 4})}
+    raw["adapter"] = {"type": kind, "target_modules": ["q_proj", "v_proj"], **SHARED_SETTINGS[kind]}
     raw["training"].update(max_steps=10, batch_size=4, learning_rate=1e-2, log_every=5, distributed=setting)
     raw["output_dir"] = str(tmp_path / "run")
-    _launch(flags, write_recipe(tmp_path / "run.yaml", raw), 29550 + len(engine) + len(kind))
+    _launch(flags, write_recipe(tmp_path / "run.yaml", raw), 29550 + 4 * sorted(FROM_ACCELERATE_CONFIG).index(engine) + list(SHARED_SETTINGS).index(kind))
     single = dict(raw, output_dir=str(tmp_path / "single"))
     single["training"] = dict(raw["training"], batch_size=8, distributed="ddp")
     train(validate_recipe(single))
