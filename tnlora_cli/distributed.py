@@ -27,7 +27,6 @@ from torch import nn
 from .errors import RecipeError
 from .inject import adapter_state_dict
 
-ENGINES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -146,6 +145,7 @@ def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 class FSDPEngine(Engine):
     name = "fsdp"
     sharded = True
+    loads_on_main_only = True  # other ranks build the model on the meta device
 
     def _make_accelerator(self) -> Accelerator:
         if self.mixed_precision == "fp16":
@@ -161,8 +161,6 @@ class FSDPEngine(Engine):
                 "from the accelerate FSDP config it uses fsdp_reshard_after_forward and fsdp_offload_params"
             )
         return accelerator
-
-    loads_on_main_only = True  # other ranks build the model on the meta device
 
     def wrap(self, model, make_optimizer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -245,6 +243,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, training: Any, zero_stage: int | None) -> None:
         self.requested_stage = zero_stage
+        self._boundary = True
         super().__init__(training)
         self.zero_stage = int(self.accelerator.state.deepspeed_plugin.zero_stage)
         self.name = f"deepspeed-zero{self.zero_stage}"
@@ -283,8 +282,6 @@ class DeepSpeedEngine(Engine):
                     hint=f"set {key}: auto in the DeepSpeed config (tnlora fills it from the recipe)",
                 )
         config["train_batch_size"] = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-        if self.requested_stage == 3 and "stage3_gather_16bit_weights_on_model_save" not in config["zero_optimization"]:
-            config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
         return accelerator
 
     def accumulation(self, model, last_micro):
