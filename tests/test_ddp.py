@@ -21,7 +21,7 @@ ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
-@pytest.mark.parametrize("kind, checkpointing", [("lora", False), ("trac", False), ("trac", True)])
+@pytest.mark.parametrize("kind, checkpointing", [("lora", False), ("trac", True)])
 def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, tmp_path, kind, checkpointing):
     """TRAC uses one trainable core in many layers: DDP must reduce its gradient once, also
     with gradient checkpointing (no "marked ready twice")."""

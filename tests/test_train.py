@@ -124,3 +124,19 @@ def test_split_is_deterministic_and_disjoint(make_recipe, tiny_models):
     b = prepare_data(recipe.data, "classification", tokenizer)
     assert a.eval == b.eval and len(a.eval) == 24 and len(a.train) == 216
     assert a.label_names == ["neg", "pos", "tech"]
+
+
+@pytest.mark.parametrize("kind, hf_name", [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize("warmup, total", [(0, 50), (7, 50), (10, 10)])
+def test_lr_schedules_equal_transformers(kind, hf_name, warmup, total):
+    from transformers import get_scheduler
+
+    from tnlora_cli.train import lr_schedule
+
+    ours_opt, theirs_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
+    ours = torch.optim.lr_scheduler.LambdaLR(ours_opt, lr_schedule(kind, warmup, total))
+    theirs = get_scheduler(hf_name, theirs_opt, num_warmup_steps=warmup, num_training_steps=total)
+    for _ in range(total + 2):
+        assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], abs=1e-12)
+        for stepper in (ours_opt, theirs_opt, ours, theirs):
+            stepper.step()

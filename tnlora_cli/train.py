@@ -9,14 +9,15 @@ ends with the same adapter as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import get_scheduler
 
 from .adapters import REGISTRY
 from .checkpoint import (
@@ -146,12 +147,7 @@ def train(
         return torch.optim.AdamW(_param_groups(m, recipe), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     model, optimizer = engine.wrap(model, make_optimizer)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-        engine.torch_optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.max_steps,
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.torch_optimizer, lr_schedule(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps))
     start_step = 0
     if resume_dir is not None:
         meta, optimizer_state = load_training_state(resume_dir, scheduler)
@@ -251,6 +247,24 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, step, last_loss, evaluation if is_main else None, majority_rate(prepared.data.eval), params)
+
+
+def lr_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per step: linear warm-up, then linear decay to 0, half a
+    cosine to 0, or constant (the usual schedules, as transformers defines them; written
+    here because importing transformers' scheduler module also imports peft, ~3 s per process)."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return multiplier
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
