@@ -118,7 +118,7 @@ def test_sharded_engine_trains_saves_and_resumes_like_one_process(make_recipe, t
     uninterrupted = {k: v.clone() for k, v in sharded.items()}
     shutil.rmtree(run / "checkpoints/step-000020")
     shutil.rmtree(run / "adapter")
-    _launch(flags, recipe, port, "--resume", "auto")
+    _launch(flags, recipe, port + 30, "--resume", "auto")  # a fresh port: the last one may still be closing
     _assert_same(load_file(str(run / ADAPTER)), uninterrupted, 1e-6)
 
     # Checkpoints hold full tensors in one layout: one process resumes the sharded run's checkpoint.
