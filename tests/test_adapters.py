@@ -118,6 +118,26 @@ def test_only_adapter_tensors_train(kind):
     assert all(not torch.equal(a, b) for a, b in zip(before, trainable))
 
 
+@pytest.mark.parametrize("kind", ALL)
+def test_runs_under_bf16_autocast(kind):
+    """Mixed precision (training.mixed_precision: bf16/fp16) runs the forward under autocast:
+    the branch must accept autocast's half-precision intermediates, give what fp32 gives to
+    bf16 accuracy, and send finite gradients to every trainable tensor."""
+    model = _build(kind)
+    _randomise(model, seed=2)
+    x = torch.randn(4, 7, 16)
+    expected = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    # bf16 keeps 2-3 significant digits; TensorGuide's zero start subtracts two branches, so its
+    # rounding error follows the branches' size rather than their (here smaller) difference.
+    assert (out.float() - expected).norm() / expected.norm() < 0.05
+    out.float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
 # ------------------------------------------------- ΔW against independent references
 
 

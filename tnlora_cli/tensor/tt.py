@@ -20,8 +20,11 @@ def tt_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     result = cores[0]
     for core in cores[1:]:
+        # Under autocast the previous contraction may have come out in bf16/fp16 while the
+        # next core is fp32, and tensordot refuses mixed inputs: contract in the common type.
+        dtype = torch.promote_types(result.dtype, core.dtype)
         # (r_0, N, r_k) x (r_k, n_k, r_{k+1}) -> (r_0, N, n_k, r_{k+1})
-        result = torch.tensordot(result, core, dims=([result.dim() - 1], [0]))
+        result = torch.tensordot(result.to(dtype), core.to(dtype), dims=([result.dim() - 1], [0]))
     return result
 
 
