@@ -42,6 +42,18 @@ def test_training_lowers_loss_and_writes_run(make_recipe, model, task):
         assert result.evaluation["tuned"]["accuracy"] > 0.6
 
 
+@pytest.mark.parametrize("kind", ["trac", "loretta"])
+def test_bf16_mixed_precision_trains_the_tensor_train_adapters(make_recipe, kind):
+    """mixed_precision auto means bf16 on most GPUs; CPU autocast runs the same code path."""
+    raw = make_recipe("llama", "causal-lm", type=kind)
+    raw["adapter"].pop("alpha")
+    raw["training"].update(mixed_precision="bf16", max_steps=30)
+    result = train(validate_recipe(raw))
+    state = load_file(str(Path(raw["output_dir"]) / "adapter/adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in state.values())  # adapters stay fp32 under autocast
+    assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
+
+
 def test_eval_reloads_the_same_adapter(make_recipe):
     raw = make_recipe("bert", "classification", dropout=0.1)
     result = train(validate_recipe(raw))
