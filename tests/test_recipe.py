@@ -60,6 +60,12 @@ def test_overrides_set_nested_keys_and_parse_yaml(make_recipe):
     assert "did you mean 'max_steps'" in _errors_of(raw)
 
 
+def test_a_bare_yaml_no_is_the_mixed_precision_value_no(make_recipe, tmp_path):
+    # YAML 1.1 reads `mixed_precision: no` (and --set training.mixed_precision=no) as false.
+    path = write_recipe(tmp_path / "r.yaml", make_recipe())
+    assert load_recipe(path, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+
+
 def test_yaml_syntax_error_has_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: x\ntask: [unclosed\n")

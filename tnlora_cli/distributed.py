@@ -97,6 +97,12 @@ class Engine:
         self.group_sizes: list[int] = []
 
     def _make_accelerator(self) -> Accelerator:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one state per process and refuses a second run (in the same Python
+            # session) with another mixed precision; one process has nothing to keep.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
         return Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer]:

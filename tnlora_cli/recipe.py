@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .adapters import REGISTRY
 from .adapters.base import StrictModel
@@ -67,6 +67,11 @@ class TrainingConfig(StrictModel):
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class QuantizationConfig(StrictModel):
