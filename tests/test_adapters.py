@@ -3,7 +3,6 @@ independent einsum of the raw tensors, merge, save/load, training, ranks, shape 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest

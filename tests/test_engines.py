@@ -7,6 +7,7 @@ batch, save no empty tensors, and resume from a mid-run checkpoint to the same a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -27,12 +28,7 @@ from tnlora_cli.train import train
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 ADAPTER = "adapter/adapter_model.safetensors"
 
-try:
-    import deepspeed  # noqa: F401
-
-    HAS_DEEPSPEED = True
-except ImportError:
-    HAS_DEEPSPEED = False
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def _zero3_config(tmp_path: Path) -> Path:

@@ -117,7 +117,9 @@ class Engine:
         return optimizer
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        # Not accelerator.unwrap_model: it imports DeepSpeed whenever it is installed
+        # (seconds, and a log line) to check for a DeepSpeed engine that DDP never has.
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def accumulation(self, model: nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on micro-batches before the last one."""
@@ -289,6 +291,9 @@ class DeepSpeedEngine(Engine):
                 )
         config["train_batch_size"] = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
         return accelerator
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
 
     def accumulation(self, model, last_micro):
         self._boundary = last_micro  # the DeepSpeed engine steps only at the boundary

@@ -250,7 +250,7 @@ def _merge_streaming(
     model: nn.Module, meta: dict, model_path: str, shards: list[Path], tmp: Path, target_name: str, cast_all: bool, max_bytes: int, reporter: Reporter
 ) -> MergeReport | None:
     target = DTYPES[target_name]
-    recipe, config, state = meta["recipe"], meta["config"], meta["state"]
+    recipe, state = meta["recipe"], meta["state"]
     plain_keys = {_plain(k) for k in model.state_dict() if not is_adapter_tensor(k)}
     prefix = getattr(model, "base_model_prefix", "")
 

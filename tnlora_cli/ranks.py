@@ -165,7 +165,7 @@ def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
         ax.yaxis.set_major_locator(FixedLocator([0] + [2**i for i in range(int(math.log2(top)) + 1)]))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.grid(alpha=0.3)
-    handles, labels = {}, {}
+    handles: dict = {}
     for ax in axes[0]:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)

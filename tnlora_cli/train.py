@@ -12,8 +12,8 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ from .checkpoint import (
     write_json,
 )
 from .data import collate
+from .distributed import Engine, build_engine
 from .errors import CheckpointError, RecipeError
 from .evaluate import compare_with_base, evaluate_examples, majority_rate
-from .distributed import Engine, build_engine
 from .inject import count_parameters, load_adapter_state_dict
 from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
