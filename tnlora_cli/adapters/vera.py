@@ -1,9 +1,11 @@
 """VeRA (Kopiczko et al., 2024): ΔW = diag(λ_b) B diag(λ_d) A.
 
 One frozen pair A (r, max_in) and B (max_out, r) serves the whole model; each layer uses
-the slices A[:, :in] and B[:out, :]. Both are Kaiming-uniform draws from a generator seeded
-by `adapter.seed` (A first, then B; fan-in max_in for A and r for B) and are saved with the
-adapter. Per layer, λ_b (out) starts at 0, so ΔW = 0, and λ_d (r) at `d_initial`.
+the slices A[:, :in] and B[:out, :]. Both are Kaiming-uniform draws with gain sqrt(2), as in
+the reference implementation: U(-b, b), b = sqrt(6 / fan_in), fan-in max_in for A and r for B
+(torch's default a = sqrt(5) would give 1/sqrt(fan_in), sqrt(6) smaller, and the papers' VeRA
+learning rates would not transfer). They come from a generator seeded by `adapter.seed` (A
+first, then B) and are saved with the adapter. Per layer, λ_b (out) starts at 0, so ΔW = 0, and λ_d (r) at `d_initial`.
 Trainable per layer: out + r.
 """
 
@@ -35,8 +37,9 @@ class VeraAdapter(Adapter):
         max_out = max(spec.out_features for spec in layers)
         # Own generator: the projections depend on the seed and sizes alone.
         g = make_generator(config.seed)
-        a = kaiming_uniform((config.r, max_in), fan_in=max_in, generator=g)
-        b = kaiming_uniform((max_out, config.r), fan_in=config.r, generator=g)
+        # a = 0: gain sqrt(2), bound sqrt(6 / fan_in) (the reference implementation's init).
+        a = kaiming_uniform((config.r, max_in), fan_in=max_in, generator=g, a=0.0)
+        b = kaiming_uniform((max_out, config.r), fan_in=config.r, generator=g, a=0.0)
         shared.get_or_create("vera_A", lambda: a, trainable=False)
         shared.get_or_create("vera_B", lambda: b, trainable=False)
 
