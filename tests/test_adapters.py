@@ -35,11 +35,11 @@ class TwoLayer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.block0 = nn.ModuleDict({"up": nn.Linear(16, 24), "down": nn.Linear(24, 16)})
-        self.block1 = nn.ModuleDict({"up": nn.Linear(16, 24), "down": nn.Linear(24, 16)})
+        # Layer index in the path: blocks.0.up and blocks.1.up have the same role, `up`.
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(16, 24), "down": nn.Linear(24, 16)}) for _ in range(2))
 
     def forward(self, x):
-        for block in (self.block0, self.block1):
+        for block in self.blocks:
             x = block["down"](torch.tanh(block["up"](x)))
         return x
 
@@ -140,7 +140,7 @@ def test_runs_under_bf16_autocast(kind):
 # ------------------------------------------------- ΔW against independent references
 
 
-def _layer(model, name="block0.up"):
+def _layer(model, name="blocks.0.up"):
     return model.get_submodule(name).adapter
 
 
@@ -166,11 +166,11 @@ def test_loretta_reference():
 def test_trac_reference_and_sharing():
     model = _build("trac", dtype=torch.float64, activation="softmax")
     _randomise(model)
-    ad0, ad1 = _layer(model, "block0.up"), _layer(model, "block1.up")
+    ad0, ad1 = _layer(model, "blocks.0.up"), _layer(model, "blocks.1.up")
     # Same role and factor: the same shared cores; per-layer first cores differ.
     assert ad0.shared_tensor("core2_a") is ad1.shared_tensor("core2_a") and ad0.shared_tensor("core3_b") is ad1.shared_tensor("core3_b")
     assert ad0.core1_a is not ad1.core1_a
-    assert _layer(model, "block0.down").shared_tensor("core3_a") is not ad0.shared_tensor("core3_a")
+    assert _layer(model, "blocks.0.down").shared_tensor("core3_a") is not ad0.shared_tensor("core3_a")
     act = lambda v: v.numel() * torch.softmax(v, 0)  # noqa: E731
 
     def factor(f, rows):
@@ -251,7 +251,7 @@ def test_low_rank_updates_have_rank_at_most_r(kind, expected):
 def test_tera_reaches_full_rank():
     model = _build("tera", dtype=torch.float64)
     _randomise(model)
-    for name in ("block0.up", "block0.down"):
+    for name in ("blocks.0.up", "blocks.0.down"):
         assert _rank(_layer(model, name).delta_weight()) == 16
 
 
@@ -320,7 +320,7 @@ def test_shared_tensors_are_saved_once_and_tied_again_on_load(make_recipe):
     model = run.prepared.model
     store = getattr(model, SHARED_ATTR).tensors
     layers = [layer.adapter for name, layer in adapted_layers(model) if name.endswith("q_proj")]
-    key = next(k for k in store if k.startswith("trac_q_proj_b") and k.endswith("core3"))
+    key = next(k for k in store if k.startswith("trac_self_attn-q_proj_b") and k.endswith("core3"))
     assert all(layer.shared_tensor("core3_b") is store[key] for layer in layers)
     torch.testing.assert_close(store[key].detach(), saved[f"{SHARED_ATTR}.tensors.{key}"])
     assert store[key].abs().sum() > 0  # trained away from its zero start

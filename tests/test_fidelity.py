@@ -39,3 +39,49 @@ def test_vera_projections_follow_the_reference_kaiming_uniform():
         assert t.abs().max() <= bound
         assert t.abs().max() > 0.99 * bound, key  # 10^5 uniform draws reach the bound
         assert t.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.02), key
+
+
+# ------------------------------------------------------------------------ roles
+
+
+def _tiny_recipe(make_recipe, kind: str, targets, model: str = "bert", task: str = "classification", **settings) -> dict:
+    raw = make_recipe(model, task)
+    raw["adapter"] = {"type": kind, "target_modules": targets, **settings}
+    return raw
+
+
+def test_roles_are_paths_without_the_layer_index_and_trac_shares_per_role(make_recipe):
+    """BERT's attention-output, FFN-up and FFN-down layers are all `dense`: three matrix
+    types, so TRAC gives each its own shared cores (paper: one pair per type of matrix)."""
+    from tnlora_cli.count import build_on_meta, count_params
+    from tnlora_cli.dryrun import dry_run
+
+    recipe = validate_recipe(_tiny_recipe(make_recipe, "trac", ["dense"], r=4))
+    model = build_on_meta(recipe)
+    report = count_params(recipe, model=model)
+    kinds = ("attention.output.dense", "intermediate.dense", "output.dense")
+    assert set(kinds) <= set(report.roles)
+    layers = dict(adapted_layers(model))
+    by_kind = {k: [layers[f"bert.encoder.layer.{i}.{k}"].adapter for i in (0, 1)] for k in kinds}
+    for kind, (first, second) in by_kind.items():
+        assert first.role == kind
+        for name in ("core2_a", "core3_a", "core2_b", "core3_b"):
+            assert first.shared_tensor(name) is second.shared_tensor(name), (kind, name)
+    for k1 in kinds:
+        for k2 in kinds:
+            if k1 < k2:
+                for name in ("core2_a", "core3_a", "core2_b", "core3_b"):
+                    assert by_kind[k1][0].shared_tensor(name) is not by_kind[k2][0].shared_tensor(name), (k1, k2, name)
+    assert set(kinds) <= set(dry_run(recipe, with_samples=False).modules)
+
+
+def test_roles_are_saved_and_older_adapters_keep_their_attribute_name_roles():
+    from tnlora_cli.inject import module_roles
+    from tnlora_cli.pipeline import saved_roles
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
+    assert module_roles(names) == {names[0]: "self_attn.q_proj", names[1]: "self_attn.q_proj", "lm_head": "lm_head"}
+    two_stacks = ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+    assert len(set(module_roles(two_stacks).values())) == 2
+    assert saved_roles({"targets": names})[names[0]] == "q_proj"  # written before roles were saved
+    assert saved_roles({"targets": names, "roles": {n: "x" for n in names}})[names[0]] == "x"

@@ -40,10 +40,49 @@ def is_linear_leaf(module: nn.Module) -> bool:
 
 
 def module_role(name: str) -> str:
-    """The role of a layer is its own attribute name (query, q_proj, c_attn, ...); an index
-    in a container keeps its parent's name (classifier.1)."""
+    """The role of one layer: its path with the layer index removed (see `module_roles`)."""
+    return module_roles([name])[name]
+
+
+def _split_at_layer_index(name: str) -> tuple[str | None, str]:
+    """(stack, rest) around the first numeric path component that is not the last one:
+    `bert.encoder.layer.0.attention.output.dense` -> (`bert.encoder.layer`,
+    `attention.output.dense`); (None, name) when there is no layer index (`lm_head`,
+    `classifier.1`)."""
     parts = name.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i]), ".".join(parts[i + 1 :])
+    return None, name
+
+
+def module_roles(names: list[str]) -> dict[str, str]:
+    """The role of each layer: its position in the block, i.e. its path with the layer
+    index removed (`attention.output.dense`, `intermediate.dense` and `output.dense` are
+    three roles on BERT although all three layers are called `dense`; `self_attn.q_proj` on
+    Llama). The stack before the index (`model.layers`) is kept only when the layers come
+    from several stacks (an encoder and a decoder). Layers outside any stack keep their
+    full path. Adapters that share tensors by role (TRAC) share exactly within a role."""
+    split = {name: _split_at_layer_index(name) for name in names}
+    stacks = {stack for stack, _ in split.values() if stack is not None}
+    roles = {}
+    for name, (stack, rest) in split.items():
+        roles[name] = rest if stack is None or len(stacks) == 1 else f"{stack}.{rest}"
+    return roles
+
+
+def legacy_module_roles(names: list[str]) -> dict[str, str]:
+    """The roles adapters saved before roles were paths used: the layer's own attribute
+    name (an index in a container kept its parent's name). Only for loading those files."""
+    roles = {}
+    for name in names:
+        parts = name.split(".")
+        roles[name] = ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    return roles
+
+
+def _leaf_name(name: str) -> str:
+    return legacy_module_roles([name])[name]
 
 
 def _matches(name: str, spec: list[str] | str) -> bool:
@@ -83,11 +122,11 @@ def _no_match_message(model: nn.Module, spec: list[str] | str, linear: list[str]
 
 
 def _no_match_hint(spec: list[str] | str, linear: list[str]) -> str:
-    suffixes = sorted({module_role(n) for n in linear})
+    suffixes = sorted({_leaf_name(n) for n in linear})
     entries = [spec] if isinstance(spec, str) else spec
     near: list[str] = []
     for entry in entries:
-        near += difflib.get_close_matches(module_role(entry), suffixes, n=3, cutoff=0.4)
+        near += difflib.get_close_matches(_leaf_name(entry), suffixes, n=3, cutoff=0.4)
     near_text = f"did you mean {', '.join(dict.fromkeys(near))}? " if near else ""
     return f"{near_text}linear layers in this model end in: {', '.join(suffixes)} (or use 'all-linear')"
 
@@ -99,11 +138,13 @@ def inject_adapter(
     targets: list[str] | None = None,
     modules_to_save: list[str] | None = None,
     excluded: set[str] | None = None,
+    roles: dict[str, str] | None = None,
 ) -> InjectionReport:
     """Attach an adapter of `config.type` to each target layer and freeze everything else.
 
-    `targets` (from a saved adapter) bypasses matching so reloading is exact. Adapters are
-    built in module order from one generator seeded by `config.seed`.
+    `targets` and `roles` (from a saved adapter) bypass matching and role naming so
+    reloading is exact. Adapters are built in module order from one generator seeded by
+    `config.seed`.
     """
     adapter_cls = REGISTRY[config.type]
     modules_to_save = list(modules_to_save or [])
@@ -112,14 +153,15 @@ def inject_adapter(
     shared = SharedStore()
     generator = make_generator(config.seed)
     specs = []
+    roles = roles or module_roles(targets)
     for name in targets:
         base = model.get_submodule(name)
         if not is_linear_leaf(base):
             raise TargetError(f"{name} is a {type(base).__name__}, not a linear layer")
-        specs.append(LayerSpec(name, module_role(name), *layer_dims(base)))
+        specs.append(LayerSpec(name, roles[name], *layer_dims(base)))
     adapter_cls.prepare_shared(shared, config, specs, generator)
     model.add_module(SHARED_ATTR, shared)
-    roles: dict[str, list[str]] = {}
+    by_role: dict[str, list[str]] = {}
     for spec in specs:
         name, role = spec.name, spec.role
         base = model.get_submodule(name)
@@ -129,10 +171,10 @@ def inject_adapter(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, AdaptedLinear(base, adapter))
-        roles.setdefault(role, []).append(name)
+        by_role.setdefault(role, []).append(name)
     shared.to(_materialisable(model.get_submodule(specs[0].name).base_layer.weight.device))
     freeze_base(model, modules_to_save)
-    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=roles)
+    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role)
 
 
 def _materialisable(device: torch.device) -> torch.device:

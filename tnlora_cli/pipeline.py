@@ -18,7 +18,7 @@ from .checkpoint import find_recipe_file, load_adapter, resolve_adapter_dir
 from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
-from .inject import InjectionReport, inject_adapter, is_adapter_tensor, load_adapter_state_dict
+from .inject import InjectionReport, inject_adapter, is_adapter_tensor, legacy_module_roles, load_adapter_state_dict
 from .modeling import head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
 
@@ -43,6 +43,7 @@ def prepare(
     dtype: str | None = None,
     quantize: bool = True,
     empty: bool = False,
+    roles: dict[str, str] | None = None,
 ) -> Prepared:
     """Load tokenizer, data and base model, and attach a fresh adapter. `quantize=False`
     loads the base unquantized even when the recipe quantizes it (merge reference);
@@ -74,7 +75,7 @@ def prepare(
             raise RecipeError(f"adapter.modules_to_save: the model has no module '{name}'", hint="use top-level module names such as classifier or score")
     initial_head = {k: v.detach().clone() for k, v in model.state_dict().items() if any(k.startswith(m + ".") for m in modules_to_save)}
     injection = inject_adapter(
-        model, recipe.adapter, targets=targets, modules_to_save=modules_to_save, excluded=output_head_names(model)
+        model, recipe.adapter, targets=targets, modules_to_save=modules_to_save, excluded=output_head_names(model), roles=roles
     )
     return Prepared(recipe, model_path, tokenizer, data, model, injection, initial_head)
 
@@ -87,6 +88,8 @@ def adapter_metadata(prepared: Prepared) -> dict[str, Any]:
         "task": recipe.task,
         "base_model": recipe.model,
         "targets": prepared.injection.targets,
+        # Roles key shared tensors: stored so that a reload never depends on the naming rule.
+        "roles": {name: role for role, names in prepared.injection.roles.items() for name in names},
         "modules_to_save": prepared.injection.modules_to_save,
         "label_names": prepared.data.label_names,
     }
@@ -112,13 +115,21 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
     adapter_dir = resolve_adapter_dir(Path(path))
     recipe = load_recipe(find_recipe_file(adapter_dir))
     state, config = load_adapter(adapter_dir)
-    prepared = prepare(recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize)
+    prepared = prepare(
+        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config)
+    )
     if prepared.data.label_names != config.get("label_names"):
         raise CheckpointError(
             f"the labels of the data ({prepared.data.label_names}) differ from the adapter's ({config.get('label_names')})",
             hint="evaluate with the data the adapter was trained on",
         )
     return LoadedRun(prepared, adapter_dir, state, config)
+
+
+def saved_roles(config: dict[str, Any]) -> dict[str, str]:
+    """The roles an adapter was built with; files written before roles were saved used the
+    layers' attribute names."""
+    return config.get("roles") or legacy_module_roles(config["targets"])
 
 
 def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -131,7 +142,7 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     recipe = load_recipe(find_recipe_file(adapter_dir))
     state, config = load_adapter(adapter_dir)
     model = build_on_meta(recipe, label_names=config.get("label_names"))
-    inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[])
+    inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
     adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}
     missing = set(adapter_state) ^ {k for k in model.state_dict() if is_adapter_tensor(k)}
     if missing:

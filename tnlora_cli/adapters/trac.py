@@ -8,8 +8,10 @@ A (in, r) and B (out, r) are 3-core TTs, cores (1, n1, r1), (r1, n2, r2), (r2, n
   act = identity (`none`) or len(v) * softmax(v) (`softmax`, the paper's "exponential").
 ΔW = (alpha / r) B Aᵀ; B's shared core 3 starts at zero, so ΔW = 0.
 
-Roles are the layers' own attribute names, never a substring guess: `up_proj`, `down_proj`
-and `gate_proj` share nothing. Initialisation is TT-normal with sigma = sqrt(1 / (dim + r)),
+Roles are the layers' paths with the layer index removed, never a substring guess: `up_proj`,
+`down_proj` and `gate_proj` share nothing, nor do BERT's three kinds of `dense` layer
+(`attention.output.dense`, `intermediate.dense`, `output.dense`): the paper allocates one
+shared pair per type of matrix. Initialisation is TT-normal with sigma = sqrt(1 / (dim + r)),
 per-layer cores with order 3 and shared cores with order 4, as in the official code.
 """
 
@@ -82,7 +84,8 @@ class TracAdapter(LowRankAdapter):
             shapes = check_ranks(rank_list + [config.r], modes, config.r, f"ranks_{factor}")
             first = tt_normal(shapes[:1], fan_sum=dim + config.r, generator=generator, order=3)[0]
             setattr(self, f"core1_{factor}", nn.Parameter(first))
-            key = f"trac_{role}_{factor}_{dim}_{'x'.join(map(str, modes))}_{'x'.join(map(str, rank_list))}_r{config.r}"
+            # Store keys cannot hold dots: attention.output.dense -> attention-output-dense.
+            key = f"trac_{role.replace('.', '-')}_{factor}_{dim}_{'x'.join(map(str, modes))}_{'x'.join(map(str, rank_list))}_r{config.r}"
             if key + "_core2" not in shared.tensors:
                 # Drawn once, at the first layer of this role and factor.
                 core2, core3 = tt_normal(shapes[1:], fan_sum=dim + config.r, generator=generator, order=4)
