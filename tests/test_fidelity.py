@@ -85,3 +85,23 @@ def test_roles_are_saved_and_older_adapters_keep_their_attribute_name_roles():
     assert len(set(module_roles(two_stacks).values())) == 2
     assert saved_roles({"targets": names})[names[0]] == "q_proj"  # written before roles were saved
     assert saved_roles({"targets": names, "roles": {n: "x" for n in names}})[names[0]] == "x"
+
+
+# ------------------------------------------------------------------ TRAC controllers
+
+
+def test_trac_zero_controllers_without_activation_are_refused(make_recipe):
+    """controller_init zeros with activation none zeroes every shared core's gate, so every
+    gradient is exactly zero: refused at validation. With softmax, zeros is the identity."""
+    raw = _tiny_recipe(make_recipe, "trac", ["query"], r=4, controller_init="zeros", activation="none")
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw)
+    assert "adapter.controller_init" in info.value.message and "zero" in info.value.message
+    model = Mlp()
+    inject_adapter(model, REGISTRY["trac"].config_class(target_modules=["0", "1"], r=4, controller_init="zeros", activation="softmax"))
+    with torch.no_grad():  # leave the zero start, as after a first step
+        for p in getattr(model, SHARED_ATTR).parameters():
+            p.add_(0.1) if p.requires_grad else None
+    model(torch.randn(8, 64)).pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
@@ -47,6 +47,17 @@ class TracConfig(AdapterConfig):
     activation: Literal["none", "softmax"] = Field("none", description="Controller activation (softmax = length x softmax).")
     controller_init: Literal["ones", "zeros"] = "ones"
     controller_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the controllers (default: training.learning_rate).")
+
+    @model_validator(mode="after")
+    def _controllers_can_train(self) -> TracConfig:
+        # Zero gates with the identity activation zero every shared core: the update and all
+        # of its gradients are exactly zero, forever. (softmax maps zeros to ones.)
+        if self.controller_init == "zeros" and self.activation == "none":
+            raise RecipeError(
+                "adapter.controller_init: zeros with activation none makes every controller gate zero, so the update and every gradient stay exactly zero",
+                hint="use controller_init: ones (the paper's identity start), or activation: softmax",
+            )
+        return self
 
 
 def _ranks_for(spec: RankSpec, table: dict[int, list[int]], dim: int, modes: list[int], r: int) -> list[int]:
