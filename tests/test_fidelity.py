@@ -105,3 +105,30 @@ def test_trac_zero_controllers_without_activation_are_refused(make_recipe):
     model(torch.randn(8, 64)).pow(2).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------- TensorGuide boundary ranks
+
+
+def test_tensorguide_boundary_ranks_above_one_are_a_trace():
+    """TensorGuide Table 3's [2, 16, ..., 16, 2]: equal boundary ranks close the train into a
+    ring, contracted as a trace over the boundary rank."""
+    model = Mlp(n_in=16, n_out=24)
+    config = REGISTRY["tensorguide"].config_class(target_modules=["0"], hidden=4, in_modes=[2, 2, 2], ranks=[2, 3, 3, 2], start="paper")
+    inject_adapter(model, config)
+    ad = model.layers[0].adapter
+    with torch.no_grad():
+        ad.double()
+    z = ad.z.view(2, 2, 2)
+    flat = torch.einsum("abc,xaiy,ybjz,zckx->ijk", z, *ad.cores).reshape(-1)  # x: the trace
+    w1, w2 = flat[:64].reshape(16, 4), flat[64:].reshape(4, 24)
+    torch.testing.assert_close(ad.delta_weight(), (w1 @ w2).T * config.scale)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(ad(x), x @ ad.delta_weight().T)
+    assert ad.cores[0].shape[0] == ad.cores[-1].shape[-1] == 2
+
+
+def test_tensorguide_unequal_boundary_ranks_are_refused_at_validation():
+    with pytest.raises(RecipeError) as info:
+        REGISTRY["tensorguide"].config_class(target_modules=["0"], in_modes=[2, 2, 2], ranks=[2, 3, 3, 1])
+    assert "adapter.ranks" in info.value.message

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
@@ -43,6 +43,24 @@ class TensorGuideConfig(AdapterConfig):
     activation: Literal["none", "relu", "gelu", "tanh"] = "none"
     start: Literal["zero", "paper"] = "zero"
 
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> TensorGuideConfig:
+        # Checked here, not when building a layer: count-params must never count a train
+        # that cannot be contracted.
+        d = len(self.in_modes)
+        if isinstance(self.ranks, int):
+            if self.ranks < 1:
+                raise RecipeError(f"adapter.ranks: {self.ranks} must be at least 1")
+            return self
+        if len(self.ranks) != d + 1 or min(self.ranks) < 1:
+            raise RecipeError(f"adapter.ranks: {self.ranks} needs {d + 1} positive entries for {d} modes", hint="give one rank per core boundary, or a single number")
+        if self.ranks[0] != self.ranks[-1]:
+            raise RecipeError(
+                f"adapter.ranks: boundary ranks {self.ranks[0]} and {self.ranks[-1]} differ",
+                hint="use boundary ranks of 1, or equal ones (a ring, contracted as a trace over the boundary rank)",
+            )
+        return self
+
 
 class TensorGuideAdapter(Adapter):
     config_class = TensorGuideConfig
@@ -60,8 +78,6 @@ class TensorGuideAdapter(Adapter):
                 hint=f"e.g. {factorize_dim(total, d)}, or remove the key to factorise per layer",
             )
         ranks = config.ranks if isinstance(config.ranks, list) else [1] + [config.ranks] * (d - 1) + [1]
-        if len(ranks) != d + 1:
-            raise RecipeError(f"adapter.ranks: {ranks} needs {d + 1} entries for {d} modes", hint="give one rank per core boundary, or a single number")
         self.register_buffer("z", torch.randn(math.prod(config.in_modes), generator=generator))
         shapes = [(ranks[k], config.in_modes[k], out_modes[k], ranks[k + 1]) for k in range(d)]
         if config.start == "paper":
@@ -69,7 +85,9 @@ class TensorGuideAdapter(Adapter):
         else:
             # Entries of the generated vector get std 1/sqrt(in): each core contributes
             # (1/sqrt(in))^(1/d) and the 1/sqrt(n_k r_{k+1}) that its sums add up.
-            cores = [torch.randn(s, generator=generator) * in_features ** (-0.5 / d) / math.sqrt(s[1] * s[3]) for s in shapes]
+            # A ring (boundary rank R > 1) sums R such trains: 1/sqrt(R) more, spread over the cores.
+            ring = ranks[0] ** (-0.5 / d)
+            cores = [torch.randn(s, generator=generator) * ring * in_features ** (-0.5 / d) / math.sqrt(s[1] * s[3]) for s in shapes]
         self.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
         self.subtract_start = config.start == "zero"
         if self.subtract_start:

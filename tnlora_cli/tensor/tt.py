@@ -127,15 +127,22 @@ def factor_core_shapes(dim_modes: Sequence[int], r: int, ranks: Sequence[int]) -
 def tt_matrix_apply(z: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Contract a vector z (prod n_k) with TT-matrix cores (r_k, n_k, m_k, r_{k+1}).
 
-    Returns the flat vector over (m_1, ..., m_d), row-major. Mode by mode, so the cost is
+    Returns the flat vector over (m_1, ..., m_d), row-major. Boundary ranks r_0 = r_d = R > 1
+    close the train into a ring: the result is the trace over the boundary rank,
+    sum_a G_1[a, ...] ... G_d[..., a]. Mode by mode, so the cost is R times
     sum_k r_k n_k m_k r_{k+1} times what is left of z and produced of the output.
     """
     in_modes = [core.shape[1] for core in cores]
-    # state: (P produced outputs, r_k, n_k, rest of the inputs)
-    state = z.reshape(1, 1, in_modes[0], -1)
+    ring = cores[0].shape[0]
+    if cores[-1].shape[-1] != ring:
+        raise ValueError(f"boundary ranks {ring} and {cores[-1].shape[-1]} differ: a trace needs them equal")
+    # state: (P produced outputs, with the open boundary index outermost, r_k, n_k, rest of the inputs)
+    eye = torch.eye(ring, dtype=z.dtype, device=z.device)
+    state = (eye[:, :, None] * z.reshape(1, 1, -1)).reshape(ring, ring, in_modes[0], -1)
     for k, core in enumerate(cores):
         p, _, _, q = state.shape
         state = torch.einsum("prnq,rnms->pmsq", state, core).reshape(p * core.shape[2], core.shape[3], q)
         if k + 1 < len(cores):
             state = state.reshape(state.shape[0], state.shape[1], in_modes[k + 1], -1)
-    return state.reshape(-1)
+    # (R, prod m, R) -> trace over the boundary rank
+    return state.reshape(ring, -1, ring).diagonal(dim1=0, dim2=2).sum(-1)
