@@ -132,3 +132,25 @@ def test_tensorguide_unequal_boundary_ranks_are_refused_at_validation():
     with pytest.raises(RecipeError) as info:
         REGISTRY["tensorguide"].config_class(target_modules=["0"], in_modes=[2, 2, 2], ranks=[2, 3, 3, 1])
     assert "adapter.ranks" in info.value.message
+
+
+# ------------------------------------------------------------------ modules_to_save
+
+
+def test_modules_to_save_are_never_adapted_nor_counted_twice():
+    """RoBERTa's head has its own `dense`: with targets [dense] it is trained in full, not
+    adapted, and count-params counts it once, as the head."""
+    from tnlora_cli.count import build_on_meta, count_params
+
+    raw = {"model": "roberta-base", "task": "classification", "adapter": {"type": "lora", "target_modules": ["dense"], "r": 4},
+           "data": {"train": "-", "label_column": "label"}}
+    recipe = validate_recipe(raw)
+    model = build_on_meta(recipe)
+    report = count_params(recipe, model=model)
+    names = [name for name, _ in adapted_layers(model)]
+    assert names and not any(n.startswith("classifier") for n in names)
+    assert len(names) == 12 * 3  # three dense kinds per layer (no pooler under a classification head)
+    assert report.not_adapted == ["classifier.dense"]
+    assert report.head.trainable == 768 * 768 + 768 + 768 * 2 + 2
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    assert report.adapter_total.trainable + report.head.trainable == trainable

@@ -43,6 +43,8 @@ class CountReport:
     roles: dict[str, Counts] = field(default_factory=dict)
     head: Counts = field(default_factory=Counts)
     base_parameters: int = 0
+    #: Layers the target list matched inside modules_to_save: trained in full, not adapted.
+    not_adapted: list[str] = field(default_factory=list)
 
     @property
     def adapter_total(self) -> Counts:
@@ -124,11 +126,14 @@ def count_params(recipe: Recipe, model: torch.nn.Module | None = None) -> CountR
     if modules_to_save is None:
         modules_to_save = head_module_names(model, recipe.task)
     injection = inject_adapter(model, recipe.adapter, modules_to_save=modules_to_save, excluded=output_head_names(model))
-    report = CountReport(model=recipe.model, adapter=recipe.adapter.type, base_parameters=base_parameters)
+    report = CountReport(model=recipe.model, adapter=recipe.adapter.type, base_parameters=base_parameters,
+                         not_adapted=injection.skipped_in_modules_to_save)
+    counted: set[int] = set()
     for name, layer in adapted_layers(model):
         counts = report.roles.setdefault(layer.adapter.role, Counts())
         counts.layers += 1
         for t in _unique(list(layer.adapter.parameters()) + list(layer.adapter.buffers())):
+            counted.add(id(t))
             if t.requires_grad:
                 counts.trainable += t.numel()
             else:
@@ -141,8 +146,11 @@ def count_params(recipe: Recipe, model: torch.nn.Module | None = None) -> CountR
             counts.trainable += tensor.numel()
         else:
             counts.frozen += tensor.numel()
+    counted |= {id(t) for t in shared.tensors.values()}
     for name in injection.modules_to_save:
         for t in _unique(model.get_submodule(name).parameters()):
-            report.head.trainable += t.numel()
+            if id(t) not in counted:  # each tensor counted once, wherever it lives
+                counted.add(id(t))
+                report.head.trainable += t.numel()
         report.head.layers += 1
     return report

@@ -155,6 +155,8 @@ def dry_run(recipe: Recipe, with_samples: bool = True, processes: int = 1) -> Dr
     for name, layer in adapted_layers(model):
         modules.setdefault(layer.adapter.role, []).append(name)
     memory, notes = estimate_memory(model, recipe, counts, processes)
+    if counts.not_adapted:
+        notes.append(f"{len(counts.not_adapted)} matched layers lie inside modules_to_save, trained in full, and are not adapted: {', '.join(counts.not_adapted)}")
     report = DryRunReport(counts, modules, memory, notes)
     if with_samples:
         report.samples, note = _samples(recipe)

@@ -33,6 +33,8 @@ class InjectionReport:
     targets: list[str]
     modules_to_save: list[str]
     roles: dict[str, list[str]] = field(default_factory=dict)
+    #: Layers the target list matched inside modules trained in full: left unadapted.
+    skipped_in_modules_to_save: list[str] = field(default_factory=list)
 
 
 def is_linear_leaf(module: nn.Module) -> bool:
@@ -91,13 +93,21 @@ def _matches(name: str, spec: list[str] | str) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
 
+def _inside(name: str, modules: list[str] | set[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def find_targets(
     model: nn.Module,
     config: AdapterConfig,
     excluded: set[str] | None = None,
+    trained_in_full: list[str] | None = None,
 ) -> list[str]:
-    """Names of the leaf linear layers selected by `config.target_modules`."""
+    """Names of the leaf linear layers selected by `config.target_modules`. Layers inside
+    `trained_in_full` (modules_to_save) are never targets, whatever the list says: they are
+    trained in full already, and adapting them too would train and count them twice."""
     excluded = excluded or set()
+    trained_in_full = trained_in_full or []
     linear = [name for name, module in model.named_modules() if is_linear_leaf(module)]
     spec = config.target_modules
     if isinstance(spec, str) and spec == "all-linear":
@@ -106,6 +116,12 @@ def find_targets(
         chosen = [n for n in linear if _matches(n, spec)]
         if not chosen:
             raise TargetError(_no_match_message(model, spec, linear), hint=_no_match_hint(spec, linear))
+        chosen = [n for n in chosen if not _inside(n, trained_in_full)]
+        if not chosen:
+            raise TargetError(
+                f"adapter.target_modules: {spec!r} matches only layers inside adapter.modules_to_save ({', '.join(trained_in_full)}), which are trained in full",
+                hint="target layers of the base model, or leave the head out of modules_to_save",
+            )
     if config.exclude_modules:
         chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
     if not chosen:
@@ -148,8 +164,11 @@ def inject_adapter(
     """
     adapter_cls = REGISTRY[config.type]
     modules_to_save = list(modules_to_save or [])
+    skipped: list[str] = []
     if targets is None:
-        targets = find_targets(model, config, excluded=set(excluded or ()) | set(modules_to_save))
+        targets = find_targets(model, config, excluded=set(excluded or ()) | set(modules_to_save), trained_in_full=modules_to_save)
+        if config.target_modules != "all-linear":
+            skipped = [n for n in find_targets(model, config, excluded=set(excluded or ())) if _inside(n, modules_to_save)]
     shared = SharedStore()
     generator = make_generator(config.seed)
     specs = []
@@ -174,7 +193,7 @@ def inject_adapter(
         by_role.setdefault(role, []).append(name)
     shared.to(_materialisable(model.get_submodule(specs[0].name).base_layer.weight.device))
     freeze_base(model, modules_to_save)
-    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role)
+    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role, skipped_in_modules_to_save=skipped)
 
 
 def _materialisable(device: torch.device) -> torch.device:

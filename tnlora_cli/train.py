@@ -139,6 +139,8 @@ def train(
         f"{params['trainable']:,} = {100 * params['trainable'] / params['total']:.3f}% of {params['total']:,}"
         + (f"; {engine.name} on {world} processes" if world > 1 else "")
     )
+    if prepared.injection.skipped_in_modules_to_save:
+        reporter.status(f"not adapted, trained in full as modules_to_save: {', '.join(prepared.injection.skipped_in_modules_to_save)}")
     if resume_dir is not None and not empty:  # an empty model receives the main rank's adapter
         state, _ = load_adapter(resume_dir / "adapter")
         load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
