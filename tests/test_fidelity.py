@@ -154,3 +154,27 @@ def test_modules_to_save_are_never_adapted_nor_counted_twice():
     assert report.head.trainable == 768 * 768 + 768 + 768 * 2 + 2
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     assert report.adapter_total.trainable + report.head.trainable == trainable
+
+
+# ------------------------------------------------------------ TRAC initialisation
+
+
+def test_trac_tt_normal_uses_the_layers_in_plus_out():
+    """Paper eq. 7 and the official code: sigma = sqrt(1 / (in + out)) of the adapted
+    layer for every core (per-layer cores of order 3, shared ones of order 4)."""
+    from tnlora_cli.tensor.init import make_generator
+
+    model = Mlp(n_in=64, n_out=48)
+    config = REGISTRY["trac"].config_class(target_modules=["0"], r=4, seed=7)
+    inject_adapter(model, config)
+    ad = model.layers[0].adapter
+    g = make_generator(7)
+    sigma = math.sqrt(1.0 / (64 + 48))
+    for factor in ("a", "b"):
+        core1 = getattr(ad, f"core1_{factor}")
+        expected1 = torch.randn(core1.shape, generator=g) / math.sqrt(core1.shape[2]) * sigma ** (1 / 3)
+        core2 = ad.shared_tensor(f"core2_{factor}")
+        expected2 = torch.randn(core2.shape, generator=g) / math.sqrt(core2.shape[2]) * sigma ** (1 / 4)
+        torch.randn(ad.shared_tensor(f"core3_{factor}").shape, generator=g)
+        torch.testing.assert_close(core1.detach(), expected1, rtol=0, atol=0)
+        torch.testing.assert_close(core2.detach(), expected2, rtol=0, atol=0)

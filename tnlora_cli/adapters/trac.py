@@ -11,8 +11,11 @@ A (in, r) and B (out, r) are 3-core TTs, cores (1, n1, r1), (r1, n2, r2), (r2, n
 Roles are the layers' paths with the layer index removed, never a substring guess: `up_proj`,
 `down_proj` and `gate_proj` share nothing, nor do BERT's three kinds of `dense` layer
 (`attention.output.dense`, `intermediate.dense`, `output.dense`): the paper allocates one
-shared pair per type of matrix. Initialisation is TT-normal with sigma = sqrt(1 / (dim + r)),
-per-layer cores with order 3 and shared cores with order 4, as in the official code.
+shared pair per type of matrix.
+
+Initialisation is TT-normal with sigma = sqrt(1 / (in + out)) of the adapted layer (paper
+eq. 7 and the official code), per-layer cores with order 3 and shared cores with order 4, as
+in the official code.
 """
 
 from __future__ import annotations
@@ -93,13 +96,13 @@ class TracAdapter(LowRankAdapter):
                 raise RecipeError(f"adapter.modes.{dim}: TRAC uses exactly 3 modes, got {modes}", hint="give three modes per dimension")
             rank_list = _ranks_for(ranks, table, dim, modes, config.r)
             shapes = check_ranks(rank_list + [config.r], modes, config.r, f"ranks_{factor}")
-            first = tt_normal(shapes[:1], fan_sum=dim + config.r, generator=generator, order=3)[0]
+            first = tt_normal(shapes[:1], fan_sum=in_features + out_features, generator=generator, order=3)[0]
             setattr(self, f"core1_{factor}", nn.Parameter(first))
             # Store keys cannot hold dots: attention.output.dense -> attention-output-dense.
             key = f"trac_{role.replace('.', '-')}_{factor}_{dim}_{'x'.join(map(str, modes))}_{'x'.join(map(str, rank_list))}_r{config.r}"
             if key + "_core2" not in shared.tensors:
                 # Drawn once, at the first layer of this role and factor.
-                core2, core3 = tt_normal(shapes[1:], fan_sum=dim + config.r, generator=generator, order=4)
+                core2, core3 = tt_normal(shapes[1:], fan_sum=in_features + out_features, generator=generator, order=4)
                 if factor == "b":
                     core3 = torch.zeros_like(core3)  # ΔW = 0 at the start
                 shared.get_or_create(key + "_core2", lambda c=core2: c, trainable=False, role=role)
