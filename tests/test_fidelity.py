@@ -178,3 +178,31 @@ def test_trac_tt_normal_uses_the_layers_in_plus_out():
         torch.randn(ad.shared_tensor(f"core3_{factor}").shape, generator=g)
         torch.testing.assert_close(core1.detach(), expected1, rtol=0, atol=0)
         torch.testing.assert_close(core2.detach(), expected2, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- weight decay
+
+
+def test_weight_decay_exempts_biases_and_norms_as_the_hf_trainer(make_recipe):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tnlora_cli.pipeline import prepare
+    from tnlora_cli.train import _param_groups
+    from tnlora_cli.weight_decay import decay_exempt_names
+
+    raw = _tiny_recipe(make_recipe, "trac", ["query", "value"], r=4)
+    raw["training"]["weight_decay"] = 0.1
+    recipe = validate_recipe(raw)
+    model = prepare(recipe).model
+    decay_of = {id(p): g["weight_decay"] for g in _param_groups(model, recipe) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay_of[id(named["classifier.bias"])] == 0.0
+    assert decay_of[id(named["classifier.weight"])] == 0.1
+    controllers = [p for n, p in named.items() if "controller_" in n]
+    assert controllers and all(decay_of[id(p)] == 0.1 for p in controllers)  # the Trainer decays them too
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    exempt = decay_exempt_names(llama)
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"} <= exempt
+    assert not any("proj" in n or "embed" in n for n in exempt)
+    bert_exempt = decay_exempt_names(model)
+    assert "bert.embeddings.LayerNorm.weight" in bert_exempt and "bert.embeddings.word_embeddings.weight" not in bert_exempt

@@ -41,6 +41,7 @@ from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
 from .recipe import Recipe, recipe_to_yaml
 from .reporting import Reporter
+from .weight_decay import decay_exempt_names
 
 
 @dataclass
@@ -288,14 +289,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def _param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
-    """One AdamW group per learning rate (TRAC's controllers may have their own)."""
+    """One AdamW group per learning rate (TRAC's controllers may have their own) and, with
+    weight decay, per decay: biases and norms are exempt, as in the HF Trainer (weight_decay.py)."""
     adapter_cls = REGISTRY[recipe.adapter.type]
-    groups: dict[float, list[torch.nn.Parameter]] = {}
+    decay = recipe.training.weight_decay
+    exempt = decay_exempt_names(model) if decay > 0 else set()
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             lr = adapter_cls.learning_rate(recipe.adapter, name, recipe.training.learning_rate)
-            groups.setdefault(lr, []).append(p)
-    return [{"params": params, "lr": lr} for lr, params in groups.items()]
+            groups.setdefault((lr, 0.0 if name in exempt else decay), []).append(p)
+    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
 
 def _checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:
