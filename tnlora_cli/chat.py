@@ -103,6 +103,13 @@ def render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[i
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return _plain_render(messages, tokenizer.eos_token or "")
+    if _has_generation_markers(tokenizer):
+        # The template marks what the assistant generates: take its character spans.
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, indices = render_jinja_template(conversations=[messages], chat_template=template, return_assistant_tokens_mask=True,
+                                                  **tokenizer.special_tokens_map)
+        return rendered[0], [(a, b) for a, b in indices[0]]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     spans, cursor = [], 0
@@ -117,6 +124,10 @@ def render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[i
             continue
         if not content:
             raise RowError("an assistant turn is empty")
+        if start < 0 and "</think>" in content:
+            # Templates that strip the reasoning of earlier turns keep only the answer.
+            content = content.rsplit("</think>", 1)[1].strip()
+            start = text.find(content, cursor) if content else -1
         if start < 0:
             raise RowError("the chat template changed an assistant turn's text, so its tokens cannot be located; "
                            "add {% generation %} markers to the template")
@@ -135,8 +146,6 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
     """For each conversation: input_ids, labels (IGNORE_INDEX where masked) and whether it was
     truncated, or the RowError that makes it unusable. Rendered texts are tokenized in one call."""
     results: list[dict[str, Any] | RowError] = []
-    if _has_generation_markers(tokenizer):
-        return [_guard(_tokenize_with_markers, tokenizer, m, train_on, max_length) for m in conversations]
     rendered: list[tuple[str, list[tuple[int, int]]] | RowError] = []
     for messages in conversations:
         if train_on != "all" and not any(m["role"] == "assistant" for m in messages):
@@ -173,14 +182,6 @@ def _guard(fn, *args):
         return exc
 
 
-def _tokenize_with_markers(tokenizer, messages, train_on: str, max_length: int) -> dict[str, Any]:
-    if train_on != "all" and not any(m["role"] == "assistant" for m in messages):
-        raise RowError("the conversation has no assistant turn to train on")
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    trained = [bool(x) for x in enc["assistant_masks"]]
-    return _finish(list(enc["input_ids"]), _last_run(trained) if train_on == "last" else trained, train_on, max_length)
-
-
 def _finish(ids: list[int], trained: list[bool], train_on: str, max_length: int) -> dict[str, Any] | RowError:
     if train_on == "all":
         trained = [True] * len(ids)
@@ -189,18 +190,6 @@ def _finish(ids: list[int], trained: list[bool], train_on: str, max_length: int)
     truncated = len(ids) > max_length
     ids, trained = ids[:max_length], trained[:max_length]
     return {"input_ids": ids, "labels": [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)], "truncated": truncated}
-
-
-def _last_run(mask: list[bool]) -> list[bool]:
-    """Only the final contiguous run of True (the last assistant turn)."""
-    out = [False] * len(mask)
-    i = len(mask) - 1
-    while i >= 0 and not mask[i]:
-        i -= 1
-    while i >= 0 and mask[i]:
-        out[i] = True
-        i -= 1
-    return out
 
 
 def instruction_messages(prompt: str, response: str | None = None, system: str | None = None) -> list[dict[str, str]]:
