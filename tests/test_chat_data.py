@@ -166,6 +166,8 @@ def test_chat_trains_evaluates_and_merges_on_a_tiny_llama(make_recipe, tmp_path)
     result = train(validate_recipe(raw))
     assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
     assert evaluate_run(raw["output_dir"])["n_examples"] == 5
+    shares = [r["padding_share"] for r in map(json.loads, (Path(raw["output_dir"]) / "metrics.jsonl").read_text().splitlines()) if "padding_share" in r]
+    assert shares and all(0.0 <= s < 1.0 for s in shares)
     report = merge_run(raw["output_dir"], tmp_path / "merged")
     assert report.max_abs_diff <= report.tolerance
 

@@ -62,7 +62,7 @@ class Examples(Sequence):
 
     def take(self, indices: list[int]) -> list[dict]:
         """Several examples in one read (a batch)."""
-        cols = self.dataset.select_columns(["input_ids", "labels"])[list(indices)]
+        cols = self.dataset[list(indices)]
         return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
 
     def lengths(self) -> np.ndarray:
@@ -201,8 +201,8 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
     eval_out = held_out.select(eval_idx).select_columns(keep)
     train_out.save_to_disk(str(tmp / "train"))
     eval_out.save_to_disk(str(tmp / "eval"))
-    lengths = np.asarray(train_out.data.column("length").to_numpy())
-    trained = train.select(train_idx).data.column("n_trained").to_numpy()
+    lengths = _column(train_out, "length")
+    trained = _column(train.select(train_idx), "n_trained")
     report.update(
         train_examples=len(train_idx), eval_examples=len(eval_idx), train_tokens=int(lengths.sum()),
         train_trained_tokens=int(np.asarray(trained).sum()) if task != "classification" else None,
@@ -213,6 +213,11 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
     del train, held_out, train_out, eval_out
     shutil.rmtree(parts, ignore_errors=True)
     return report
+
+
+def _column(ds, name: str) -> np.ndarray:
+    """One column through the dataset's indices (`.data` would ignore a selection)."""
+    return np.asarray(ds.with_format("numpy", columns=[name])[name])
 
 
 def _read(sources: list[SourceFile], report: dict) -> list[tuple[SourceFile, Any]]:

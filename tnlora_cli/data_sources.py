@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import glob as globlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def check_text_file(path: str) -> None:
     if os.path.getsize(path) == 0:
         raise DataError(f"data: {path} is empty (no rows)", hint="remove it from the sources or fill it")
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, lines, blank = 0, 0, True
+    offset, blank = 0, True
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             try:
@@ -122,7 +123,6 @@ def check_text_file(path: str) -> None:
                 raise DataError(f"data: {path} row {row} is not UTF-8 (byte 0x{chunk[exc.start]:02x} at offset {bad})",
                                 hint="re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
             blank = blank and not text.strip()
-            lines += chunk.count(b"\n")
             offset += len(chunk)
     if blank:
         raise DataError(f"data: {path} is empty (no rows)", hint="remove it from the sources or fill it")
@@ -158,12 +158,17 @@ def load_source(src: SourceFile):
     if loader != "parquet":
         check_text_file(src.name)
     kwargs = {"sample_by": "document"} if loader == "text" else {}
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # a parse error is reported once, by us, with the row
     try:
         ds = datasets.load_dataset(loader, data_files=src.name, split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - parser errors differ per format
         detail = _first_bad_json_line(src.name) if Path(src.name).suffix.lower() == ".jsonl" else None
         cause = detail or str(getattr(exc, "__cause__", None) or exc).splitlines()[0][:300]
         raise DataError(f"data: could not read {src.name}: {cause}", hint="check the file's format (one JSON object per line for .jsonl)") from None
+    finally:
+        log.setLevel(level)
     if ds.num_rows == 0:
         raise DataError(f"data: {src.name} is empty (no rows)", hint="remove it from the sources or fill it")
     return ds
