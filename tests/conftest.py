@@ -17,6 +17,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared-data cache of this test session only (subprocesses inherit it), removed at exit.
+if "TNLORA_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TNLORA_DATA_CACHE"] = tempfile.mkdtemp(prefix="tnlora-test-data-")
+    atexit.register(shutil.rmtree, os.environ["TNLORA_DATA_CACHE"], True)
 
 WORDS = (
     "the a cat dog sat on mat ran fast slow good great bad awful movie film plot actor happy sad "

@@ -29,6 +29,7 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, 
     raw["adapter"] = {"target_modules": ["query", "value"], **adapter}
     raw["training"].update(max_steps=40, batch_size=4, gradient_checkpointing=checkpointing)
     raw["output_dir"] = str(tmp_path / "ddp")
+    raw["data"]["split_seed"] = 7 + checkpointing  # data not prepared before in this session: the launch builds its cache
     recipe = write_recipe(tmp_path / "ddp.yaml", raw)
     # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on a CPU-only
     # machine starts 2 gloo processes through torchrun.
@@ -44,6 +45,8 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, 
     assert final["world_size"] == 2
     checksums = final["adapter_checksum_per_rank"]
     assert len(checksums) == 2 and checksums[0] == checksums[1], "ranks ended with different weights"
+    # The data was tokenized once: one process built the cache, the other opened it.
+    assert sorted(final["data_cache_hit_per_rank"]) == [0, 1], final["data_cache_hit_per_rank"]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert losses[-1] < losses[0]
 
@@ -51,6 +54,7 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, 
     single = make_recipe("bert", "classification")
     single["adapter"] = raw["adapter"]
     single["training"].update(max_steps=40, batch_size=8)
+    single["data"]["split_seed"] = raw["data"]["split_seed"]
     single["output_dir"] = str(tmp_path / "single")
     train(validate_recipe(single))
     a = load_file(str(tmp_path / "ddp/adapter/adapter_model.safetensors"))

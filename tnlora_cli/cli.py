@@ -151,6 +151,64 @@ def train(
     out_console.print(f"run written to {result.output_dir} (adapter/, metrics.jsonl, loss.png, eval.json)")
 
 
+@app.command()
+def prepare(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe whose data section to prepare.")],
+    set_: SetOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (counts, cache, samples with input_ids and labels) as JSON.")] = None,
+) -> None:
+    """Read, check and tokenize the recipe's data into the cache that training opens.
+
+    Prints rows read, examples, tokens, truncated and dropped rows with reasons, the cache
+    location and whether it was a hit, and two samples with the trained tokens highlighted.
+    """
+    _quiet_libraries()
+    from .data_report import prepare_report
+    from .recipe import load_recipe
+
+    spec = _run(load_recipe, recipe, set_ or [])
+    report = _run(prepare_report, spec)
+    _print_prepare(report)
+    if json_out:
+        from .checkpoint import write_json
+
+        write_json(json_out, report)
+        out_console.print(f"report written to {json_out}")
+
+
+def _print_prepare(report: dict[str, Any]) -> None:
+    from rich.text import Text
+
+    table = Table(title=f"prepared data ({report['task']})")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for source, n in report["rows_read"].items():
+        table.add_row(f"rows read: {source}", f"{n:,}")
+    table.add_row("training examples", f"{report['train_examples']:,}")
+    table.add_row("held-out examples", f"{report['eval_examples']:,}")
+    table.add_row("training tokens", f"{report['train_tokens']:,}")
+    if report.get("train_trained_tokens") is not None:
+        table.add_row("  of which trained (in the loss)", f"{report['train_trained_tokens']:,}")
+    table.add_row(f"truncated at {report['max_length']} tokens", f"{report['truncated']:,}")
+    for reason, n in report["dropped"].items():
+        table.add_row(f"dropped: {reason}", f"{n:,}")
+    out_console.print(table)
+    for note in report.get("notes", []):
+        out_console.print(f"[dim]{note}[/dim]")
+    out_console.print(f"cache {report['cache']}: {report['cache_path']}")
+    for i, sample in enumerate(report["samples"]):
+        text = Text(f"sample {i}: ")
+        if "label" in sample:
+            text.append("".join(sample["tokens"]))
+            text.append(f"  -> label {sample['label']}", style="bold green")
+        else:
+            for token, trained in zip(sample["tokens"], sample["trained"]):
+                text.append(token, style="bold green" if trained else "dim")
+        out_console.print(text)
+    if report["samples"] and "trained" in report["samples"][0]:
+        out_console.print("[dim]green: tokens in the loss; dim: masked[/dim]")
+
+
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],

@@ -20,7 +20,7 @@ from .adapters import REGISTRY
 from .adapters.base import StrictModel
 from .errors import RecipeError
 
-Task = Literal["classification", "causal-lm", "instruction"]
+Task = Literal["classification", "causal-lm", "instruction", "chat"]
 
 # Discriminated on `type`: each adapter module contributes its own strict config class.
 AdapterSection = Annotated[
@@ -29,8 +29,18 @@ AdapterSection = Annotated[
 ]
 
 
+class DataSource(StrictModel):
+    path: str = Field(description="Embedded alias, local file, directory or glob, or a hub dataset id.")
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Hub dataset split.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of this source.")
+
+
 class DataConfig(StrictModel):
-    train: str = Field(description="Embedded alias (chatterbot, shakespeare) or a local .jsonl/.json/.csv/.parquet/.txt file.")
+    train: str | list[str | DataSource] = Field(
+        description="Embedded alias (chatterbot, shakespeare), a local .jsonl/.json/.csv/.parquet/.txt file, directory or glob, "
+        "a hub dataset id, or a list of these (concatenated; each may be {path, max_rows, config, split})."
+    )
     eval: str | None = Field(None, description="Held-out file; default: a deterministic split of `train`.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of `train` held out when `eval` is not given.")
     split_seed: int = Field(0, description="Seed of the train/held-out split.")
@@ -44,6 +54,15 @@ class DataConfig(StrictModel):
     response_column: str = "response"
     max_length: int = Field(128, ge=8, description="Tokens per example (block size when packing).")
     packing: bool = Field(True, description="causal-lm: concatenate texts and cut blocks of max_length.")
+    messages_column: str = Field("messages", description="chat: the column of turns (OpenAI role/content or ShareGPT from/value); "
+                                 "with the default, a file without it but with 'conversations' uses that.")
+    train_on: Literal["assistant", "last", "all"] = Field("assistant", description="chat/instruction: loss on every assistant turn, the last one, or all tokens.")
+    input_column: str | None = Field(None, description="instruction: optional second part of the prompt (Alpaca's 'input').")
+    on_bad_rows: Literal["error", "drop"] = Field("error", description="Rows with a missing, null or non-text field, or nothing to train on: "
+                                                  "stop with the file and row (error) or leave them out and report the count (drop).")
+    max_held_out: int | None = Field(1000, gt=0, description="Cap on the held-out split made from `train` (the rest trains); null: no cap.")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; deterministic in seed and step).")
+    num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default 1).")
 
 
 class TrainingConfig(StrictModel):

@@ -33,6 +33,7 @@ from .checkpoint import (
     write_json,
 )
 from .data import collate
+from .data_report import data_summary
 from .distributed import Engine, build_engine
 from .errors import CheckpointError, RecipeError
 from .evaluate import compare_with_base, evaluate_examples, majority_rate
@@ -57,16 +58,24 @@ class TrainResult:
 class BatchStream:
     """Deterministic example indices for every (step, micro-batch, rank)."""
 
-    def __init__(self, n_examples: int, seed: int) -> None:
+    def __init__(self, n_examples: int, seed: int, lengths: Any = None, group: int = 0) -> None:
         self.n = n_examples
         self.seed = seed
+        #: With lengths: each run of `group` examples of the epoch's permutation is sorted by
+        #: length (longest first), so a global batch holds similar lengths; still a pure
+        #: function of (seed, epoch).
+        self.lengths = lengths
+        self.group = group
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             self._perms = {k: v for k, v in self._perms.items() if k >= epoch - 1}
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.lengths is not None and self.group > 1:
+                perm = [i for s in range(0, self.n, self.group) for i in sorted(perm[s : s + self.group], key=lambda j: -int(self.lengths[j]))]
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def indices(self, micro_index: int, batch_size: int, world: int, rank: int) -> list[int]:
@@ -169,7 +178,15 @@ def train(
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     accelerator.wait_for_everyone()
 
-    stream = BatchStream(len(prepared.data.train), cfg.seed)
+    global_batch = cfg.batch_size * world
+    if recipe.data.group_by_length and hasattr(prepared.data.train, "lengths"):
+        # 64 global batches per sorted group: similar lengths together, order still random.
+        stream = BatchStream(len(prepared.data.train), cfg.seed, prepared.data.train.lengths(), 64 * global_batch)
+    else:
+        stream = BatchStream(len(prepared.data.train), cfg.seed)
+    data_report = prepared.data.report
+    if data_report:
+        reporter.status(data_summary(data_report))
     pad_id = prepared.tokenizer.pad_token_id
     metrics_file = out / "metrics.jsonl"
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
@@ -183,14 +200,17 @@ def train(
     model.train()
     window_loss = torch.zeros((), device=accelerator.device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    window_slots = 0
     last_loss: float | None = None
     step = start_step
     while step < cfg.max_steps:
         for micro in range(cfg.gradient_accumulation_steps):
             micro_index = step * cfg.gradient_accumulation_steps + micro
             idx = stream.indices(micro_index, cfg.batch_size, world, rank)
-            batch = {k: v.to(accelerator.device) for k, v in collate([prepared.data.train[i] for i in idx], pad_id).items()}
+            examples = prepared.data.train.take(idx) if hasattr(prepared.data.train, "take") else [prepared.data.train[i] for i in idx]
+            batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_id).items()}
             window_tokens += int(batch["attention_mask"].sum())
+            window_slots += batch["attention_mask"].numel()
             with engine.accumulation(model, last_micro=micro == cfg.gradient_accumulation_steps - 1):
                 loss = model(**batch).loss
                 engine.backward(loss)
@@ -205,11 +225,13 @@ def train(
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens * world / elapsed}
+            record = {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens * world / elapsed,
+                      "padding_share": 1.0 - window_tokens / max(window_slots, 1)}
             log(record)
             last_loss = mean_loss
             window_loss.zero_()
             window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+            window_slots = 0
             reporter.advance(step, {"loss": mean_loss, "lr": record["lr"], "tok/s": record["tokens_per_s"]})
         else:
             reporter.advance(step)
@@ -230,6 +252,7 @@ def train(
     final_state = engine.adapter_state(model, prepared.injection.modules_to_save)
     checksums = accelerator.gather(_checksum(final_state).to(accelerator.device).reshape(1)).tolist()
     peaks = accelerator.gather(torch.tensor([_peak_memory_mib()], device=accelerator.device)).tolist()
+    cache_hits = accelerator.gather(torch.tensor([int(bool(data_report.get("cache", {}).get("hit")))], device=accelerator.device)).tolist()
     if stop_after is not None and step < cfg.max_steps:
         return TrainResult(out, step, last_loss, None, None, params)
 
@@ -244,7 +267,8 @@ def train(
         evaluation = compare_with_base(unwrapped, initial_head, prepared.data.eval, recipe.task, pad_id, eval_batch_size)
     if is_main:
         log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "engine": engine.name,
-             "adapter_checksum_per_rank": checksums, "peak_memory_mib_per_rank": peaks})
+             "adapter_checksum_per_rank": checksums, "peak_memory_mib_per_rank": peaks,
+             "data_cache_hit_per_rank": cache_hits})
         write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval), "metrics": evaluation})
         plot_loss_curve(metrics_file, out / "loss.png")
     accelerator.wait_for_everyone()
