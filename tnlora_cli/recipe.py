@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .adapters import REGISTRY
 from .adapters.base import StrictModel
@@ -46,8 +46,18 @@ class DataConfig(StrictModel):
     packing: bool = Field(True, description="causal-lm: concatenate texts and cut blocks of max_length.")
 
 
+#: Optimizer steps when neither `training.max_steps` nor `training.epochs` is given.
+DEFAULT_MAX_STEPS = 200
+
+
 class TrainingConfig(StrictModel):
-    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    max_steps: int | None = Field(None, gt=0, description=f"Optimizer steps ({DEFAULT_MAX_STEPS} when `epochs` is not set either).")
+    epochs: float | None = Field(
+        None,
+        gt=0.0,
+        description="Passes over the training split instead of `max_steps`: steps = ceil(epochs x train examples / "
+        "(batch_size x gradient_accumulation_steps x processes)); the resolved count is saved in the run's recipe.yaml.",
+    )
     batch_size: int = Field(16, gt=0, description="Examples per device per micro-batch.")
     eval_batch_size: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -55,6 +65,9 @@ class TrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Warm-up as a share of the total steps (ceil(ratio x steps)), instead of `warmup_steps`."
+    )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
     seed: int = 0
@@ -67,6 +80,14 @@ class TrainingConfig(StrictModel):
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, raw: Any) -> Any:
+        # max_steps has a default only when epochs does not decide the length instead.
+        if isinstance(raw, dict) and raw.get("max_steps") is None and raw.get("epochs") is None:
+            return {**raw, "max_steps": DEFAULT_MAX_STEPS}
+        return raw
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -163,7 +184,17 @@ def _cross_checks(recipe: Recipe) -> None:
         )
     if data.labels is not None and len(set(data.labels)) < 2:
         raise RecipeError("data.labels: needs at least two distinct labels", hint="list the classes to keep, or remove the key")
-    if training.warmup_steps >= training.max_steps:
+    if training.max_steps is not None and training.epochs is not None:
+        raise RecipeError(
+            "training: max_steps and epochs are both set; give exactly one",
+            hint="remove training.max_steps to train for a number of epochs, or remove training.epochs",
+        )
+    if training.warmup_ratio is not None and training.warmup_steps > 0:
+        raise RecipeError(
+            "training: warmup_steps and warmup_ratio are both set; give at most one",
+            hint="remove one of training.warmup_steps and training.warmup_ratio",
+        )
+    if training.max_steps is not None and training.warmup_steps >= training.max_steps:
         raise RecipeError(
             f"training.warmup_steps: {training.warmup_steps} warm-up steps leave no training in {training.max_steps} steps",
             hint="use fewer warm-up steps than training.max_steps",

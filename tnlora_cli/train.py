@@ -41,6 +41,7 @@ from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
 from .recipe import Recipe, recipe_to_yaml
 from .reporting import Reporter
+from .schedule import resolve_schedule
 
 
 @dataclass
@@ -125,6 +126,12 @@ def train(
     reporter.status(f"loading {recipe.model} and {recipe.data.train}")
     empty = engine.loads_on_main_only and not is_main
     prepared = prepare(recipe, empty=empty)
+    n_train = len(prepared.data.train)  # the one place the size of the training split is read
+    schedule = resolve_schedule(recipe, n_train, accelerator.num_processes)
+    recipe = prepared.recipe = schedule.recipe  # epochs / warmup_ratio resolved into steps
+    cfg = recipe.training
+    if schedule.note:
+        reporter.status(schedule.note)
     if recipe.quantization or engine.loads_on_main_only:
         model = prepared.model  # bnb models are placed at load; FSDP places shards
     else:
@@ -163,10 +170,11 @@ def train(
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        header = f"# {schedule.note}\n" if schedule.note else ""
+        (out / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
     accelerator.wait_for_everyone()
 
-    stream = BatchStream(len(prepared.data.train), cfg.seed)
+    stream = BatchStream(n_train, cfg.seed)
     pad_id = prepared.tokenizer.pad_token_id
     metrics_file = out / "metrics.jsonl"
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
