@@ -63,6 +63,7 @@ def prepare(
         quantization=recipe.quantization if quantize else None,
         keep_full=list(modules_to_save or recipe.adapter.modules_to_save or []),
         empty=empty,
+        attn_implementation=recipe.model_attn_implementation,
     )
     if modules_to_save is None:
         modules_to_save = recipe.adapter.modules_to_save

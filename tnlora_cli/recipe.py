@@ -112,6 +112,11 @@ class Recipe(StrictModel):
     model_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="dtype of the frozen base weights; adapters are always fp32. auto: the checkpoint's."
     )
+    model_attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel of the base model: sdpa (PyTorch's fused attention), eager (plain matmuls), "
+        "flash_attention_2 (needs the flash-attn package and a CUDA GPU; use with bfloat16/float16 model_dtype).",
+    )
     trust_remote_code: bool = False
     quantization: QuantizationConfig | None = Field(None, description="Quantize the frozen base (adapters and task head stay full precision).")
 
