@@ -80,6 +80,13 @@ class TrainingConfig(StrictModel):
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (through accelerate) that receive the metrics.jsonl records; tensorboard writes "
+        "to output_dir/tensorboard, the others need their package installed.",
+    )
+    tracker_project: str = Field("tnlora", description="Project (wandb, trackio) or experiment (mlflow) name for report_to.")
+    run_name: str | None = Field(None, description="Run name for report_to; default: the name of output_dir.")
 
     @model_validator(mode="before")
     @classmethod

@@ -42,6 +42,7 @@ from .plots import plot_loss_curve
 from .recipe import Recipe, recipe_to_yaml
 from .reporting import Reporter
 from .schedule import resolve_schedule
+from .tracking import check_trackers, finish_trackers, log_record, start_trackers
 
 
 @dataclass
@@ -113,6 +114,7 @@ def train(
     """
     reporter = reporter or Reporter()
     cfg = recipe.training
+    check_trackers(recipe)  # before anything is loaded or written
     engine = build_engine(cfg.distributed, cfg, quantized=recipe.quantization is not None)
     accelerator = engine.accelerator
     is_main = accelerator.is_main_process
@@ -165,13 +167,14 @@ def train(
             load_rng_state(rng_file)
     elif is_main:
         if overwrite:
-            for stale in ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json"):
+            for stale in ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json", "tensorboard", "trackers.json"):
                 target = out / stale
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         header = f"# {schedule.note}\n" if schedule.note else ""
         (out / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
+    start_trackers(accelerator, recipe, out, start_step)
     accelerator.wait_for_everyone()
 
     stream = BatchStream(n_train, cfg.seed)
@@ -183,6 +186,7 @@ def train(
         if is_main:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            log_record(accelerator, record)
 
     reporter.start(cfg.max_steps, "training", completed=start_step)
     model.train()
@@ -236,6 +240,7 @@ def train(
     checksums = accelerator.gather(_checksum(final_state).to(accelerator.device).reshape(1)).tolist()
     peaks = accelerator.gather(torch.tensor([_peak_memory_mib()], device=accelerator.device)).tolist()
     if stop_after is not None and step < cfg.max_steps:
+        finish_trackers(accelerator)
         return TrainResult(out, step, last_loss, None, None, params)
 
     if is_main:
