@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-from .embedded import MODELS
+from .embedded import HUB_IDS, MODELS, embedded_hub_id
 from .errors import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +51,16 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> str:
             hint=f"use one of {', '.join(MODELS)}, a local directory, or a hub id on a machine with network access",
         ) from None
     return name
+
+
+def base_model_reference(name: str, resolved: str) -> dict[str, str | None]:
+    """How saved and exported adapters name their base: a hub id where one is known (an
+    embedded alias or its directory, or the hub id the recipe gave), else the local path;
+    the local path is kept only as a hint for this machine."""
+    hub_id = HUB_IDS.get(name) or embedded_hub_id(resolved)
+    if hub_id is None and not Path(resolved).expanduser().is_dir():
+        hub_id = resolved  # the recipe named a hub id
+    return {"base_model_name_or_path": hub_id or resolved, "base_model_local_path": resolved if resolved != hub_id else None}
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

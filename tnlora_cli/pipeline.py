@@ -19,7 +19,7 @@ from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
 from .inject import InjectionReport, inject_adapter, is_adapter_tensor, load_adapter_state_dict
-from .modeling import head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
+from .modeling import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
 
 
@@ -87,6 +87,7 @@ def adapter_metadata(prepared: Prepared) -> dict[str, Any]:
         "adapter": recipe.adapter.model_dump(mode="json"),
         "task": recipe.task,
         "base_model": recipe.model,
+        **base_model_reference(recipe.model, prepared.model_path),
         "targets": prepared.injection.targets,
         "modules_to_save": prepared.injection.modules_to_save,
         "label_names": prepared.data.label_names,
