@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import TnloraError
+from .plainlog import PlainProgress, use_plain_lines
 from .reporting import Reporter
 
 app = typer.Typer(
@@ -28,16 +29,21 @@ out_console = Console()
 
 
 class RichReporter(Reporter):
-    """Progress bar with live loss / lr / tokens-per-second, and one line per evaluation."""
+    """Progress bar with live loss / lr / tokens-per-second, and one line per evaluation;
+    plain log lines instead of the bar when the output is not a terminal."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
         self.task: Any = None
+        self.plain: PlainProgress | None = None
 
     def status(self, message: str) -> None:
         console.print(f"[dim]{message}[/dim]")
 
     def start(self, total: int, description: str, completed: int = 0) -> None:
+        if use_plain_lines(console.is_terminal):
+            self.plain = PlainProgress(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True), total, description, completed)
+            return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -51,6 +57,9 @@ class RichReporter(Reporter):
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
 
     def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
+        if self.plain is not None:
+            self.plain.advance(completed, fields)
+            return
         if self.progress is None:
             return
         info = None
@@ -59,6 +68,9 @@ class RichReporter(Reporter):
         self.progress.update(self.task, completed=completed, **({"info": info} if info else {}))
 
     def finish(self) -> None:
+        if self.plain is not None:
+            self.plain.finish()
+            self.plain = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

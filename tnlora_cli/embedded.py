@@ -92,6 +92,20 @@ def smollm2_path() -> Path:
 
 
 MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_path, "smollm2-135m": smollm2_path}
+#: Where each embedded model is published on the Hugging Face hub: saved and exported
+#: adapters name these, so they load on other machines (with peft too).
+HUB_IDS: dict[str, str] = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def embedded_hub_id(path: str | Path) -> str | None:
+    """The hub id of the embedded model stored at `path`, if it is one (no conversion run)."""
+    candidates = {"smollm2-135m": cache_dir() / "smollm2-135m-instruct"}
+    try:
+        candidates["minilm"] = minilm_path()
+    except ModelError:
+        pass
+    target = Path(path).expanduser().resolve()
+    return next((HUB_IDS[alias] for alias, where in candidates.items() if where.resolve() == target), None)
 
 
 # ----------------------------------------------------------------------------- data

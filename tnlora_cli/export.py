@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .checkpoint import atomic_directory
 from .errors import MergeError, RecipeError
 from .inject import adapted_layers, is_adapter_tensor, require_linear
-from .modeling import resolve_model
+from .modeling import base_model_reference, resolve_model
 from .pipeline import load_adapters_on_meta
 from .reporting import Reporter
 
@@ -98,10 +98,11 @@ def export_as_lora(
         if not is_adapter_tensor(key):
             tensors[f"base_model.model.{key}"] = tensor.contiguous()
     top = max(ranks.values())
+    base = base_model_reference(recipe.model, resolve_model(recipe.model, recipe.trust_remote_code))
     peft_config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM",
-        "base_model_name_or_path": resolve_model(recipe.model, recipe.trust_remote_code),
+        "base_model_name_or_path": base["base_model_name_or_path"],  # a hub id where one is known: portable
         "r": top,
         "lora_alpha": top,
         # Per-layer ranks (from --energy) with alpha = rank, so every layer's scaling is 1.
@@ -120,5 +121,5 @@ def export_as_lora(
     with atomic_directory(out, overwrite=force) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
-        (tmp / "tnlora_export.json").write_text(json.dumps({"source": str(path), "adapter": recipe.adapter.type, "layers": report.layers}, indent=2) + "\n")
+        (tmp / "tnlora_export.json").write_text(json.dumps({"source": str(path), "adapter": recipe.adapter.type, **base, "layers": report.layers}, indent=2) + "\n")
     return report

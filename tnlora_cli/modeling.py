@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-from .embedded import MODELS
+from .embedded import HUB_IDS, MODELS, embedded_hub_id
 from .errors import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +51,16 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> str:
             hint=f"use one of {', '.join(MODELS)}, a local directory, or a hub id on a machine with network access",
         ) from None
     return name
+
+
+def base_model_reference(name: str, resolved: str) -> dict[str, str | None]:
+    """How saved and exported adapters name their base: a hub id where one is known (an
+    embedded alias or its directory, or the hub id the recipe gave), else the local path;
+    the local path is kept only as a hint for this machine."""
+    hub_id = HUB_IDS.get(name) or embedded_hub_id(resolved)
+    if hub_id is None and not Path(resolved).expanduser().is_dir():
+        hub_id = resolved  # the recipe named a hub id
+    return {"base_model_name_or_path": hub_id or resolved, "base_model_local_path": resolved if resolved != hub_id else None}
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -89,6 +102,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_attn_implementation(name: str | None) -> None:
+    """Refuse an attention kernel this machine cannot run, before any weight is read."""
+    if name != "flash_attention_2":
+        return
+    problems = []
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append("the flash-attn package is not installed")
+    if not torch.cuda.is_available():
+        problems.append("no CUDA GPU is visible")
+    if problems:
+        raise ModelError(
+            f"model_attn_implementation: flash_attention_2 is unavailable here ({'; '.join(problems)})",
+            hint="use sdpa (the default) or eager, or pip install flash-attn on a machine with a CUDA GPU",
+        )
+
+
 def load_model(
     path: str,
     task: str,
@@ -100,18 +129,21 @@ def load_model(
     quantization=None,
     keep_full: list[str] | None = None,
     empty: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load the base model for `task`. The classification head is created from the global
     RNG, so callers seed it first (the same seed gives the same head in train and eval).
 
     `empty=True` builds the same model on the meta device and reads no weights: for ranks
     that receive theirs from rank 0 once the model is sharded."""
+    check_attn_implementation(attn_implementation)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     labels = label_config(label_names) if task == "classification" else {}
     if empty:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **labels)
-        with torch.device("meta"):
+        with torch.device("meta"), _attn_errors(attn_implementation):
             model = model_class(task).from_config(
-                config, dtype=config.dtype if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code
+                config, dtype=config.dtype if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code, **attn
             )
         if pad_token_id is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
@@ -122,10 +154,25 @@ def load_model(
         device = device or default_device()
     if device is not None:
         kwargs["device_map"] = {"": device}
-    model = model_class(task).from_pretrained(path, **kwargs)
+    with _attn_errors(attn_implementation):
+        model = model_class(task).from_pretrained(path, **kwargs, **attn)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+@contextlib.contextmanager
+def _attn_errors(name: str | None) -> Iterator[None]:
+    """transformers refuses a kernel the architecture lacks (checked before weights load)."""
+    try:
+        yield
+    except (ValueError, ImportError) as exc:
+        if name is None or "attention" not in str(exc).lower():
+            raise
+        raise ModelError(
+            f"model_attn_implementation: {name} is not available for this model: {str(exc).splitlines()[0]}",
+            hint="set model_attn_implementation to eager (every architecture has it) or sdpa",
+        ) from None
 
 
 def label_config(label_names: list[str] | None) -> dict[str, Any]:

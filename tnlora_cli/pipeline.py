@@ -19,7 +19,7 @@ from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
 from .inject import InjectionReport, inject_adapter, is_adapter_tensor, legacy_module_roles, load_adapter_state_dict
-from .modeling import head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
+from .modeling import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
 
 
@@ -64,6 +64,7 @@ def prepare(
         quantization=recipe.quantization if quantize else None,
         keep_full=list(modules_to_save or recipe.adapter.modules_to_save or []),
         empty=empty,
+        attn_implementation=recipe.model_attn_implementation,
     )
     if modules_to_save is None:
         modules_to_save = recipe.adapter.modules_to_save
@@ -87,6 +88,7 @@ def adapter_metadata(prepared: Prepared) -> dict[str, Any]:
         "adapter": recipe.adapter.model_dump(mode="json"),
         "task": recipe.task,
         "base_model": recipe.model,
+        **base_model_reference(recipe.model, prepared.model_path),
         "targets": prepared.injection.targets,
         # Roles key shared tensors: stored so that a reload never depends on the naming rule.
         "roles": {name: role for role, names in prepared.injection.roles.items() for name in names},

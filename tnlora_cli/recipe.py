@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .adapters import REGISTRY
 from .adapters.base import StrictModel
@@ -65,8 +65,18 @@ class DataConfig(StrictModel):
     num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default 1).")
 
 
+#: Optimizer steps when neither `training.max_steps` nor `training.epochs` is given.
+DEFAULT_MAX_STEPS = 200
+
+
 class TrainingConfig(StrictModel):
-    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    max_steps: int | None = Field(None, gt=0, description=f"Optimizer steps ({DEFAULT_MAX_STEPS} when `epochs` is not set either).")
+    epochs: float | None = Field(
+        None,
+        gt=0.0,
+        description="Passes over the training split instead of `max_steps`: steps = ceil(epochs x train examples / "
+        "(batch_size x gradient_accumulation_steps x processes)); the resolved count is saved in the run's recipe.yaml.",
+    )
     batch_size: int = Field(16, gt=0, description="Examples per device per micro-batch.")
     eval_batch_size: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -74,6 +84,9 @@ class TrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Warm-up as a share of the total steps (ceil(ratio x steps)), instead of `warmup_steps`."
+    )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
     seed: int = 0
@@ -86,6 +99,21 @@ class TrainingConfig(StrictModel):
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (through accelerate) that receive the metrics.jsonl records; tensorboard writes "
+        "to output_dir/tensorboard, the others need their package installed.",
+    )
+    tracker_project: str = Field("tnlora", description="Project (wandb, trackio) or experiment (mlflow) name for report_to.")
+    run_name: str | None = Field(None, description="Run name for report_to; default: the name of output_dir.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, raw: Any) -> Any:
+        # max_steps has a default only when epochs does not decide the length instead.
+        if isinstance(raw, dict) and raw.get("max_steps") is None and raw.get("epochs") is None:
+            return {**raw, "max_steps": DEFAULT_MAX_STEPS}
+        return raw
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -109,6 +137,11 @@ class Recipe(StrictModel):
     output_dir: str = "runs/run"
     model_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="dtype of the frozen base weights; adapters are always fp32. auto: the checkpoint's."
+    )
+    model_attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel of the base model: sdpa (PyTorch's fused attention), eager (plain matmuls), "
+        "flash_attention_2 (needs the flash-attn package and a CUDA GPU; use with bfloat16/float16 model_dtype).",
     )
     trust_remote_code: bool = False
     quantization: QuantizationConfig | None = Field(None, description="Quantize the frozen base (adapters and task head stay full precision).")
@@ -182,7 +215,17 @@ def _cross_checks(recipe: Recipe) -> None:
         )
     if data.labels is not None and len(set(data.labels)) < 2:
         raise RecipeError("data.labels: needs at least two distinct labels", hint="list the classes to keep, or remove the key")
-    if training.warmup_steps >= training.max_steps:
+    if training.max_steps is not None and training.epochs is not None:
+        raise RecipeError(
+            "training: max_steps and epochs are both set; give exactly one",
+            hint="remove training.max_steps to train for a number of epochs, or remove training.epochs",
+        )
+    if training.warmup_ratio is not None and training.warmup_steps > 0:
+        raise RecipeError(
+            "training: warmup_steps and warmup_ratio are both set; give at most one",
+            hint="remove one of training.warmup_steps and training.warmup_ratio",
+        )
+    if training.max_steps is not None and training.warmup_steps >= training.max_steps:
         raise RecipeError(
             f"training.warmup_steps: {training.warmup_steps} warm-up steps leave no training in {training.max_steps} steps",
             hint="use fewer warm-up steps than training.max_steps",

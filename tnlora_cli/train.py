@@ -42,6 +42,8 @@ from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
 from .recipe import Recipe, recipe_to_yaml
 from .reporting import Reporter
+from .schedule import resolve_schedule
+from .tracking import check_trackers, finish_trackers, log_record, start_trackers
 from .weight_decay import decay_exempt_names
 
 
@@ -122,6 +124,7 @@ def train(
     """
     reporter = reporter or Reporter()
     cfg = recipe.training
+    check_trackers(recipe)  # before anything is loaded or written
     engine = build_engine(cfg.distributed, cfg, quantized=recipe.quantization is not None)
     accelerator = engine.accelerator
     is_main = accelerator.is_main_process
@@ -135,6 +138,12 @@ def train(
     reporter.status(f"loading {recipe.model} and {recipe.data.train}")
     empty = engine.loads_on_main_only and not is_main
     prepared = prepare(recipe, empty=empty)
+    n_train = len(prepared.data.train)  # the one place the size of the training split is read
+    schedule = resolve_schedule(recipe, n_train, accelerator.num_processes)
+    recipe = prepared.recipe = schedule.recipe  # epochs / warmup_ratio resolved into steps
+    cfg = recipe.training
+    if schedule.note:
+        reporter.status(schedule.note)
     if recipe.quantization or engine.loads_on_main_only:
         model = prepared.model  # bnb models are placed at load; FSDP places shards
     else:
@@ -170,20 +179,22 @@ def train(
             load_rng_state(rng_file)
     elif is_main:
         if overwrite:
-            for stale in ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json"):
+            for stale in ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json", "tensorboard", "trackers.json"):
                 target = out / stale
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        header = f"# {schedule.note}\n" if schedule.note else ""
+        (out / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
+    start_trackers(accelerator, recipe, out, start_step)
     accelerator.wait_for_everyone()
 
     global_batch = cfg.batch_size * world
     if recipe.data.group_by_length and hasattr(prepared.data.train, "lengths"):
         # 64 global batches per sorted group: similar lengths together, order still random.
-        stream = BatchStream(len(prepared.data.train), cfg.seed, prepared.data.train.lengths(), 64 * global_batch)
+        stream = BatchStream(n_train, cfg.seed, prepared.data.train.lengths(), 64 * global_batch)
     else:
-        stream = BatchStream(len(prepared.data.train), cfg.seed)
+        stream = BatchStream(n_train, cfg.seed)
     data_report = prepared.data.report
     if data_report:
         reporter.status(data_summary(data_report))
@@ -195,6 +206,7 @@ def train(
         if is_main:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            log_record(accelerator, record)
 
     reporter.start(cfg.max_steps, "training", completed=start_step)
     model.train()
@@ -254,6 +266,7 @@ def train(
     peaks = accelerator.gather(torch.tensor([_peak_memory_mib()], device=accelerator.device)).tolist()
     cache_hits = accelerator.gather(torch.tensor([int(bool(data_report.get("cache", {}).get("hit")))], device=accelerator.device)).tolist()
     if stop_after is not None and step < cfg.max_steps:
+        finish_trackers(accelerator)
         return TrainResult(out, step, last_loss, None, None, params)
 
     if is_main:

@@ -230,3 +230,15 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
     return int(layer.in_features), int(layer.out_features)
 
 
+def rslora_field() -> Any:
+    """The `use_rslora` recipe key of the adapters scaled by alpha / r."""
+    return Field(
+        False,
+        description="Rank-stabilised scaling (rsLoRA): multiply the update by alpha / sqrt(r) instead of alpha / r, "
+        "so raising r does not shrink the update. Parameter counts are unchanged.",
+    )
+
+
+def alpha_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
+    return alpha / (r**0.5 if use_rslora else r)

@@ -18,14 +18,15 @@ from pydantic import Field
 from torch import nn
 
 from ..tensor.tt import tt_normal, tt_to_matrix
-from .base import AdapterConfig, LowRankAdapter, SharedStore
+from .base import AdapterConfig, LowRankAdapter, SharedStore, alpha_scaling, rslora_field
 from .tt_common import check_ranks, dim_modes
 
 
 class LorettaConfig(AdapterConfig):
     type: Literal["loretta"] = "loretta"
     r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r.")
+    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
+    use_rslora: bool = rslora_field()
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tt_rank: int = Field(5, gt=0, description="TT rank t: ranks [1, t, ..., t, 1] over the dimension's modes and r.")
     n_modes: int = Field(3, ge=1, le=8, description="Modes a layer dimension is factorised into when `modes` does not list it.")
@@ -39,7 +40,7 @@ class LorettaAdapter(LowRankAdapter):
 
     def __init__(self, in_features: int, out_features: int, config: LorettaConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
         super().__init__(in_features, out_features, config, shared, role, generator)
-        self.scaling = config.alpha / config.r
+        self.scaling = alpha_scaling(config.alpha, config.r, config.use_rslora)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.cores_a = self._train(in_features, config, config.ranks_a, "ranks_a", generator)
         self.cores_b = self._train(out_features, config, config.ranks_b, "ranks_b", generator)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import tt_normal, tt_to_matrix
-from .base import AdapterConfig, LowRankAdapter, SharedStore
+from .base import AdapterConfig, LowRankAdapter, SharedStore, alpha_scaling, rslora_field
 from .tt_common import check_ranks, dim_modes
 
 #: Paper defaults by hidden size (TRAC's tensor_cfg): modes, A ranks, B ranks (r appended).
@@ -42,7 +42,8 @@ RankSpec = list[int] | dict[int, list[int]] | None
 class TracConfig(AdapterConfig):
     type: Literal["trac"] = "trac"
     r: int = Field(8, gt=0, description="LoRA rank (the open last TT rank).")
-    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r.")
+    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
+    use_rslora: bool = rslora_field()
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     modes: dict[int, list[int]] | None = Field(None, description="3 modes per dimension, e.g. {768: [8, 8, 12]}; default: paper table, else factorised.")
     ranks_a: RankSpec = Field(None, description="[1, r1, r2] for A (one list, or per dimension); default: paper table.")
@@ -86,7 +87,7 @@ class TracAdapter(LowRankAdapter):
 
     def __init__(self, in_features: int, out_features: int, config: TracConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
         super().__init__(in_features, out_features, config, shared, role, generator)
-        self.scaling = config.alpha / config.r
+        self.scaling = alpha_scaling(config.alpha, config.r, config.use_rslora)
         self.activation = config.activation
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         keys: dict[str, str] = {}

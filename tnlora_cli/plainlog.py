@@ -1,0 +1,83 @@
+"""Progress as plain lines, for output that is not a terminal (a cluster job's log file, CI).
+
+A rich progress bar redraws one line in place: written to a file it shows nothing useful
+until the end. Where the bar's stream is not a terminal, each step that carries values
+(training's `log_every` steps) becomes one line instead:
+
+    training step 20/200  loss 1.234  lr 0.001  tok/s 5321  elapsed 0:00:12  remaining 0:01:48
+
+Steps without values (merging layers, factorising updates, training between log steps)
+print a line at a tenth of the total only when no line came for `QUIET_S` seconds, so slow
+work still shows it is alive and fast work does not flood the log. `TNLORA_PROGRESS=plain` or `=bar` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+QUIET_S = 30.0
+
+
+def use_plain_lines(is_terminal: bool) -> bool:
+    """Plain lines unless the output is a terminal; TNLORA_PROGRESS=plain|bar decides instead."""
+    choice = os.environ.get("TNLORA_PROGRESS", "").lower()
+    if choice in ("plain", "bar"):
+        return choice == "plain"
+    return not is_terminal
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def _value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class PlainProgress:
+    """One task's progress, written as whole lines through `write`."""
+
+    def __init__(
+        self, write: Callable[[str], None], total: int, description: str, completed: int = 0, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.clock = clock
+        self.write = write
+        self.total = total
+        self.description = description
+        self.first = completed
+        self.completed = completed
+        self.started = self.last_line = clock()
+        self.next_tenth = self._tenth_after(completed)
+
+    def _tenth_after(self, completed: int) -> int:
+        return (completed * 10 // max(1, self.total) + 1) * max(1, self.total) // 10
+
+    def line(self, completed: int, fields: dict[str, Any] | None = None) -> str:
+        elapsed = self.clock() - self.started
+        done = completed - self.first
+        remaining = elapsed / done * (self.total - completed) if done > 0 else None
+        parts = [f"{self.description} step {completed}/{self.total}"]
+        parts += [f"{k} {_value(v)}" for k, v in (fields or {}).items()]
+        parts.append(f"elapsed {_clock(elapsed)}")
+        parts.append(f"remaining {_clock(remaining) if remaining is not None else '?'}")
+        return "  ".join(parts)
+
+    def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
+        self.completed = completed
+        if fields:
+            self._emit(self.line(completed, fields))
+        elif completed >= self.next_tenth and self.clock() - self.last_line >= QUIET_S:
+            self._emit(self.line(completed))
+        if completed >= self.next_tenth:
+            self.next_tenth = self._tenth_after(completed)
+
+    def _emit(self, line: str) -> None:
+        self.write(line)
+        self.last_line = self.clock()
+
+    def finish(self) -> None:
+        self.write(f"{self.description} finished at step {self.completed}/{self.total} in {_clock(self.clock() - self.started)}")
