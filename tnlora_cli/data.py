@@ -164,18 +164,30 @@ def _causal_lm_examples(rows: list, cfg: DataConfig, tokenizer) -> list[dict]:
     return [{"input_ids": stream[i : i + n], "labels": stream[i : i + n]} for i in range(0, len(stream) - n + 1, n)]
 
 
+def format_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The text a model reads before writing the next assistant turn, as training formats it.
+
+    With a chat template: the template with its generation prompt. Without one, the plain
+    format: each system or user text followed by a newline, each assistant reply by the EOS
+    token (a single turn is `prompt + "\\n"`, the reply follows). Generation and chat call this.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    eos = tokenizer.eos_token or ""
+    return "".join(m["content"] + (eos if m["role"] == "assistant" else "\n") for m in messages)
+
+
 def _instruction_example(row: dict, cfg: DataConfig, tokenizer) -> dict | None:
     """Prompt tokens are masked out of the loss; only the response is learnt."""
     prompt, response = str(row[cfg.prompt_column]), str(row[cfg.response_column])
+    user = [{"role": "user", "content": prompt}]
+    prompt_text = format_prompt(tokenizer, user)
     if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
         full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         if not full_text.startswith(prompt_text):
             # Templates that rewrite earlier turns: fall back to plain concatenation.
             full_text = prompt_text + response + (tokenizer.eos_token or "")
     else:
-        prompt_text = prompt + "\n"
         full_text = prompt_text + response + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"][: cfg.max_length]
