@@ -202,3 +202,33 @@ def test_bad_input_is_one_message_exit_2_nothing_written(memorised, classificati
     assert message in text and text.count("error:") == 1
     assert "Traceback" not in result.output and not out.exists()
     assert not any(p.name.startswith(".out.jsonl") for p in tmp_path.iterdir())
+
+
+def test_eval_generate_exact_match_rises_from_base_to_tuned(memorised):
+    (memorised / "eval.json").write_text(json.dumps({"task": "instruction", "metrics": {"kept": 1}}))
+    result = CliRunner().invoke(app, ["eval", str(memorised), "--generate", "--max-new-tokens", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
+    assert base["exact_match"] == 0.0 and tuned["exact_match"] == 1.0
+    assert tuned["bleu"] == pytest.approx(100.0) and tuned["chrf"] == pytest.approx(100.0) and tuned["rouge_l"] == pytest.approx(1.0)
+    assert base["bleu"] < 50 and base["rouge_l"] < tuned["rouge_l"] and tuned["loss"] < base["loss"]
+    assert "answer_accuracy" not in tuned  # no reference holds a number
+    rows = [json.loads(line) for line in (memorised / "generations.jsonl").read_text().splitlines()]
+    assert sorted(r["reference"] for r in rows) == sorted(REPLIES) and all(r["tuned"] == r["reference"] for r in rows)
+    saved = json.loads((memorised / "eval.json").read_text())
+    assert saved["metrics"] == {"kept": 1} and saved["generate"]["metrics"]["tuned"]["exact_match"] == 1.0
+
+
+def test_generation_metrics():
+    from tnlora_cli.generation_eval import extract_answer, normalize, score_generations
+
+    assert normalize("  The Cat\n sat.  ") == "the cat sat"
+    pattern = r"(-?[\d,]*\.?\d+)"
+    assert extract_answer("3 apples, so the answer is 1,234.", pattern) == "1234"
+    assert extract_answer("no number", pattern) is None
+    assert extract_answer("The answer is: 7 (not 8)", r"answer is:? *(\d+)") == "7"
+    scores = score_generations(["The cat sat.", "so it is 42", "x"], ["the cat sat", "the answer is 42", "4"], pattern)
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    assert scores["answer_accuracy"] == pytest.approx(1 / 2)  # two references hold a number
+    assert 0 < scores["bleu"] < 100 and 0 < scores["chrf"] < 100 and 0 < scores["rouge_l"] < 1

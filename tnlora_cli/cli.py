@@ -156,16 +156,40 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: the recipe's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    generate_: Annotated[bool, typer.Option("--generate", help="Instruction runs: also generate replies to the held-out prompts and score them (exact match, answer accuracy, BLEU, chrF, ROUGE-L); writes generations.jsonl and eval.json's 'generate' entry.")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="With --generate: most tokens per reply (default: the recipe's eval_generate.max_new_tokens).")] = None,
 ) -> None:
     """Held-out metrics of the tuned model and of its base (accuracy and macro-F1, or loss and perplexity)."""
     _quiet_libraries()
     from .evaluate import evaluate_run
+
+    if generate_:
+        _eval_generate(run_dir, batch_size, max_new_tokens, as_json)
+        return
 
     report = _run(evaluate_run, run_dir, batch_size=batch_size, reporter=Reporter() if as_json else RichReporter())
     if as_json:
         print(json.dumps(report, indent=2))
         return
     out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples", report["metrics"], report["majority_rate"]))
+
+
+def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Optional[int], as_json: bool) -> None:
+    from .generation_eval import evaluate_generation
+
+    report = _run(evaluate_generation, run_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=Reporter() if as_json else RichReporter())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples, greedy replies", report["metrics"]))
+    if report["examples"]:
+        table = Table(title="examples", show_lines=True)
+        for column in ("prompt", "reference", "base", "tuned"):
+            table.add_column(column, overflow="fold")
+        for r in report["examples"]:
+            table.add_row(r["prompt"], r["reference"], r["base"], r["tuned"])
+        out_console.print(table)
+    out_console.print(f"bleu and chrf are sacrebleu's (0-100); replies written to {report['generations']}, metrics to eval.json ('generate')")
 
 
 @app.command()

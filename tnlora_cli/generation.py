@@ -109,6 +109,8 @@ class Generator:
     merged: bool = False
     merge_max_diff: float | None = None
     eos_ids: list[int] = field(default_factory=list)
+    #: The LoadedRun behind a run (its recipe, data and held-out split); None for a model directory.
+    run: Any = None
 
     @property
     def has_adapter(self) -> bool:
@@ -284,7 +286,7 @@ def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.
         mergeable, mode = False, "adapter path (--no-merge)"
     else:
         mergeable, mode = True, "merged in memory"
-    return _finish(Generator(model, run.prepared.tokenizer, source, mergeable=mergeable, mode=mode))
+    return _finish(Generator(model, run.prepared.tokenizer, source, mergeable=mergeable, mode=mode, run=run))
 
 
 def _finish(gen: Generator) -> Generator:
