@@ -226,16 +226,40 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
     batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: the recipe's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    generate_: Annotated[bool, typer.Option("--generate", help="Instruction runs: also generate replies to the held-out prompts and score them (exact match, answer accuracy, BLEU, chrF, ROUGE-L); writes generations.jsonl and eval.json's 'generate' entry.")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="With --generate: most tokens per reply (default: the recipe's eval_generate.max_new_tokens).")] = None,
 ) -> None:
     """Held-out metrics of the tuned model and of its base (accuracy and macro-F1, or loss and perplexity)."""
     _quiet_libraries()
     from .evaluate import evaluate_run
+
+    if generate_:
+        _eval_generate(run_dir, batch_size, max_new_tokens, as_json)
+        return
 
     report = _run(evaluate_run, run_dir, batch_size=batch_size, reporter=Reporter() if as_json else RichReporter())
     if as_json:
         print(json.dumps(report, indent=2))
         return
     out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples", report["metrics"], report["majority_rate"]))
+
+
+def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Optional[int], as_json: bool) -> None:
+    from .generation_eval import evaluate_generation
+
+    report = _run(evaluate_generation, run_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=Reporter() if as_json else RichReporter())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples, greedy replies", report["metrics"]))
+    if report["examples"]:
+        table = Table(title="examples", show_lines=True)
+        for column in ("prompt", "reference", "base", "tuned"):
+            table.add_column(column, overflow="fold")
+        for r in report["examples"]:
+            table.add_row(r["prompt"], r["reference"], r["base"], r["tuned"])
+        out_console.print(table)
+    out_console.print(f"bleu and chrf are sacrebleu's (0-100); replies written to {report['generations']}, metrics to eval.json ('generate')")
 
 
 @app.command()
@@ -299,6 +323,125 @@ def export(
     out_console.print(table)
     worst = max(row["relative_error"] for row in report.layers)
     out_console.print(f"{len(report.layers)} layers; largest relative error (Frobenius) {worst:.2e}")
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: Optional[int], batch_size: int) -> Any:
+    from .generation import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, seed, batch_size)
+    return _run(settings.check)
+
+
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per prompt.")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 (default): greedy decoding; above 0: sample at this temperature.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="With sampling: keep the smallest token set holding this probability mass.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same text.")]
+MergeOpt = Annotated[bool, typer.Option(help="Merge linear adapters into the weights in memory (exact, verified; fastest decoding).")]
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, adapter directory, or merged model directory.")],
+    prompt: Annotated[Optional[str], typer.Option(help="One prompt; the reply streams to the terminal.")] = None,
+    input_: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL file, one {\"prompt\": ...} per line (a \"reference\" is kept).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file for the completions (default: print them).")] = None,
+    max_new_tokens: MaxNewOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch (length-sorted, left-padded).")] = 8,
+    base: Annotated[bool, typer.Option("--base", help="Generate with the adapters off (the base model).")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Generate with the base and the tuned model; show them side by side.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Give the prompt as it is, without the training prompt format.")] = False,
+    merge_: MergeOpt = True,
+) -> None:
+    """Generate text with a tuned model: prompts are formatted as training formatted them.
+
+    Greedy by default. Example: tnlora generate runs/smollm2-chatterbot --prompt "Do you like music?"
+    """
+    _quiet_libraries()
+    from .generation import PromptRow, generate_rows, inspect_source, load_generator, read_prompt_file, write_jsonl
+
+    settings = _sampling(max_new_tokens, temperature, top_p, seed, batch_size)
+    if (prompt is None) == (input_ is None):
+        _run(_input_error, "give exactly one of --prompt TEXT or --input FILE.jsonl")
+    if base and compare:
+        _run(_input_error, "--base and --compare exclude each other (--compare already shows the base)")
+    source = _run(inspect_source, run_dir)
+    rows = [PromptRow(prompt)] if prompt is not None else _run(read_prompt_file, input_, source.prompt_column, source.response_column)
+    gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
+    if (base or compare) and not gen.has_adapter:
+        _run(_input_error, f"{run_dir} is a model directory without an adapter: --base/--compare need a run")
+    if prompt is not None and not compare:
+        text = gen.encode(gen.format([{"role": "user", "content": prompt}], raw=raw))
+        _run(gen.stream, text, settings, _write_stdout, adapters=not base)
+        sys.stdout.write("\n")
+        console.print(f"[dim]{'base model (adapters off)' if base else gen.mode}[/dim]")
+        return
+    result = _run(generate_rows, gen, rows, settings, base=base, compare=compare, raw=raw, reporter=RichReporter())
+    console.print(f"[dim]tuned model: {gen.mode}" + (f", merge verified (max |logit diff| {result.merge_max_diff:.2g})" if result.merge_max_diff is not None else "") + "[/dim]")
+    if compare:
+        table = Table(title=f"{run_dir}: base vs tuned", show_lines=True)
+        for column in ("prompt", "base", "tuned") + (("reference",) if any("reference" in r for r in result.rows) else ()):
+            table.add_column(column, overflow="fold")
+        for r in result.rows:
+            table.add_row(r["prompt"], r["base_completion"], r["completion"], *([r.get("reference", "")] if len(table.columns) == 4 else []))
+        out_console.print(table)
+    if output is not None:
+        write_jsonl(output, result.rows)
+        console.print(f"{len(result.rows)} completions written to {output}")
+    elif not compare:
+        for r in result.rows:
+            print(json.dumps(r, ensure_ascii=False))
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, adapter directory, or merged model directory.")],
+    system: Annotated[Optional[str], typer.Option(help="System prompt for the conversation.")] = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    base: Annotated[bool, typer.Option("--base", help="Chat with the base model (adapters off).")] = False,
+    merge_: MergeOpt = True,
+) -> None:
+    """Talk to a tuned model, turn by turn; replies stream. /reset starts over, /exit ends.
+
+    Reads standard input, so it also runs from a pipe: printf 'hi\\n/exit\\n' | tnlora chat RUN
+    """
+    _quiet_libraries()
+    from .generation import chat_session, load_generator
+
+    settings = _sampling(max_new_tokens, temperature, top_p, seed, 1)
+    gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
+    if base and not gen.has_adapter:
+        _run(_input_error, f"{run_dir} is a model directory without an adapter: --base needs a run")
+    if gen.source.task == "causal-lm":
+        console.print("[yellow]note:[/yellow] a causal-lm run was trained on plain text; each turn is continued as text")
+
+    def lines() -> Any:
+        while True:
+            if sys.stdin.isatty():
+                sys.stdout.write("you: ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    _run(chat_session, gen, settings, lines(), _write_stdout, system=system, base=base)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _input_error(message: str) -> None:
+    from .errors import InputError
+
+    raise InputError(message)
 
 
 def _cleanup_on_sigterm() -> None:

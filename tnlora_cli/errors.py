@@ -46,3 +46,9 @@ class CheckpointError(TnloraError):
 
 class MergeError(TnloraError):
     """A merge was refused or failed verification."""
+
+
+class InputError(TnloraError):
+    """A command-line option or an input file (prompts, ...) is invalid."""
+
+    exit_code = 2

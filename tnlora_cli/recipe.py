@@ -128,6 +128,31 @@ class QuantizationConfig(StrictModel):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="4-bit matmul dtype; auto: bf16 on a GPU that has it, else fp32.")
 
 
+class EvalGenerateConfig(StrictModel):
+    """`tnlora eval RUN --generate`: greedy generations for the held-out examples, scored
+    against their references (exact match, extracted-answer accuracy, BLEU, chrF, ROUGE-L)."""
+
+    max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per held-out prompt.")
+    batch_size: int | None = Field(None, gt=0, description="Prompts per generation batch (default: training.eval_batch_size or batch_size).")
+    max_examples: int | None = Field(None, gt=0, description="Score only the first N held-out examples.")
+    answer_pattern: str = Field(
+        r"(-?[\d,]*\.?\d+)",
+        description="Regex of the answer in a text (its last match; group 1 if it has one): accuracy of the extracted answer. Default: the last number.",
+    )
+    show: int = Field(3, ge=0, description="Examples printed with reference, base and tuned output.")
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
 class Recipe(StrictModel):
     model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
     task: Task
@@ -145,6 +170,7 @@ class Recipe(StrictModel):
     )
     trust_remote_code: bool = False
     quantization: QuantizationConfig | None = Field(None, description="Quantize the frozen base (adapters and task head stay full precision).")
+    eval_generate: EvalGenerateConfig = Field(default_factory=EvalGenerateConfig)
 
 
 # ---------------------------------------------------------------------------- loading
