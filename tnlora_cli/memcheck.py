@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RecipeError, TnloraError
+from .errors import RecipeError
 from .recipe import Recipe
 
 
@@ -45,9 +45,7 @@ def check_memory_fits(recipe: Recipe) -> None:
 
     try:
         estimate = dry_run(recipe, with_samples=False, processes=int(os.environ.get("WORLD_SIZE", "1"))).memory["total"]
-    except TnloraError:
-        raise
-    except Exception:  # noqa: BLE001 - an estimate that cannot be made is no reason to refuse; loading will say what is wrong
+    except Exception:  # noqa: BLE001 - an estimate that cannot be made is no reason to refuse; loading says what is wrong
         return
     have = available_memory()
     if have is not None and estimate > have:

@@ -32,8 +32,10 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> RunLock:
+        self._created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -53,6 +55,10 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                # A run refused before writing anything leaves no directory behind.
+                (self.run_dir / LOCK_NAME).unlink()
+                self.run_dir.rmdir()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
