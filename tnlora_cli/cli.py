@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -87,12 +88,12 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         message = _os_error_message(exc)
         if message is None or os.environ.get("TNLORA_DEBUG") == "1":
             raise
-        console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
         raise typer.Exit(2 if exc.errno in (errno.EACCES, errno.EROFS, errno.EISDIR, errno.ENOTDIR) else 1) from None
     except TnloraError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            console.print(f"  [yellow]hint:[/yellow] {exc.hint}", highlight=False)
+            console.print(f"  [yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
         if os.environ.get("TNLORA_DEBUG") == "1":
             raise
         raise typer.Exit(exc.exit_code) from None

@@ -17,10 +17,10 @@ from .errors import CheckpointError, MergeError
 def protected_paths(given: str | Path, adapter_dir: str | Path, model_path: str | Path) -> dict[str, Path]:
     """What a merge or export of `given` reads: the path given, its run, adapter and base model."""
     adapter = Path(adapter_dir)
-    paths = {"the run": Path(given), "its adapter": adapter, "the adapter's run or checkpoint": adapter.parent}
+    paths = {"the run": adapter.parent, "its adapter": adapter, "the path given": Path(given)}
     if adapter.parent.parent.name == "checkpoints":
+        paths["the checkpoint"] = adapter.parent
         paths["the run"] = adapter.parent.parent.parent
-        paths["the path given"] = Path(given)
     if Path(model_path).exists():
         paths["the base model"] = Path(model_path)
     return paths
@@ -28,10 +28,13 @@ def protected_paths(given: str | Path, adapter_dir: str | Path, model_path: str 
 
 def refuse_overlap(out: str | Path, protected: dict[str, Path]) -> None:
     target = Path(out).expanduser().resolve()
-    for label, path in protected.items():
-        p = path.expanduser().resolve()
-        if target == p or target in p.parents or p in target.parents:
-            relation = "is" if target == p else ("contains" if target in p.parents else "lies inside")
+    resolved = {label: path.expanduser().resolve() for label, path in protected.items()}
+    tests = (("is", lambda p: target == p), ("contains", lambda p: target in p.parents), ("lies inside", lambda p: p in target.parents))
+    for relation, holds in tests:  # the most telling relation first: `--out RUN` "is the run"
+        for label, p in resolved.items():
+            if not holds(p):
+                continue
+            path = protected[label]
             raise MergeError(
                 f"--out {out} {relation} {label} ({path}); writing there would destroy what is being read",
                 hint="choose an --out outside the run directory and the base model",
