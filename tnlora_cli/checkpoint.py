@@ -39,11 +39,13 @@ def atomic_directory(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `dest`; rename it to `dest` only if the block succeeds.
 
     A crash or kill at any point leaves `dest` as it was (absent or the previous version);
-    at worst a hidden `.name.tmp-*` sibling remains.
+    at worst a hidden `.name.tmp-PID-*` sibling remains, removed by the next write to `dest`
+    once its process is gone.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_dead_temporaries(dest)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -53,6 +55,33 @@ def atomic_directory(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(dest: Path) -> list[Path]:
+    """Remove `.name.tmp-PID-*` siblings of `dest` whose process no longer runs, and put
+    back a previous version a killed `publish_directory` had moved aside."""
+    removed = []
+    for item in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = item.name[len(dest.name) + 6 :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item)
+    olds = sorted(dest.parent.glob(f".{dest.name}.old-*"))
+    if olds and not dest.exists():
+        os.replace(olds.pop(0), dest)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
 
 
 def publish_directory(tmp: Path, dest: Path) -> None:
@@ -90,12 +119,19 @@ def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     cfg_path, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{directory} holds no tnlora adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({str(exc).splitlines()[0][:80]})", hint="the adapter directory is damaged; use another checkpoint") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a tnlora adapter config")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path} was written by a newer tnlora ({config.get('tnlora_version')})", hint="upgrade tnlora")
-    return load_file(str(weights)), config
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError for truncated or garbage files
+        raise CheckpointError(f"{weights} is damaged ({str(exc).splitlines()[0][:80]})", hint="the adapter directory is damaged; use another checkpoint") from None
+    return state, config
 
 
 # ------------------------------------------------------------------- training state
@@ -179,14 +215,14 @@ def resolve_adapter_dir(path: Path) -> Path:
     """A run directory, a checkpoint, or an adapter directory -> the adapter directory."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist", hint="pass a run directory (the recipe's output_dir) or a checkpoint")
+        raise CheckpointError(f"{path} does not exist", hint="pass a run directory (the recipe's output_dir) or a checkpoint", exit_code=2)
     for candidate in (path, path / "adapter"):
         if (candidate / ADAPTER_CONFIG).is_file():
             return candidate
     checkpoints = checkpoint_dirs(path)
     if checkpoints:
         return checkpoints[-1] / "adapter"
-    raise CheckpointError(f"{path} holds no adapter", hint="train first, or point at a run directory or checkpoint")
+    raise CheckpointError(f"{path} holds no adapter", hint="train first, or point at a run directory or checkpoint", exit_code=2)
 
 
 def find_recipe_file(adapter_dir: Path) -> Path:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -92,13 +96,50 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call the library; a user error becomes one message and an exit code, no traceback."""
     try:
         return fn(*args, **kwargs)
+    except OSError as exc:
+        message = _os_error_message(exc)
+        if message is None or os.environ.get("TNLORA_DEBUG") == "1":
+            raise
+        console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+        raise typer.Exit(2 if exc.errno in (errno.EACCES, errno.EROFS, errno.EISDIR, errno.ENOTDIR) else 1) from None
     except TnloraError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            console.print(f"  [yellow]hint:[/yellow] {exc.hint}", highlight=False)
+            console.print(f"  [yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
         if os.environ.get("TNLORA_DEBUG") == "1":
             raise
         raise typer.Exit(exc.exit_code) from None
+
+
+def _os_error_message(exc: OSError) -> str | None:
+    """A disk or permission problem, said in one line (anything else keeps its traceback)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full{where}; nothing was published (a temporary directory was removed, earlier checkpoints are kept)"
+    if exc.errno in (errno.EACCES, errno.EROFS):
+        return f"cannot write{where}: {'read-only file system' if exc.errno == errno.EROFS else 'permission denied'}; choose a writable directory"
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+        return f"{exc.strerror}{where}"
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop) ends training like Ctrl-C: the run says what was saved."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _metrics_table(title: str, rows: dict[str, dict[str, float]], majority: float | None = None) -> Table:
@@ -140,6 +181,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Start again in an output_dir that already holds a run.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show matched modules, exact counts, a memory estimate and tokenized samples; load no weights, write nothing.")] = False,
     processes: Annotated[int, typer.Option(min=1, help="With --dry-run: estimate memory per process for this many processes (training.distributed decides what is sharded).")] = 1,
+    skip_memory_check: Annotated[bool, typer.Option("--skip-memory-check", help="Train even when the dry-run memory estimate exceeds the memory available.")] = False,
 ) -> None:
     """Fine-tune the recipe's model with its adapter; writes adapter, metrics and plots to output_dir.
 
@@ -155,7 +197,8 @@ def train(
 
         _print_dry_run(_run(run_dry, spec, processes=processes))
         return
-    result = _run(run_train, spec, resume=resume, overwrite=overwrite, reporter=RichReporter())
+    with _sigterm_as_interrupt():
+        result = _run(run_train, spec, resume=resume, overwrite=overwrite, reporter=RichReporter(), check_memory=not skip_memory_check)
     if result.evaluation is None:
         return
     out_console.print(f"trainable parameters: {result.parameters['trainable']:,} of {result.parameters['total']:,}")
@@ -224,7 +267,7 @@ def _print_prepare(report: dict[str, Any]) -> None:
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
-    batch_size: Annotated[Optional[int], typer.Option(help="Evaluation batch size (default: the recipe's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Evaluation batch size (default: the recipe's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     generate_: Annotated[bool, typer.Option("--generate", help="Instruction runs: also generate replies to the held-out prompts and score them (exact match, answer accuracy, BLEU, chrF, ROUGE-L); writes generations.jsonl and eval.json's 'generate' entry.")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="With --generate: most tokens per reply (default: the recipe's eval_generate.max_new_tokens).")] = None,
@@ -551,6 +594,12 @@ def inspect_rank(
     """Rank, effective rank and spectrum of every adapter's weight update ΔW, per layer."""
     _quiet_libraries()
     from .ranks import inspect_run, plot_ranks, write_csv
+
+    for option, target in (("--plot", plot), ("--json", json_out), ("--csv", csv_out)):
+        if target is not None and (target.is_dir() or not target.parent.is_dir()):
+            problem = "is a directory" if target.is_dir() else f"is in {target.parent}, which does not exist"
+            console.print(f"[bold red]error:[/bold red] {option} {target}: {problem}; give a file path", highlight=False)
+            raise typer.Exit(2)
 
     reports = [_run(inspect_run, run, rtol=rtol, dense=dense, reporter=RichReporter()) for run in runs]
     table = Table(title="rank of ΔW per module role")

@@ -88,6 +88,10 @@ def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
         return AutoConfig.from_pretrained(minilm_path())
     path = Path(name).expanduser()
     if path.is_dir() or (path.parent.is_dir() and path.name == "config.json"):
+        if (path if path.is_dir() else path.parent).joinpath("config.json").is_file():
+            from .model_check import check_model_dir
+
+            check_model_dir(path if path.is_dir() else path.parent, trust_remote_code, weights=False)
         return AutoConfig.from_pretrained(path if path.is_dir() else path.parent, trust_remote_code=trust_remote_code)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)

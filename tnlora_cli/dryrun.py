@@ -133,7 +133,7 @@ def _samples(recipe: Recipe, n: int = 2) -> tuple[list[dict[str, Any]], str | No
     if recipe.model in shipped_configs() and recipe.model not in ("smollm2-135m",):
         return [], f"no tokenizer ships with the '{recipe.model}' config: samples are shown for local or embedded models"
     try:
-        path = resolve_model(recipe.model, recipe.trust_remote_code)
+        path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
         tokenizer = load_tokenizer(path, recipe.trust_remote_code)
         data = prepare_data(recipe.data, recipe.task, tokenizer)
     except TnloraError as exc:

@@ -13,10 +13,12 @@ class TnloraError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if exit_code is not None:  # a path or option the user gave: 2, whatever the class
+            self.exit_code = exit_code
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
@@ -52,3 +54,19 @@ class InputError(TnloraError):
     """A command-line option or an input file (prompts, ...) is invalid."""
 
     exit_code = 2
+
+
+class RunInUseError(TnloraError):
+    """Another live process holds the run directory's lock."""
+
+    exit_code = 2
+
+
+class DivergenceError(TnloraError):
+    """Training produced a non-finite loss, gradient or adapter."""
+
+
+class InterruptedRun(TnloraError):
+    """SIGINT/SIGTERM during training: what was saved and how to continue."""
+
+    exit_code = 130

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import atomic_directory
+from .outputs import protected_paths, refuse_overlap, require_finite
 from .errors import MergeError, RecipeError
 from .inject import adapted_layers, is_adapter_tensor, require_linear
 from .modeling import base_model_reference, resolve_model
@@ -71,9 +72,11 @@ def export_as_lora(
         raise RecipeError(f"--energy {energy}: must be in (0, 1]")
     out = Path(out)
     if out.exists() and not force:
-        raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+        raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
     model, meta = load_adapters_on_meta(path)
     recipe, config, state = meta["recipe"], meta["config"], meta["state"]
+    refuse_overlap(out, protected_paths(path, meta["adapter_dir"], resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)))
+    require_finite(state, meta["adapter_dir"])
     layers = list(adapted_layers(model))
     require_linear(model, "it has no LoRA form")
     tensors: dict[str, torch.Tensor] = {}
@@ -98,7 +101,7 @@ def export_as_lora(
         if not is_adapter_tensor(key):
             tensors[f"base_model.model.{key}"] = tensor.contiguous()
     top = max(ranks.values())
-    base = base_model_reference(recipe.model, resolve_model(recipe.model, recipe.trust_remote_code))
+    base = base_model_reference(recipe.model, resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle))
     peft_config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM",

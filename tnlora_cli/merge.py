@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import atomic_directory
+from .outputs import protected_paths, refuse_overlap, require_finite
 from .data import collate
 from .errors import MergeError
 from .inject import adapted_layers, is_adapter_tensor, merge_into_base, require_linear
@@ -69,7 +70,16 @@ def parse_size(text: str | int) -> int:
             return int(float(lowered[: -len(unit)]) * factor)
     if lowered.isdigit():
         return int(lowered)
-    raise MergeError(f"--max-shard-size {text!r}: not a size", hint="use e.g. 5GB, 500MB or a number of bytes")
+    raise MergeError(f"--max-shard-size {text!r}: not a size", hint="use e.g. 5GB, 500MB or a number of bytes", exit_code=2)
+
+
+def human_size(n: float) -> str:
+    """Bytes in the largest unit that keeps a digit before the point (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def checkpoint_dtype(model_path: str) -> str:
@@ -219,15 +229,17 @@ def merge_run(
     reporter = reporter or Reporter()
     out = Path(out)
     if out.exists() and not force:
-        raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+        raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
     if dtype is not None and dtype not in DTYPES:
-        raise MergeError(f"--dtype {dtype}: unknown", hint=f"use one of {', '.join(DTYPES)}")
+        raise MergeError(f"--dtype {dtype}: unknown", hint=f"use one of {', '.join(DTYPES)}", exit_code=2)
     max_bytes = parse_size(max_shard_size)
     reporter.status(f"reading the adapter of {path}")
     model, meta = load_adapters_on_meta(path)
     recipe = meta["recipe"]
     require_linear(model, "it cannot be merged into a weight")
-    model_path = resolve_model(recipe.model, recipe.trust_remote_code)
+    model_path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
+    refuse_overlap(out, protected_paths(path, meta["adapter_dir"], model_path))
+    require_finite(meta["state"], meta["adapter_dir"])
     target_name = dtype or checkpoint_dtype(model_path)
     target = DTYPES[target_name]
     shards = safetensors_shards(model_path) if streaming else None
@@ -314,7 +326,7 @@ def _merge_streaming(
     needed = sum(e.nbytes for e in entries) * 1.02 + 2**20
     free = shutil.disk_usage(tmp).free
     if free < needed:
-        raise MergeError(f"not enough disk space: the merged model needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free", hint="free space or choose another --out")
+        raise MergeError(f"not enough disk space: the merged model needs about {human_size(needed)}, {human_size(free)} are free", hint="free space or choose another --out")
     n_shards = _write_shards(tmp, entries, max_bytes, reporter)
 
     _copy_side_files(Path(model_path), tmp)

@@ -23,13 +23,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 
 from .embedded import HUB_IDS, MODELS, embedded_hub_id
 from .errors import ModelError
+from .model_check import check_model_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Top-level modules that hold a task head created fresh for fine-tuning.
 HEAD_NAMES = ("classifier", "score")
 
 
-def resolve_model(name: str, trust_remote_code: bool = False) -> str:
+def resolve_model(name: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> str:
     """An embedded alias, a local directory, or a hub id (checked now, before any work)."""
     if name in MODELS:
         return str(MODELS[name]())
@@ -37,6 +38,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model: {path} has no config.json", hint="point model at a Hugging Face model directory")
+        check_model_dir(path, trust_remote_code, allow_pickle)
         return str(path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local:

@@ -19,6 +19,7 @@ from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
 from .inject import InjectionReport, inject_adapter, is_adapter_tensor, legacy_module_roles, load_adapter_state_dict
+from .model_check import check_max_length
 from .modeling import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
 
@@ -48,7 +49,8 @@ def prepare(
     """Load tokenizer, data and base model, and attach a fresh adapter. `quantize=False`
     loads the base unquantized even when the recipe quantizes it (merge reference);
     `empty=True` builds model and adapter on the meta device (weights come later)."""
-    model_path = resolve_model(recipe.model, recipe.trust_remote_code)
+    model_path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
+    check_max_length(model_path, recipe.data.max_length)
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
     # The task head is drawn from the global RNG: seeding here makes it the same in

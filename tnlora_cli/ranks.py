@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from .errors import RecipeError
 from .inject import adapted_layers
+from .outputs import require_finite
 from .pipeline import load_adapters_on_meta
 from .reporting import Reporter
 
@@ -89,7 +91,10 @@ def _layer_index(name: str) -> int | None:
 def inspect_run(path: str | Path, rtol: float | None = None, dense: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Rank statistics of every adapted layer of a run, checkpoint or adapter directory."""
     reporter = reporter or Reporter()
+    if rtol is not None and not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
+        raise RecipeError(f"--rtol {rtol}: must be a number in [0, 1)", hint="e.g. --rtol 1e-6, or leave it out for eps(fp32) x max(m, n)")
     model, meta = load_adapters_on_meta(path)
+    require_finite(meta["state"], meta["adapter_dir"])
     recipe = meta["recipe"]
     layers = list(adapted_layers(model))
     trainable = sum(t.numel() for t in {id(p): p for p in model.parameters() if p.requires_grad and p.device.type != "meta"}.values())

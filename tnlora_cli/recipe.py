@@ -8,6 +8,8 @@ Errors name the YAML path and raise `RecipeError` before anything is loaded or w
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -169,6 +171,7 @@ class Recipe(StrictModel):
         "flash_attention_2 (needs the flash-attn package and a CUDA GPU; use with bfloat16/float16 model_dtype).",
     )
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="Load a base model stored only as pickled weights (pytorch_model.bin) with torch's weights-only loader; refused by default.")
     quantization: QuantizationConfig | None = Field(None, description="Quantize the frozen base (adapters and task head stay full precision).")
     eval_generate: EvalGenerateConfig = Field(default_factory=EvalGenerateConfig)
 
@@ -179,10 +182,17 @@ class Recipe(StrictModel):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (`--set a.b=v`) and validate a recipe file."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe file {path} is a directory", hint="pass the path of a YAML recipe inside it, e.g. recipes/quickstart.yaml")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist", hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}, line {line})", hint="save the recipe as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -212,8 +222,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
                 raise RecipeError(f"--set {item!r}: {where} is not a section", hint=f"{where} holds a value; set it directly")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
+            node[parts[-1]] = yaml.load(value, Loader=UniqueKeyLoader) if value != "" else None  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            if value.lstrip().startswith(("[", "{")):  # meant as a list or mapping: a typo, not a string
+                raise RecipeError(f"--set {item!r}: not valid YAML ({getattr(exc, 'problem', exc)})", hint="check the brackets and commas, e.g. [q_proj,v_proj]") from None
             node[parts[-1]] = value
 
 
@@ -224,8 +236,38 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(_format_validation_error(exc, raw, source), hint="fix the value in the recipe or with --set KEY=VALUE") from None
+    _check_finite(recipe.model_dump(mode="python"), ())
     _cross_checks(recipe)
     return recipe
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (a second `training:`
+    section would otherwise silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key]} and {line}); the second would replace the first", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_finite(value: Any, loc: tuple) -> None:
+    """No NaN or infinity anywhere: `.inf` passes range checks like `gt=0`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{_path(loc)}: must be a finite number (got {value})", hint="fix the value in the recipe or with --set KEY=VALUE")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, loc + (k,))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, loc + (i,))
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -239,6 +281,15 @@ def _cross_checks(recipe: Recipe) -> None:
             "data.label_column: a classification task needs a label column",
             hint="set data.label_column to the column that holds each example's class",
         )
+    targets = recipe.adapter.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise RecipeError(
+                f"adapter.target_modules: {targets!r} is not a valid regular expression ({exc})",
+                hint="give a list of module names, e.g. [q_proj, v_proj], or a valid regex",
+            ) from None
     if data.labels is not None and len(set(data.labels)) < 2:
         raise RecipeError("data.labels: needs at least two distinct labels", hint="list the classes to keep, or remove the key")
     if training.max_steps is not None and training.epochs is not None:
@@ -290,6 +341,10 @@ def _check_keys(raw: Any, model: type[BaseModel], loc: tuple) -> None:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(fields)}"
             raise RecipeError(f"{_path(loc + (key,))}: unknown key", hint=hint)
+        value = raw[key]
+        if _wants_int(fields[key].annotation) and (isinstance(value, bool) or isinstance(value, float)):
+            # pydantic would read `true` as 1 and 2.0 as 2: a whole number must be written as one.
+            raise RecipeError(f"{_path(loc + (key,))}: expected a whole number, got {value!r}", hint="write an integer, e.g. 100")
     for key, value in raw.items():
         classes = _model_classes(fields[key].annotation)
         if not classes:
@@ -298,6 +353,16 @@ def _check_keys(raw: Any, model: type[BaseModel], loc: tuple) -> None:
             _check_keys(value, _adapter_config_class(value, loc + (key,)), loc + (key,))
         elif len(classes) == 1:
             _check_keys(value, classes[0], loc + (key,))
+
+
+def _wants_int(annotation: Any) -> bool:
+    """int or int | None (not bool, not a union with float)."""
+    if annotation is int:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args == [int]
+    return False
 
 
 def _adapter_config_class(raw: Any, loc: tuple) -> type[BaseModel]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -35,13 +36,17 @@ from .checkpoint import (
 from .data import collate
 from .data_report import data_summary
 from .distributed import Engine, build_engine
-from .errors import CheckpointError, RecipeError
+from .errors import CheckpointError, InterruptedRun, RecipeError
+from .guard import DivergenceGuard
 from .evaluate import compare_with_base, evaluate_examples, majority_rate
 from .inject import count_parameters, load_adapter_state_dict
 from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
+from .memcheck import check_memory_fits, is_main_launch_process
 from .recipe import Recipe, recipe_to_yaml
 from .reporting import Reporter
+from .resume import check_resumed_recipe, latest_valid_checkpoint, require_valid, write_manifest
+from .runlock import RunLock, clean_dead_leftovers, drop_previous_run, remove_stale_outputs, restore_previous_run, stage_previous_run, trim_metrics
 from .schedule import resolve_schedule
 from .tracking import check_trackers, finish_trackers, log_record, start_trackers
 from .weight_decay import decay_exempt_names
@@ -85,8 +90,9 @@ class BatchStream:
         return [self._perm(k // self.n)[k % self.n] for k in range(start, start + batch_size)]
 
 
-def _resume_from(output_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
-    """Which checkpoint to continue from; refuse to clobber a previous run by accident."""
+def _resume_from(output_dir: Path, resume: str | None, overwrite: bool, warn: Callable[[str], None] = print) -> Path | None:
+    """Which checkpoint to continue from; refuse to clobber a previous run by accident.
+    Damaged checkpoints are skipped (auto) or refused (an explicit path)."""
     has_run = (output_dir / "adapter").exists() or bool(checkpoint_dirs(output_dir))
     if resume is None:
         if has_run and not overwrite:
@@ -102,10 +108,18 @@ def _resume_from(output_dir: Path, resume: str | None, overwrite: bool) -> Path 
                 f"--resume auto: {output_dir} holds a finished run and no checkpoint to continue from",
                 hint="raise training.max_steps with save_every set to continue later runs, or pass --overwrite to start again",
             )
-        return found[-1] if found else None
+        if not found:
+            return None
+        valid = latest_valid_checkpoint(output_dir, warn)
+        if valid is None:
+            raise CheckpointError(
+                f"--resume auto: every checkpoint in {output_dir}/checkpoints is damaged", hint="start again with --overwrite", exit_code=2
+            )
+        return valid
     path = Path(resume)
     if not (path / "training_state.json").is_file():
-        raise CheckpointError(f"--resume {resume}: not a checkpoint directory", hint=f"use --resume auto or a path like {output_dir}/checkpoints/step-000100")
+        raise CheckpointError(f"--resume {resume}: not a checkpoint directory", hint=f"use --resume auto or a path like {output_dir}/checkpoints/step-000100", exit_code=2)
+    require_valid(path)
     return path
 
 
@@ -116,8 +130,57 @@ def train(
     overwrite: bool = False,
     reporter: Reporter | None = None,
     stop_after: int | None = None,
+    check_memory: bool = True,
 ) -> TrainResult:
     """Train the recipe's adapter; returns where it went and the final held-out metrics.
+
+    The output_dir is locked for the whole run (see `runlock`); `--overwrite` keeps the
+    previous run until this one has published its adapter; `check_memory` compares the
+    dry-run memory estimate with what the machine has before anything is loaded.
+    `stop_after` ends the run after that step as an interruption would.
+    """
+    reporter = reporter or Reporter()
+    if check_memory:
+        check_memory_fits(recipe)
+    if not is_main_launch_process():  # the main process holds the lock and tidies up
+        return _train(recipe, resume=resume, overwrite=overwrite, reporter=reporter, stop_after=stop_after)
+    out = Path(recipe.output_dir)
+    with RunLock(out):
+        for item in clean_dead_leftovers(out):
+            reporter.status(f"removed {out / item}, left by an interrupted process")
+        if resume is None and restore_previous_run(out):
+            reporter.status(f"an --overwrite run in {out} ended before finishing: the previous run was put back")
+        staged = overwrite and resume is None and stage_previous_run(out)
+        if resume is None and not (out / "adapter").exists() and not checkpoint_dirs(out):
+            remove_stale_outputs(out, reporter.status)
+        try:
+            result = _train(recipe, resume=resume, overwrite=overwrite, reporter=reporter, stop_after=stop_after)
+        except KeyboardInterrupt:
+            reporter.finish()
+            found = checkpoint_dirs(out)
+            saved = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint had been saved (set training.save_every)"
+            raise InterruptedRun(
+                f"training interrupted: {saved}; no final adapter was written",
+                hint="run the same command with --resume auto to continue" if found else "run the same command again (with --overwrite) to start over",
+            ) from None
+        except BaseException:
+            if staged:
+                restore_previous_run(out)
+            raise
+        if (out / "adapter").exists() and result.steps >= recipe.training.max_steps:
+            drop_previous_run(out)
+        return result
+
+
+def _train(
+    recipe: Recipe,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """The training run itself (see `train`).
 
     `stop_after` ends the run after that step as an interruption would (checkpoints as
     configured, no final adapter): used to test resuming and for time-boxed jobs.
@@ -131,7 +194,9 @@ def train(
     if not is_main:
         reporter = Reporter()  # one progress display, from the main process
     out = Path(recipe.output_dir)
-    resume_dir = _resume_from(out, resume, overwrite)
+    resume_dir = _resume_from(out, resume, overwrite, reporter.status)
+    if resume_dir is not None:
+        check_resumed_recipe(recipe, resume_dir, json.loads((resume_dir / "training_state.json").read_text())["step"])
 
     if engine.note:
         reporter.status(engine.note)
@@ -177,11 +242,8 @@ def train(
         rng_file = resume_dir / f"rng_state_{rank}.safetensors"
         if rng_file.is_file():
             load_rng_state(rng_file)
-    elif is_main:
-        if overwrite:
-            for stale in ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json", "tensorboard", "trackers.json"):
-                target = out / stale
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if is_main:
+            trim_metrics(out / "metrics.jsonl", start_step)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         header = f"# {schedule.note}\n" if schedule.note else ""
@@ -215,6 +277,7 @@ def train(
     window_slots = 0
     last_loss: float | None = None
     step = start_step
+    guard = DivergenceGuard(out, accelerator, check_gradients=accelerator.scaler is None)
     while step < cfg.max_steps:
         for micro in range(cfg.gradient_accumulation_steps):
             micro_index = step * cfg.gradient_accumulation_steps + micro
@@ -227,6 +290,8 @@ def train(
                 loss = model(**batch).loss
                 engine.backward(loss)
             window_loss += loss.detach() / cfg.gradient_accumulation_steps
+            guard.add(loss / cfg.gradient_accumulation_steps)
+        guard.check(step + 1, model)
         engine.clip_gradients()
         optimizer.step()
         scheduler.step()
@@ -255,7 +320,7 @@ def train(
                 reporter.metrics(step, values)
             accelerator.wait_for_everyone()
         if (cfg.save_every and step % cfg.save_every == 0) or (stop_after is not None and step == stop_after):
-            _save_checkpoint(engine, model, prepared, optimizer, scheduler, step, out, cfg.save_total_limit)
+            _save_checkpoint(engine, model, prepared, optimizer, scheduler, step, out, cfg.save_total_limit, guard)
         if stop_after is not None and step >= stop_after:
             break
     reporter.finish()
@@ -269,6 +334,7 @@ def train(
         finish_trackers(accelerator)
         return TrainResult(out, step, last_loss, None, None, params)
 
+    guard.check_state(step, final_state, "final adapter")
     if is_main:
         with atomic_directory(out / "adapter", overwrite=True) as tmp:
             save_adapter(tmp, final_state, adapter_metadata(prepared))
@@ -356,12 +422,17 @@ def _peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _save_checkpoint(engine: Engine, model: torch.nn.Module, prepared: Prepared, optimizer: Any, scheduler: Any, step: int, out: Path, keep: int | None) -> None:
+def _save_checkpoint(
+    engine: Engine, model: torch.nn.Module, prepared: Prepared, optimizer: Any, scheduler: Any, step: int, out: Path, keep: int | None,
+    guard: DivergenceGuard | None = None,
+) -> None:
     """Every rank helps gather the adapter and optimizer state (collective under sharding);
     the main rank writes them into a temporary directory, every rank adds its RNG state,
     then the directory is renamed into place."""
     accelerator = engine.accelerator
     adapter = engine.adapter_state(model, prepared.injection.modules_to_save)
+    if guard is not None:
+        guard.check_state(step, adapter, f"checkpoint of step {step}")
     optimizer_state = engine.optimizer_state(optimizer)
     dest = out / "checkpoints" / f"step-{step:06d}"
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -375,8 +446,12 @@ def _save_checkpoint(engine: Engine, model: torch.nn.Module, prepared: Prepared,
     save_rng_state(tmp / f"rng_state_{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)
         publish_directory(tmp, dest)
         if keep:
             for old in checkpoint_dirs(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first: a kill mid-deletion leaves a hidden directory, never a half checkpoint.
+                doomed = old.with_name(f".{old.name}.deleting")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -1,0 +1,143 @@
+"""Trusting a checkpoint: every file verified, and the resumed recipe checked against it.
+
+A checkpoint carries `manifest.json` (size and SHA-256 of each of its files, written last,
+before the directory is renamed into place). Verifying it catches a truncated or altered
+file; older checkpoints without a manifest are checked by opening each file. `--resume auto`
+falls back from a damaged newest checkpoint to the newest valid one, with a warning.
+
+The recipe a run is resumed with must continue the same run: changing the model, data,
+adapter or optimisation would silently train something else from the checkpoint's state.
+Only the keys in `SAFE_ON_RESUME` may change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checkpoint_dirs, write_json
+from .errors import CheckpointError, RecipeError
+
+MANIFEST = "manifest.json"
+
+#: Recipe keys a resumed run may change: how long to train, how often to log, evaluate and
+#: save, how many checkpoints to keep, the evaluation batch size and where the run is.
+#: A new `training.max_steps` recomputes the linear/cosine schedule for the new total.
+SAFE_ON_RESUME = (
+    "training.max_steps",
+    "training.log_every",
+    "training.eval_every",
+    "training.save_every",
+    "training.save_total_limit",
+    "training.eval_batch_size",
+    "data.max_eval_samples",
+    "output_dir",
+)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    write_json(directory / MANIFEST, {"files": entries})
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why this checkpoint cannot be trusted, or None when every file checks out."""
+    manifest = directory / MANIFEST
+    required = ["training_state.json", "training_state.safetensors", "recipe.yaml", f"adapter/{ADAPTER_CONFIG}", f"adapter/{ADAPTER_WEIGHTS}"]
+    for name in required:
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return f"{MANIFEST} is unreadable"
+        for name, entry in entries.items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written"
+            if _sha256(path) != entry["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+    # No manifest (written by an older tnlora): open every file instead.
+    from safetensors import safe_open
+
+    try:
+        meta = json.loads((directory / "training_state.json").read_text())
+        if not isinstance(meta.get("step"), int):
+            return "training_state.json has no step"
+        json.loads((directory / "adapter" / ADAPTER_CONFIG).read_text())
+        for path in [directory / "training_state.safetensors", directory / "adapter" / ADAPTER_WEIGHTS, *directory.glob("rng_state_*.safetensors")]:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means "damaged"
+        return f"a file cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint whose files all check out; damaged newer ones are named."""
+    for candidate in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        warn(f"warning: checkpoint {candidate} is damaged ({problem}); falling back to an earlier one")
+    return None
+
+
+def require_valid(checkpoint: Path) -> None:
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"--resume {checkpoint}: the checkpoint is damaged ({problem})", hint="use --resume auto to take the newest valid checkpoint", exit_code=2)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def check_resumed_recipe(recipe: Any, checkpoint: Path, step: int) -> list[str]:
+    """Refuse recipe changes that alter the continued run; return the safe ones made."""
+    from .recipe import validate_recipe
+
+    try:
+        saved = validate_recipe(yaml.safe_load((checkpoint / "recipe.yaml").read_text()) or {}, source=str(checkpoint / "recipe.yaml"))
+    except (RecipeError, yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{checkpoint}/recipe.yaml cannot be read ({str(exc).splitlines()[0]})") from None
+    old, new = _flatten(saved.model_dump(mode="json")), _flatten(recipe.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+    if unsafe:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in unsafe[:6]) + (" ..." if len(unsafe) > 6 else "")
+        raise RecipeError(
+            f"--resume: the recipe differs from the checkpoint's in {shown}; resuming would continue a different run",
+            hint=f"resume with the checkpoint's settings (see {checkpoint}/recipe.yaml), or start a new run; "
+            f"keys that may change on resume: {', '.join(SAFE_ON_RESUME)}",
+        )
+    if recipe.training.max_steps < step:
+        raise RecipeError(
+            f"training.max_steps: {recipe.training.max_steps} is below the checkpoint's step {step}",
+            hint=f"set training.max_steps to at least {step}",
+        )
+    return changed
