@@ -157,7 +157,7 @@ def trim_metrics(metrics_file: Path, last_step: int) -> int:
 def remove_stale_outputs(run_dir: Path, warn: Callable[[str], None]) -> None:
     """A fresh run in a directory holding no adapter and no checkpoint: files of a run that
     died before its first checkpoint (metrics, plot) would mix into the new run's."""
-    stale = [name for name in ("metrics.jsonl", "loss.png", "eval.json") if (run_dir / name).exists()]
+    stale = [name for name in ("metrics.jsonl", "loss.png", "eval.json", "tensorboard", "trackers.json") if (run_dir / name).exists()]
     if stale:
         for name in stale:
             _remove(run_dir / name)
