@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from .adapters import REGISTRY, AdaptedLinear, AdapterConfig, SharedStore
 from .adapters.base import LayerSpec, layer_dims
 from .errors import TargetError
+from . import frozen
 from .fused import AdaptedSlice, FusedAdaptedLinear, check_no_overlap, fused_slices
 from .tensor.init import make_generator
 
@@ -211,6 +212,11 @@ def inject_adapter(
         by_role.setdefault(role, []).append(name)
     shared.to(device)
     freeze_base(model, modules_to_save)
+    # Checksum of the frozen random tensors as drawn: saved with the adapter, and compared
+    # on loading when they are regenerated instead of stored.
+    keys = frozen.frozen_keys(model, is_adapter_tensor)
+    state = model.state_dict()
+    shared.frozen_record = {"saved": config.save_frozen, "seed": config.seed, "checksum": frozen.checksum({k: state[k] for k in keys}), "tensors": len(keys)}
     return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role, skipped_in_modules_to_save=skipped)
 
 
@@ -288,14 +294,33 @@ def require_linear(model: nn.Module, what: str) -> None:
             )
 
 
-def adapter_state_dict(model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, modules_to_save: list[str], include_frozen: bool | None = None) -> dict[str, torch.Tensor]:
     """Everything that is not the frozen base: adapter tensors (trainable and frozen),
-    shared tensors once, and the modules trained in full."""
-    return {k: v.detach() for k, v in model.state_dict().items() if _is_adapter_key(k, modules_to_save)}
+    shared tensors once, and the modules trained in full. Frozen random adapter tensors are
+    left out when `include_frozen` is false (default: the recipe's `adapter.save_frozen`)."""
+    if include_frozen is None:
+        include_frozen = frozen_record(model).get("saved", True)
+    skip = set() if include_frozen else set(frozen.frozen_keys(model, is_adapter_tensor))
+    return {k: v.detach() for k, v in model.state_dict().items() if _is_adapter_key(k, modules_to_save) and k not in skip}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], modules_to_save: list[str]) -> None:
-    expected = set(adapter_state_dict(model, modules_to_save))
+def frozen_record(model: nn.Module) -> dict:
+    """{"saved", "seed", "checksum", "tensors"} of the model's frozen random adapter tensors,
+    as drawn at injection (written to adapter_config.json as `frozen`)."""
+    shared = getattr(model, SHARED_ATTR, None)
+    return dict(getattr(shared, "frozen_record", None) or {})
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], modules_to_save: list[str], frozen_saved: dict | None = None
+) -> None:
+    """Load an adapter file's tensors. `frozen_saved` is the file's `frozen` record: when its
+    frozen tensors were not stored, the ones injection regenerated must match its checksum."""
+    include = True if frozen_saved is None else frozen_saved.get("saved", True)
+    if not include:
+        drawn = frozen_record(model)
+        frozen.verify(frozen_saved, drawn.get("seed"), drawn.get("checksum"), "adapter")
+    expected = set(adapter_state_dict(model, modules_to_save, include_frozen=include))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         from .errors import CheckpointError
