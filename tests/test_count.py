@@ -20,6 +20,8 @@ PAPER_COUNTS = [
     ("trac_llama2_7b.yaml", 106_496, "TRAC App. E"),
     ("trac_llama2_13b.yaml", 166_400, "TRAC App. E"),
     ("trac_roberta_large_glue.yaml", 40_704, "TRAC Table 3"),
+    ("trac_gpt2_medium_e2e.yaml", 54_144, "TRAC Table 5, q/v slices of c_attn"),
+    ("trac_gpt2_large_e2e.yaml", 98_880, "TRAC Table 5, q/v slices of c_attn"),
     ("loretta_all_trainable_roberta_base.yaml", 411_648, "TRAC Table 1, All Trainable"),
     ("loretta_roberta_base.yaml", 27_840, "LoRETTA-rep, r=8, t=5"),
     ("vera_roberta_base.yaml", 43_008, "TRAC Table 1, VeRA r=1024"),

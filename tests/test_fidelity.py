@@ -206,3 +206,85 @@ def test_weight_decay_exempts_biases_and_norms_as_the_hf_trainer(make_recipe):
     assert not any("proj" in n or "embed" in n for n in exempt)
     bert_exempt = decay_exempt_names(model)
     assert "bert.embeddings.LayerNorm.weight" in bert_exempt and "bert.embeddings.word_embeddings.weight" not in bert_exempt
+
+
+# ------------------------------------------------------------- save_frozen: false
+
+
+FROZEN = {"vera": {"r": 16}, "trac": {"r": 4}, "tera": {"outdim": 4}, "tensorguide": {"hidden": 4, "in_modes": [2, 2, 2]}}
+
+
+def _logits(run_dir):
+    from tnlora_cli.data import collate
+    from tnlora_cli.pipeline import load_run
+
+    run = load_run(run_dir)
+    run.load_weights()
+    batch = collate(run.prepared.data.eval[:6], run.prepared.tokenizer.pad_token_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        return run.prepared.model.eval()(**batch).logits, run.prepared.model
+
+
+@pytest.mark.parametrize("kind", sorted(FROZEN))
+def test_seed_only_frozen_tensors_round_trip_bit_for_bit(make_recipe, tmp_path, kind):
+    """Trained twice with the same seeds, stored and seed-only: same trained tensors, the
+    seed-only file holds none of the frozen ones, and both reload to identical outputs."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tnlora_cli.train import train
+
+    runs = {}
+    for save_frozen in (True, False):
+        raw = _tiny_recipe(make_recipe, kind, ["query", "value"], **FROZEN[kind], save_frozen=save_frozen)
+        raw["training"]["max_steps"] = 2
+        raw["output_dir"] = str(tmp_path / f"run-{save_frozen}")
+        train(validate_recipe(raw))
+        runs[save_frozen] = tmp_path / f"run-{save_frozen}"
+    stored = load_file(str(runs[True] / "adapter/adapter_model.safetensors"))
+    seed_only = load_file(str(runs[False] / "adapter/adapter_model.safetensors"))
+    record = json.loads((runs[False] / "adapter/adapter_config.json").read_text())["frozen"]
+    assert record["saved"] is False and record["tensors"] > 0 and len(record["checksum"]) == 64
+    assert set(seed_only) < set(stored) and len(stored) - len(seed_only) == record["tensors"]
+    assert all(torch.equal(seed_only[k], stored[k]) for k in seed_only)
+    expected, model_stored = _logits(runs[True])
+    got, model_seed_only = _logits(runs[False])
+    assert torch.equal(got, expected)
+    state_a, state_b = model_stored.state_dict(), model_seed_only.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in stored)  # regenerated == stored
+
+
+def test_tampered_seed_or_checksum_is_refused(make_recipe, tmp_path):
+    import json
+
+    import yaml
+
+    from tnlora_cli.errors import CheckpointError
+    from tnlora_cli.pipeline import load_run
+    from tnlora_cli.train import train
+
+    raw = _tiny_recipe(make_recipe, "vera", ["query", "value"], r=16, save_frozen=False)
+    raw["training"]["max_steps"] = 1
+    train(validate_recipe(raw))
+    run_dir = tmp_path / "run"
+    config_path = run_dir / "adapter/adapter_config.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    config["frozen"]["checksum"] = "0" * 64
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_run(run_dir).load_weights()
+    config_path.write_text(original)
+    recipe_path = run_dir / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe["adapter"]["seed"] = 1
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(CheckpointError, match="seed"):
+        load_run(run_dir).load_weights()
+    config["frozen"]["seed"] = 1  # a seed changed in both files still fails the checksum
+    config["frozen"]["checksum"] = json.loads(original)["frozen"]["checksum"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_run(run_dir).load_weights()

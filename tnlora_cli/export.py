@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .checkpoint import atomic_directory
 from .outputs import protected_paths, refuse_overlap, require_finite
 from .errors import MergeError, RecipeError
-from .inject import adapted_layers, is_adapter_tensor, require_linear
+from .inject import AdaptedLinear, is_adapter_tensor, merge_units, require_linear
 from .modeling import base_model_reference, resolve_model
 from .pipeline import load_adapters_on_meta
 from .reporting import Reporter
@@ -77,7 +77,9 @@ def export_as_lora(
     recipe, config, state = meta["recipe"], meta["config"], meta["state"]
     refuse_overlap(out, protected_paths(path, meta["adapter_dir"], resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)))
     require_finite(state, meta["adapter_dir"])
-    layers = list(adapted_layers(model))
+    # Per layer whose weight changes: a fused layer's adapted slices (c_attn.q, c_attn.v)
+    # become one LoRA on the fused layer, each slice's B in its own rows.
+    layers = list(merge_units(model))
     require_linear(model, "it has no LoRA form")
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport(out)
@@ -85,7 +87,7 @@ def export_as_lora(
     fan_in_fan_out = False
     reporter.start(len(layers), "factorising updates")
     for i, (name, layer) in enumerate(layers):
-        u, s, v = _svd(layer.adapter)
+        u, s, v = _svd(layer.adapter if isinstance(layer, AdaptedLinear) else layer)
         k = _choose_rank(s, rank, energy)
         total = float((s**2).sum())
         error = (float((s[k:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0

@@ -23,6 +23,8 @@ from transformers.pytorch_utils import Conv1D
 from .adapters import REGISTRY, AdaptedLinear, AdapterConfig, SharedStore
 from .adapters.base import LayerSpec, layer_dims
 from .errors import TargetError
+from . import frozen
+from .fused import AdaptedSlice, FusedAdaptedLinear, check_no_overlap, fused_slices
 from .tensor.init import make_generator
 
 SHARED_ATTR = "tnlora_shared"
@@ -113,7 +115,11 @@ def find_targets(
     if isinstance(spec, str) and spec == "all-linear":
         chosen = [n for n in linear if n not in excluded and not any(n == e or n.startswith(e + ".") for e in excluded)]
     else:
+        # Slices of fused layers (c_attn.q, ...) are named like layers, right after their layer.
+        slices = fused_slices(model, linear, config)
+        linear = [v for n in linear for v in [n, *(f"{n}.{s}" for s in slices.get(n, {}))]]
         chosen = [n for n in linear if _matches(n, spec)]
+        check_no_overlap(chosen, slices)
         if not chosen:
             raise TargetError(_no_match_message(model, spec, linear), hint=_no_match_hint(spec, linear))
         chosen = [n for n in chosen if not _inside(n, trained_in_full)]
@@ -171,29 +177,60 @@ def inject_adapter(
             skipped = [n for n in find_targets(model, config, excluded=set(excluded or ())) if _inside(n, modules_to_save)]
     shared = SharedStore()
     generator = make_generator(config.seed)
+    linear = [n for n, m in model.named_modules() if is_linear_leaf(m)]
+    slices = fused_slices(model, linear, config) if any(n not in set(linear) for n in targets) else {}
     specs = []
     roles = roles or module_roles(targets)
     for name in targets:
+        layer, _, part = name.rpartition(".")
+        if part in slices.get(layer, {}):
+            base = model.get_submodule(layer)
+            start, stop = slices[layer][part]
+            specs.append(LayerSpec(name, roles[name], layer_dims(base)[0], stop - start))
+            continue
         base = model.get_submodule(name)
         if not is_linear_leaf(base):
             raise TargetError(f"{name} is a {type(base).__name__}, not a linear layer")
         specs.append(LayerSpec(name, roles[name], *layer_dims(base)))
+    device = _materialisable(_base_weight(model, specs[0].name, slices).device)
     adapter_cls.prepare_shared(shared, config, specs, generator)
     model.add_module(SHARED_ATTR, shared)
     by_role: dict[str, list[str]] = {}
     for spec in specs:
         name, role = spec.name, spec.role
-        base = model.get_submodule(name)
         adapter = adapter_cls(spec.in_features, spec.out_features, config, shared, role, generator)
-        weight = base.weight
-        adapter.to(device=_materialisable(weight.device))
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, AdaptedLinear(base, adapter))
+        adapter.to(device=_materialisable(_base_weight(model, name, slices).device))
+        layer, _, part = name.rpartition(".")
+        if part in slices.get(layer, {}):
+            fused = model.get_submodule(layer)
+            if not isinstance(fused, FusedAdaptedLinear):
+                fused = FusedAdaptedLinear(fused)
+                _replace(model, layer, fused)
+            fused.add_slice(part, adapter, *slices[layer][part])
+        else:
+            _replace(model, name, AdaptedLinear(model.get_submodule(name), adapter))
         by_role.setdefault(role, []).append(name)
-    shared.to(_materialisable(model.get_submodule(specs[0].name).base_layer.weight.device))
+    shared.to(device)
     freeze_base(model, modules_to_save)
+    # Checksum of the frozen random tensors as drawn: saved with the adapter, and compared
+    # on loading when they are regenerated instead of stored.
+    keys = frozen.frozen_keys(model, is_adapter_tensor)
+    state = model.state_dict()
+    shared.frozen_record = {"saved": config.save_frozen, "seed": config.seed, "checksum": frozen.checksum({k: state[k] for k in keys}), "tensors": len(keys)}
     return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role, skipped_in_modules_to_save=skipped)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _base_weight(model: nn.Module, name: str, slices: dict) -> torch.Tensor:
+    """The frozen weight a target (a layer, or a slice of a fused one) lives on."""
+    layer, _, part = name.rpartition(".")
+    module = model.get_submodule(layer if part in slices.get(layer, {}) else name)
+    return getattr(module, "base_layer", module).weight
 
 
 def _materialisable(device: torch.device) -> torch.device:
@@ -202,15 +239,24 @@ def _materialisable(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def _adapters(model: nn.Module) -> Iterator[AdaptedLinear]:
-    for module in model.modules():
-        if isinstance(module, AdaptedLinear):
-            yield module
+def _adapters(model: nn.Module) -> Iterator[AdaptedLinear | AdaptedSlice]:
+    for _, module in adapted_layers(model):
+        yield module
 
 
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear | AdaptedSlice]]:
+    """Every adapter unit with its target name: adapted layers and adapted slices of fused
+    layers (`...c_attn.q`). Each has `.adapter` and `.fan_in_fan_out`."""
     for name, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
+        if isinstance(module, (AdaptedLinear, AdaptedSlice)):
+            yield name, module
+
+
+def merge_units(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear | FusedAdaptedLinear]]:
+    """Every layer whose weight changes on merging, with `merged_weight(dtype, weight)`: an
+    adapted layer, or a fused layer with all its adapted slices at once."""
+    for name, module in model.named_modules():
+        if isinstance(module, (AdaptedLinear, FusedAdaptedLinear)):
             yield name, module
 
 
@@ -248,14 +294,33 @@ def require_linear(model: nn.Module, what: str) -> None:
             )
 
 
-def adapter_state_dict(model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, modules_to_save: list[str], include_frozen: bool | None = None) -> dict[str, torch.Tensor]:
     """Everything that is not the frozen base: adapter tensors (trainable and frozen),
-    shared tensors once, and the modules trained in full."""
-    return {k: v.detach() for k, v in model.state_dict().items() if _is_adapter_key(k, modules_to_save)}
+    shared tensors once, and the modules trained in full. Frozen random adapter tensors are
+    left out when `include_frozen` is false (default: the recipe's `adapter.save_frozen`)."""
+    if include_frozen is None:
+        include_frozen = frozen_record(model).get("saved", True)
+    skip = set() if include_frozen else set(frozen.frozen_keys(model, is_adapter_tensor))
+    return {k: v.detach() for k, v in model.state_dict().items() if _is_adapter_key(k, modules_to_save) and k not in skip}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], modules_to_save: list[str]) -> None:
-    expected = set(adapter_state_dict(model, modules_to_save))
+def frozen_record(model: nn.Module) -> dict:
+    """{"saved", "seed", "checksum", "tensors"} of the model's frozen random adapter tensors,
+    as drawn at injection (written to adapter_config.json as `frozen`)."""
+    shared = getattr(model, SHARED_ATTR, None)
+    return dict(getattr(shared, "frozen_record", None) or {})
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], modules_to_save: list[str], frozen_saved: dict | None = None
+) -> None:
+    """Load an adapter file's tensors. `frozen_saved` is the file's `frozen` record: when its
+    frozen tensors were not stored, the ones injection regenerated must match its checksum."""
+    include = True if frozen_saved is None else frozen_saved.get("saved", True)
+    if not include:
+        drawn = frozen_record(model)
+        frozen.verify(frozen_saved, drawn.get("seed"), drawn.get("checksum"), "adapter")
+    expected = set(adapter_state_dict(model, modules_to_save, include_frozen=include))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         from .errors import CheckpointError
@@ -283,10 +348,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Replace each AdaptedLinear by its base layer holding W0 + ΔW. Returns the count."""
+    """Replace each AdaptedLinear (and each fused layer with adapted slices) by its base
+    layer holding W0 + ΔW. Returns the number of layers merged."""
     require_linear(model, "it cannot be merged into a weight")
     count = 0
-    for name, layer in list(adapted_layers(model)):
+    for name, layer in list(merge_units(model)):
         base = layer.base_layer
         base.weight.data = layer.merged_weight(dtype)
         if base.bias is not None and dtype is not None:

@@ -29,7 +29,7 @@ from .checkpoint import atomic_directory
 from .outputs import protected_paths, refuse_overlap, require_finite
 from .data import collate
 from .errors import MergeError
-from .inject import adapted_layers, is_adapter_tensor, merge_into_base, require_linear
+from .inject import is_adapter_tensor, merge_into_base, merge_units, require_linear
 from .modeling import DTYPES, load_tokenizer, model_class, resolve_model
 from .pipeline import load_adapters_on_meta, load_run
 from .reporting import Reporter
@@ -276,7 +276,7 @@ def _merge_streaming(
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
                 ckpt_keys[to_model_key(key)] = (shard, key)
-    layers = {f"{name}.weight": layer for name, layer in adapted_layers(model)}
+    layers = {f"{name}.weight": layer for name, layer in merge_units(model)}
     tied = _tied_partners(model)
     untied: list[str] = []
     extra: dict[str, str] = {}  # adapted key missing from the checkpoint -> tied key to start from
@@ -357,7 +357,7 @@ def _untie_in_memory(model: nn.Module) -> list[str]:
     """Give an adapted weight tied to another module its own copy, and tell the config."""
     tied = _tied_partners(model)
     untied = []
-    for name, layer in adapted_layers(model):
+    for name, layer in merge_units(model):
         key = f"{name}.weight"
         if key in tied:
             layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach().clone(), requires_grad=False)

@@ -18,7 +18,16 @@ from .checkpoint import find_recipe_file, load_adapter, resolve_adapter_dir
 from .count import build_on_meta
 from .data import TaskData, prepare_data
 from .errors import CheckpointError, RecipeError
-from .inject import InjectionReport, inject_adapter, is_adapter_tensor, legacy_module_roles, load_adapter_state_dict
+from .frozen import verify as verify_frozen
+from .inject import (
+    InjectionReport,
+    adapter_state_dict,
+    frozen_record,
+    inject_adapter,
+    is_adapter_tensor,
+    legacy_module_roles,
+    load_adapter_state_dict,
+)
 from .model_check import check_max_length
 from .modeling import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .recipe import Recipe, load_recipe
@@ -96,6 +105,8 @@ def adapter_metadata(prepared: Prepared) -> dict[str, Any]:
         "roles": {name: role for role, names in prepared.injection.roles.items() for name in names},
         "modules_to_save": prepared.injection.modules_to_save,
         "label_names": prepared.data.label_names,
+        # Seed and checksum of the frozen random tensors; whether the file stores them.
+        "frozen": frozen_record(prepared.model),
     }
 
 
@@ -107,7 +118,7 @@ class LoadedRun:
     config: dict[str, Any]
 
     def load_weights(self) -> None:
-        load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save)
+        load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save, self.config.get("frozen"))
 
 
 def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True) -> LoadedRun:
@@ -148,7 +159,11 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     model = build_on_meta(recipe, label_names=config.get("label_names"))
     inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
     adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}
-    missing = set(adapter_state) ^ {k for k in model.state_dict() if is_adapter_tensor(k)}
+    record = config.get("frozen") or {}
+    if not record.get("saved", True):
+        drawn = frozen_record(model)
+        verify_frozen(record, drawn.get("seed"), drawn.get("checksum"), str(adapter_dir))
+    missing = set(adapter_state) ^ set(adapter_state_dict(model, [], include_frozen=record.get("saved", True)))
     if missing:
         raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
     model.load_state_dict(adapter_state, strict=False)

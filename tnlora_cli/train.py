@@ -226,8 +226,8 @@ def _train(
     if prepared.injection.skipped_in_modules_to_save:
         reporter.status(f"not adapted, trained in full as modules_to_save: {', '.join(prepared.injection.skipped_in_modules_to_save)}")
     if resume_dir is not None and not empty:  # an empty model receives the main rank's adapter
-        state, _ = load_adapter(resume_dir / "adapter")
-        load_adapter_state_dict(model, state, prepared.injection.modules_to_save)
+        state, saved = load_adapter(resume_dir / "adapter")
+        load_adapter_state_dict(model, state, prepared.injection.modules_to_save, saved.get("frozen"))
 
     def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(_param_groups(m, recipe), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

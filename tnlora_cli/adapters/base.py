@@ -42,6 +42,17 @@ class AdapterConfig(StrictModel):
         "(classifier/score) for classification, nothing otherwise.",
     )
     seed: int = Field(0, description="Seed of the generator that initialises the adapter tensors.")
+    save_frozen: bool = Field(
+        True,
+        description="Store frozen random tensors (VeRA, TRAC, TeRA, TensorGuide) in the adapter file; false stores only "
+        "their seed and checksum and regenerates them on load (refused if the checksum differs).",
+    )
+    fused_splits: dict[str, dict[str, int]] | None = Field(
+        None,
+        description="Slices of fused layers as output sizes in order, e.g. {query_key_value: {q: 4096, k: 4096, v: 4096}}; "
+        "targets then name them like layers (query_key_value.q). GPT-2's c_attn (q, k, v), qkv_proj (q, k, v) and "
+        "gate_up_proj (gate, up) are known without this.",
+    )
 
 
 class SharedStore(nn.Module):
