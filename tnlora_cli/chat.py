@@ -153,18 +153,36 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
             continue
         rendered.append(_guard(render, tokenizer, messages))
     texts = [r[0] for r in rendered if not isinstance(r, RowError)]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
+    enc = tokenizer(texts, add_special_tokens=False) if texts else None
     k = 0
     for r in rendered:
         if isinstance(r, RowError):
             results.append(r)
             continue
-        ids, offsets = enc["input_ids"][k], enc["offset_mapping"][k]
-        k += 1
+        ids = enc["input_ids"][k]
         spans = r[1][-1:] if train_on == "last" else r[1]
-        trained = [any(a < end and b > start for start, end in spans) for a, b in offsets]
-        results.append(_finish(ids, trained, train_on, max_length))
+        ranges = [] if train_on == "all" else [_token_range(enc, k, len(ids), start, end) for start, end in spans]
+        k += 1
+        results.append(_finish(ids, ranges, train_on, max_length))
     return results
+
+
+def _token_range(enc, row: int, n_tokens: int, start: int, end: int) -> tuple[int, int]:
+    """Tokens overlapping the characters [start, end): the token at `start` to the token at
+    `end - 1`, stepping over characters no token covers (whitespace some tokenizers drop)."""
+    first = None
+    for c in range(start, end):
+        first = enc.char_to_token(row, c)
+        if first is not None:
+            break
+    last = None
+    for c in range(end - 1, start - 1, -1):
+        last = enc.char_to_token(row, c)
+        if last is not None:
+            break
+    if first is None or last is None:
+        return (0, 0)
+    return (first, min(last + 1, n_tokens))
 
 
 def tokenize_conversation(tokenizer, messages: list[dict[str, str]], train_on: str, max_length: int) -> dict[str, Any]:
@@ -182,14 +200,22 @@ def _guard(fn, *args):
         return exc
 
 
-def _finish(ids: list[int], trained: list[bool], train_on: str, max_length: int) -> dict[str, Any] | RowError:
+def _finish(ids: list[int], ranges: list[tuple[int, int]], train_on: str, max_length: int) -> dict[str, Any] | RowError:
+    """Labels from the trained token ranges; `train_on: all` trains every token."""
     if train_on == "all":
-        trained = [True] * len(ids)
-    if not any(trained):
+        ranges = [(0, len(ids))]
+    if not any(b > a for a, b in ranges):
         return RowError("no token of the conversation is trained (no assistant text in the rendered conversation)")
     truncated = len(ids) > max_length
-    ids, trained = ids[:max_length], trained[:max_length]
-    return {"input_ids": ids, "labels": [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)], "truncated": truncated}
+    ids = ids[:max_length]
+    labels = [IGNORE_INDEX] * len(ids)
+    n_trained = 0
+    for a, b in ranges:
+        b = min(b, len(ids))
+        if b > a:
+            labels[a:b] = ids[a:b]
+            n_trained += b - a
+    return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_trained": n_trained}
 
 
 def instruction_messages(prompt: str, response: str | None = None, system: str | None = None) -> list[dict[str, str]]:

@@ -196,6 +196,8 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
         eval_idx = eval_idx[: cfg.max_eval_samples]
     if not train_idx or not eval_idx:
         raise DataError("data: no usable examples after tokenization", hint="check the columns and data.max_length")
+    # Stored in file order (contiguous reads; batches are drawn at random by train.py anyway).
+    train_idx, eval_idx = sorted(train_idx), sorted(eval_idx)
     keep = ["input_ids", "labels", "length"]
     train_out = train.select(train_idx).select_columns(keep)
     eval_out = held_out.select(eval_idx).select_columns(keep)
@@ -338,7 +340,10 @@ def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tok
                 out["labels"].append(result["labels"])
                 out["length"].append(len(ids))
                 lab = result["labels"]
-                out["n_trained"].append(sum(1 for t in lab if t != IGNORE_INDEX) if isinstance(lab, list) else 1)
+                n_trained = result.get("n_trained")
+                if n_trained is None:
+                    n_trained = sum(1 for t in lab if t != IGNORE_INDEX) if isinstance(lab, list) else 1
+                out["n_trained"].append(n_trained)
                 out["truncated"].append(result["truncated"])
                 out["drop"].append(result.get("drop", ""))
             return out
@@ -433,7 +438,7 @@ def _row_function(task: str, cfg: DataConfig, tokenizer, cols: dict, style: str 
         for j, value in enumerate(out):
             if value is None:
                 value = next(results)
-                if not isinstance(value, RowError) and all(t == IGNORE_INDEX for t in value["labels"]):
+                if not isinstance(value, RowError) and value["n_trained"] == 0:
                     value = RowError(f"no trained token within data.max_length={n} (the prompt fills it)")
                     value.always_drop = True
                 out[j] = value
