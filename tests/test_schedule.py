@@ -95,3 +95,18 @@ def test_warmup_longer_than_the_resolved_run_is_refused(make_recipe):
     raw["training"].update(epochs=1, batch_size=8, warmup_steps=50)
     with pytest.raises(RecipeError, match="warm-up steps leave no training in 4 steps"):
         resolve_schedule(validate_recipe(raw), 30)
+
+
+def test_dry_run_shows_the_resolved_step_count(make_recipe, tiny_models):
+    from tnlora_cli.data import prepare_data
+    from tnlora_cli.dryrun import dry_run
+    from tnlora_cli.modeling import load_tokenizer
+
+    raw = make_recipe("bert", "classification")
+    del raw["training"]["max_steps"]
+    raw["training"].update(epochs=1, batch_size=8, warmup_ratio=0.5)
+    recipe = validate_recipe(raw)
+    n_train = len(prepare_data(recipe.data, recipe.task, load_tokenizer(str(tiny_models["bert"]))).train)
+    steps = math.ceil(n_train / 16)  # 8 per process on 2 processes
+    notes = " ".join(dry_run(recipe, processes=2).notes)
+    assert f"training.epochs 1 = {steps} steps" in notes and f"= {math.ceil(steps / 2)} warm-up steps" in notes
