@@ -32,9 +32,20 @@ def test_two_epochs_take_ceil_of_examples_over_the_global_batch(make_recipe, tin
     expected = math.ceil(2 * n_train / (7 * 2))
     assert expected * 14 != 2 * n_train  # the rounding up is exercised
 
-    result = train(recipe)
+    from tnlora_cli.reporting import Reporter
+
+    class Notes(Reporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def status(self, message: str) -> None:
+            self.lines.append(message)
+
+    notes = Notes()
+    result = train(recipe, reporter=notes)
     run = Path(raw["output_dir"])
     assert result.steps == expected
+    assert any(f"training.epochs 2 = {expected} steps" in line for line in notes.lines)  # printed
     assert max(r["step"] for r in _records(run) if "train_loss" in r) == expected
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["training"]["max_steps"] == expected and saved["training"]["epochs"] is None
