@@ -27,6 +27,7 @@ def test_two_epochs_take_ceil_of_examples_over_the_global_batch(make_recipe, tin
     raw = make_recipe("bert", "classification")
     del raw["training"]["max_steps"]
     raw["training"].update(epochs=2, batch_size=7, gradient_accumulation_steps=2, log_every=5)
+    raw["data"]["max_train_samples"] = 45
     recipe = validate_recipe(raw)
     n_train = len(prepare_data(recipe.data, recipe.task, load_tokenizer(str(tiny_models["bert"]))).train)
     expected = math.ceil(2 * n_train / (7 * 2))
