@@ -27,14 +27,26 @@ def test_two_epochs_take_ceil_of_examples_over_the_global_batch(make_recipe, tin
     raw = make_recipe("bert", "classification")
     del raw["training"]["max_steps"]
     raw["training"].update(epochs=2, batch_size=7, gradient_accumulation_steps=2, log_every=5)
+    raw["data"]["max_train_samples"] = 45
     recipe = validate_recipe(raw)
     n_train = len(prepare_data(recipe.data, recipe.task, load_tokenizer(str(tiny_models["bert"]))).train)
     expected = math.ceil(2 * n_train / (7 * 2))
     assert expected * 14 != 2 * n_train  # the rounding up is exercised
 
-    result = train(recipe)
+    from tnlora_cli.reporting import Reporter
+
+    class Notes(Reporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def status(self, message: str) -> None:
+            self.lines.append(message)
+
+    notes = Notes()
+    result = train(recipe, reporter=notes)
     run = Path(raw["output_dir"])
     assert result.steps == expected
+    assert any(f"training.epochs 2 = {expected} steps" in line for line in notes.lines)  # printed
     assert max(r["step"] for r in _records(run) if "train_loss" in r) == expected
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["training"]["max_steps"] == expected and saved["training"]["epochs"] is None
@@ -95,3 +107,18 @@ def test_warmup_longer_than_the_resolved_run_is_refused(make_recipe):
     raw["training"].update(epochs=1, batch_size=8, warmup_steps=50)
     with pytest.raises(RecipeError, match="warm-up steps leave no training in 4 steps"):
         resolve_schedule(validate_recipe(raw), 30)
+
+
+def test_dry_run_shows_the_resolved_step_count(make_recipe, tiny_models):
+    from tnlora_cli.data import prepare_data
+    from tnlora_cli.dryrun import dry_run
+    from tnlora_cli.modeling import load_tokenizer
+
+    raw = make_recipe("bert", "classification")
+    del raw["training"]["max_steps"]
+    raw["training"].update(epochs=1, batch_size=8, warmup_ratio=0.5)
+    recipe = validate_recipe(raw)
+    n_train = len(prepare_data(recipe.data, recipe.task, load_tokenizer(str(tiny_models["bert"]))).train)
+    steps = math.ceil(n_train / 16)  # 8 per process on 2 processes
+    notes = " ".join(dry_run(recipe, processes=2).notes)
+    assert f"training.epochs 1 = {steps} steps" in notes and f"= {math.ceil(steps / 2)} warm-up steps" in notes

@@ -508,8 +508,8 @@ def count_params_(
     The base model is built on the meta device: no weights, no network.
 
     Example: tnlora count-params --model llama-2-7b --set adapter.type=tera
-    --set adapter.target_modules=[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8
-    """
+    --set adapter.target_modules=\\[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8
+    """  # \\[ : a literal bracket in Rich markup, which would otherwise swallow [q_proj,v_proj]
     _quiet_libraries()
     from .count import count_params, shipped_configs
     from .recipe import apply_overrides, load_recipe, validate_recipe
@@ -534,6 +534,22 @@ def count_params_(
         print(json.dumps(report.to_json(), indent=2))
         return
     _print_counts(report)
+
+
+@app.command()
+def schema(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="json or yaml.")] = "json",
+) -> None:
+    """Print the recipe's JSON Schema: every section and adapter, with descriptions, defaults and ranges.
+
+    Point an editor's YAML language server at it for completion and checking while writing recipes.
+    """
+    from .schema import dump_schema
+
+    if fmt not in ("json", "yaml"):
+        console.print(f"[bold red]error:[/bold red] --format {fmt}: expected json or yaml", highlight=False)
+        raise typer.Exit(2)
+    sys.stdout.write(dump_schema(fmt))
 
 
 def _print_dry_run(report: Any) -> None:

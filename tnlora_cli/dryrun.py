@@ -128,8 +128,9 @@ def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport, proce
     return memory, notes
 
 
-def _samples(recipe: Recipe, n: int = 2) -> tuple[list[dict[str, Any]], str | None]:
-    """A few tokenized training examples with their loss mask, when tokenizer and data are here."""
+def _samples(recipe: Recipe, n: int = 2, processes: int = 1) -> tuple[list[dict[str, Any]], str | None]:
+    """A few tokenized training examples with their loss mask, when tokenizer and data are here;
+    the note says how `epochs` / `warmup_ratio` resolve for this data (or why nothing is shown)."""
     if recipe.model in shipped_configs() and recipe.model not in ("smollm2-135m",):
         return [], f"no tokenizer ships with the '{recipe.model}' config: samples are shown for local or embedded models"
     try:
@@ -145,7 +146,12 @@ def _samples(recipe: Recipe, n: int = 2) -> tuple[list[dict[str, Any]], str | No
             out.append({"tokens": [tokenizer.decode(ids)], "trained": None, "label": data.label_names[example["labels"]]})
         else:
             out.append({"tokens": [tokenizer.decode([t]) for t in ids], "trained": [label != IGNORE_INDEX for label in example["labels"]], "label": None})
-    return out, None
+    from .schedule import resolve_schedule
+
+    try:
+        return out, resolve_schedule(recipe, len(data.train), processes).note
+    except TnloraError as exc:
+        return out, f"schedule: {exc.message}"
 
 
 def dry_run(recipe: Recipe, with_samples: bool = True, processes: int = 1) -> DryRunReport:
@@ -159,7 +165,7 @@ def dry_run(recipe: Recipe, with_samples: bool = True, processes: int = 1) -> Dr
         notes.append(f"{len(counts.not_adapted)} matched layers lie inside modules_to_save, trained in full, and are not adapted: {', '.join(counts.not_adapted)}")
     report = DryRunReport(counts, modules, memory, notes)
     if with_samples:
-        report.samples, note = _samples(recipe)
+        report.samples, note = _samples(recipe, processes=processes)
         if note:
             report.notes.append(note)
     return report

@@ -46,14 +46,14 @@ class DataConfig(StrictModel):
     eval: str | None = Field(None, description="Held-out file; default: a deterministic split of `train`.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of `train` held out when `eval` is not given.")
     split_seed: int = Field(0, description="Seed of the train/held-out split.")
-    max_train_samples: int | None = Field(None, gt=0)
-    max_eval_samples: int | None = Field(None, gt=0)
-    text_column: str = "text"
+    max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training examples (default: all).")
+    max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many held-out examples (default: all).")
+    text_column: str = Field("text", description="Text of each example (classification, causal-lm).")
     text_pair_column: str | None = Field(None, description="Second text for pair classification.")
     label_column: str | None = Field(None, description="Class labels (classification).")
     labels: list[str] | None = Field(None, description="Keep only rows with these labels, in this order.")
-    prompt_column: str = "prompt"
-    response_column: str = "response"
+    prompt_column: str = Field("prompt", description="instruction: the prompt (masked out of the loss; chat template when the tokenizer has one).")
+    response_column: str = Field("response", description="instruction: the response (the loss is on these tokens only).")
     max_length: int = Field(128, ge=8, description="Tokens per example (block size when packing).")
     packing: bool = Field(True, description="causal-lm: concatenate texts and cut blocks of max_length.")
     messages_column: str = Field("messages", description="chat: the column of turns (OpenAI role/content or ShareGPT from/value); "
@@ -80,24 +80,24 @@ class TrainingConfig(StrictModel):
         "(batch_size x gradient_accumulation_steps x processes)); the resolved count is saved in the run's recipe.yaml.",
     )
     batch_size: int = Field(16, gt=0, description="Examples per device per micro-batch.")
-    eval_batch_size: int | None = Field(None, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
+    eval_batch_size: int | None = Field(None, gt=0, description="Batch size of held-out evaluation (default: batch_size).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0.0, description="AdamW learning rate (peak, after warm-up).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up: linear to 0, half a cosine to 0, or constant.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from 0 to learning_rate.")
     warmup_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="Warm-up as a share of the total steps (ceil(ratio x steps)), instead of `warmup_steps`."
     )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds data order, task-head initialisation and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward (non-reentrant): less memory, ~30% more compute.")
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
         "auto",
         description="Multi-process engine under `accelerate launch`; auto: what the accelerate config asks for (FSDP, DeepSpeed), else DDP.",
     )
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(10, gt=0, description="Write a metrics.jsonl record (and a log line) every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
@@ -157,11 +157,14 @@ class EvalGenerateConfig(StrictModel):
 
 class Recipe(StrictModel):
     model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
-    task: Task
+    task: Task = Field(
+        description="classification (text or text pair -> label, head trained), causal-lm (next-token loss), "
+        "instruction (loss on the response only)."
+    )
     adapter: AdapterSection
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    output_dir: str = "runs/run"
+    output_dir: str = Field("runs/run", description="Run directory: adapter/, checkpoints/, metrics.jsonl, loss.png, eval.json, recipe.yaml.")
     model_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="dtype of the frozen base weights; adapters are always fp32. auto: the checkpoint's."
     )
@@ -170,7 +173,7 @@ class Recipe(StrictModel):
         description="Attention kernel of the base model: sdpa (PyTorch's fused attention), eager (plain matmuls), "
         "flash_attention_2 (needs the flash-attn package and a CUDA GPU; use with bfloat16/float16 model_dtype).",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory or hub repository.")
     allow_pickle: bool = Field(False, description="Load a base model stored only as pickled weights (pytorch_model.bin) with torch's weights-only loader; refused by default.")
     quantization: QuantizationConfig | None = Field(None, description="Quantize the frozen base (adapters and task head stay full precision).")
     eval_generate: EvalGenerateConfig = Field(default_factory=EvalGenerateConfig)
