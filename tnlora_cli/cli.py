@@ -94,21 +94,28 @@ def _quiet_libraries() -> None:
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call the library; a user error becomes one message and an exit code, no traceback."""
+    debug = os.environ.get("TNLORA_DEBUG") == "1"
     try:
         return fn(*args, **kwargs)
-    except OSError as exc:
-        message = _os_error_message(exc)
-        if message is None or os.environ.get("TNLORA_DEBUG") == "1":
-            raise
-        console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
-        raise typer.Exit(2 if exc.errno in (errno.EACCES, errno.EROFS, errno.EISDIR, errno.ENOTDIR) else 1) from None
     except TnloraError as exc:
         console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
         if exc.hint:
             console.print(f"  [yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
-        if os.environ.get("TNLORA_DEBUG") == "1":
+        if debug:
             raise
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        message = _os_error_message(exc)
+        if message is None or debug:
+            raise
+        console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+        raise typer.Exit(2 if exc.errno in (errno.EACCES, errno.EROFS, errno.EISDIR, errno.ENOTDIR) else 1) from None
+    except Exception as exc:
+        # Writers that are not Python's own (safetensors) report a full disk in their message.
+        if "No space left on device" not in str(exc) or debug:
+            raise
+        console.print(f"[bold red]error:[/bold red] {escape(_os_error_message(OSError(errno.ENOSPC, 'no space')) or '')}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _os_error_message(exc: OSError) -> str | None:

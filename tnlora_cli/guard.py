@@ -50,6 +50,16 @@ class DivergenceGuard:
             self._fail(step, "a gradient is not finite")
         self.last_finite = (step, loss)
 
+    def optimizer_step(self, optimizer, step: int) -> None:
+        """`optimizer.step()`; an update too large for fp32 (lr 1e38: AdamW's step size
+        lr / (1 - beta1) overflows) is divergence, not a crash."""
+        try:
+            optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            self._fail(step, "the optimizer's update overflows float32 (the learning rate is far too large)")
+
     def check_state(self, step: int, state: dict[str, torch.Tensor], what: str) -> None:
         """Before writing `what`: every trained tensor is finite."""
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -157,6 +157,7 @@ def train(
             result = _train(recipe, resume=resume, overwrite=overwrite, reporter=reporter, stop_after=stop_after)
         except KeyboardInterrupt:
             reporter.finish()
+            clean_dead_leftovers(out)
             found = checkpoint_dirs(out)
             saved = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint had been saved (set training.save_every)"
             raise InterruptedRun(
@@ -164,6 +165,7 @@ def train(
                 hint="run the same command with --resume auto to continue" if found else "run the same command again (with --overwrite) to start over",
             ) from None
         except BaseException:
+            clean_dead_leftovers(out)  # a half-written checkpoint of this run (disk full, crash)
             if staged:
                 restore_previous_run(out)
             raise
@@ -293,7 +295,7 @@ def _train(
             guard.add(loss / cfg.gradient_accumulation_steps)
         guard.check(step + 1, model)
         engine.clip_gradients()
-        optimizer.step()
+        guard.optimizer_step(optimizer, step + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

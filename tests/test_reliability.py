@@ -1,0 +1,273 @@
+"""Faults that must lose nothing and publish nothing wrong: the run lock, the divergence
+guard, `--overwrite`, damaged checkpoints, stale files of killed processes, signals, and
+full disks. Tiny BERT, a few steps per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tnlora_cli.checkpoint import checkpoint_dirs
+from tnlora_cli.errors import DivergenceError, RunInUseError
+from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.runlock import RunLock
+from tnlora_cli.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raw(make_recipe, tmp_path: Path, **training) -> dict:
+    raw = make_recipe("bert", "classification")
+    raw["data"].update(max_train_samples=64, max_eval_samples=16)
+    raw["training"].update({"max_steps": 4, "batch_size": 4, "log_every": 1, **training})
+    raw["output_dir"] = str(tmp_path / "run")
+    return raw
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter/adapter_model.safetensors"))
+
+
+def test_a_second_run_in_a_locked_directory_is_refused_at_once(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path)
+    with RunLock(Path(raw["output_dir"])):  # another process's lock (flock is per open file)
+        with pytest.raises(RunInUseError, match=r"in use by another tnlora process \(pid \d+\)"):
+            train(validate_recipe(raw))
+        assert sorted(p.name for p in Path(raw["output_dir"]).iterdir()) == [".tnlora.lock"]
+    train(validate_recipe(raw))  # released: the next run goes ahead
+    assert (Path(raw["output_dir"]) / "adapter").is_dir()
+
+
+def test_a_killed_process_leaves_no_lock(make_recipe, tmp_path):
+    run = tmp_path / "run"
+    code = f"from tnlora_cli.runlock import RunLock; RunLock({str(run)!r}).acquire(); import os; os.kill(os.getpid(), 9)"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with RunLock(run):
+        pass
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e38])
+def test_divergence_stops_the_run_and_publishes_nothing(make_recipe, tmp_path, lr):
+    raw = _raw(make_recipe, tmp_path, learning_rate=lr, max_grad_norm=None, save_every=1, max_steps=6)
+    with pytest.raises(DivergenceError) as info:
+        train(validate_recipe(raw))
+    message = info.value.message
+    assert "training diverged at step" in message and "no adapter was published" in message
+    run = Path(raw["output_dir"])
+    assert not (run / "adapter").exists()
+    for ckpt in checkpoint_dirs(run):  # every checkpoint that was written is finite
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "adapter/adapter_model.safetensors")).values())
+
+
+def test_divergence_message_names_step_last_loss_and_checkpoint(make_recipe, tmp_path):
+    """A NaN loss at step 3 (inputs made non-finite from then on): the step, the last finite
+    loss and the step-2 checkpoint are named."""
+    from tnlora_cli import train as train_module
+
+    raw = _raw(make_recipe, tmp_path, save_every=2, max_steps=4)
+    calls = {"n": 0}
+    original = train_module.DivergenceGuard.add
+
+    def poisoned(self, loss):
+        calls["n"] += 1
+        original(self, loss * float("nan") if calls["n"] >= 3 else loss)
+
+    train_module.DivergenceGuard.add = poisoned
+    try:
+        with pytest.raises(DivergenceError) as info:
+            train(validate_recipe(raw))
+    finally:
+        train_module.DivergenceGuard.add = original
+    assert "step 3" in info.value.message and "at step 2" in info.value.message and "step-000002" in info.value.message
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_succeeds(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    before = _adapter(run)
+    failing = _raw(make_recipe, tmp_path, learning_rate=1e30, max_grad_norm=None, max_steps=4)
+    with pytest.raises(DivergenceError):
+        train(validate_recipe(failing), overwrite=True)
+    after = _adapter(run)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert validate_recipe(raw).training.learning_rate == pytest.approx(
+        __import__("yaml").safe_load((run / "recipe.yaml").read_text())["training"]["learning_rate"]
+    )
+    assert not (run / ".previous-run").exists()
+    train(validate_recipe(_raw(make_recipe, tmp_path, max_steps=3)), overwrite=True)
+    assert not (run / ".previous-run").exists() and _records(run)[-2]["step"] == 3
+
+
+def test_a_killed_overwrite_puts_the_previous_run_back(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    before = _adapter(run)
+    train(validate_recipe(_raw(make_recipe, tmp_path, max_steps=4, save_every=1)), overwrite=True, stop_after=1)  # "killed" after step 1
+    assert (run / ".previous-run/adapter").is_dir() and not (run / "adapter").exists()
+    with pytest.raises(Exception, match="already holds a run"):
+        train(validate_recipe(raw))  # a plain start restores the previous run, which is then protected
+    assert torch.equal(_adapter(run)[next(iter(before))], before[next(iter(before))])
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=4, save_total_limit=3)
+    train(validate_recipe(raw), stop_after=3)
+    run = Path(raw["output_dir"])
+    latest = checkpoint_dirs(run)[-1]
+    weights = latest / "adapter/adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a tensor: still loads, but is not what was written
+    weights.write_bytes(bytes(data))
+    messages: list[str] = []
+
+    class Capture:
+        def __getattr__(self, name):
+            return (lambda *a, **k: messages.append(str(a[0]))) if name == "status" else (lambda *a, **k: None)
+
+    train(validate_recipe(raw), resume="auto", reporter=Capture())
+    assert any("step-000003 is damaged" in m and "checksum" in m for m in messages), messages
+    steps = [r["step"] for r in _records(run) if "train_loss" in r]
+    assert steps == [1, 2, 3, 4], "one record per step after resuming from step 2"
+
+
+def test_resume_records_each_step_once(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, save_every=2, max_steps=5)
+    train(validate_recipe(raw), stop_after=3)  # step 3 logged, checkpoint at 2 and 3
+    run = Path(raw["output_dir"])
+    (checkpoint_dirs(run)[-1] / "training_state.json").unlink()  # as if killed after logging step 3, before its checkpoint
+    import shutil
+
+    shutil.rmtree(checkpoint_dirs(run)[-1])
+    train(validate_recipe(raw), resume="auto")
+    steps = [r["step"] for r in _records(run) if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_changed_safe_keys_are_allowed_on_resume(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, save_every=2, max_steps=4)
+    train(validate_recipe(raw), stop_after=2)
+    raw["training"].update(max_steps=5, log_every=2, save_total_limit=1)
+    result = train(validate_recipe(raw), resume="auto")
+    assert result.steps == 5
+
+
+def test_a_dead_runs_leftovers_are_cleaned_and_not_mixed_in(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    run = Path(raw["output_dir"])
+    (run / "checkpoints" / ".step-000001.tmp").mkdir(parents=True)
+    (run / ".adapter.tmp-999999-abcd1234").mkdir()
+    (run / "checkpoints" / ".step-000004.deleting").mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "train_loss": 9.0}) + "\n")  # a run killed before its first checkpoint
+    train(validate_recipe(raw))
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".tnlora.lock"]
+    assert not list((run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else True
+    assert [r["step"] for r in _records(run) if "train_loss" in r] == [1, 2]
+
+
+def test_pruning_never_leaves_a_half_checkpoint(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=3, save_total_limit=1)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000003"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tnlora_cli", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
+
+
+def test_sigterm_in_training_says_what_was_saved(make_recipe, tmp_path):
+    from conftest import write_recipe
+
+    raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=100000, log_every=50)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    proc = subprocess.Popen(_cli("train", str(recipe)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = Path(raw["output_dir"])
+    deadline = time.time() + 120
+    while not checkpoint_dirs(run) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "training interrupted: the newest checkpoint is" in " ".join(err.split()) and "--resume auto" in err
+    assert "Traceback" not in err
+
+
+def test_sigkill_during_merge_leaves_nothing_a_later_merge_trips_over(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    train(validate_recipe(raw))
+    out = tmp_path / "merged"
+    proc = subprocess.Popen(_cli("merge", raw["output_dir"], "--out", str(out)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".merged.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".merged.tmp-*"))
+    result = subprocess.run(_cli("merge", raw["output_dir"], "--out", str(out)), env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".merged.tmp-*")), leftovers
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB file system, where the test may mount one (root in a container); else skip."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_merge_fails_cleanly(make_recipe, tmp_path, small_tmpfs):
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    train(validate_recipe(raw))
+    (small_tmpfs / "filler").write_bytes(b"x" * 700_000)
+    result = CliRunner().invoke(app, ["merge", raw["output_dir"], "--out", str(small_tmpfs / "m")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "not enough disk space" in result.output or "disk is full" in result.output
+    assert "0.0 GiB" not in result.output
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler"]
+
+
+def test_disk_full_checkpoint_keeps_earlier_checkpoints(make_recipe, tmp_path, small_tmpfs):
+    from typer.testing import CliRunner
+
+    from conftest import write_recipe
+    from tnlora_cli.cli import app
+
+    raw = _raw(make_recipe, tmp_path, max_steps=40, save_every=1, save_total_limit=100)
+    raw["output_dir"] = str(small_tmpfs / "run")
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 1, result.output
+    assert "disk is full" in " ".join(result.output.split()) and "Traceback" not in result.output
+    saved = checkpoint_dirs(small_tmpfs / "run")
+    assert saved, "some checkpoints fit before the disk filled"
+    from tnlora_cli.resume import checkpoint_problem
+
+    assert all(checkpoint_problem(c) is None for c in saved)
+    assert not list((small_tmpfs / "run" / "checkpoints").glob(".*"))
