@@ -30,7 +30,7 @@ from ..errors import RecipeError
 from ..tensor.tt import factorize_dim, tt_matrix_apply
 from .base import Adapter, AdapterConfig, SharedStore, at_least_fp32
 
-ACTIVATIONS = {"none": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+ACTIVATIONS = {"none": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
 class TensorGuideConfig(AdapterConfig):
@@ -40,8 +40,16 @@ class TensorGuideConfig(AdapterConfig):
     out_modes: list[int] | None = Field(None, description="Output modes; product M·(in+out). Default: factorised per layer.")
     ranks: list[int] | int = Field(2, description="TT ranks, [1, r, ..., r, 1] from one number, or the full list.")
     scale: float = Field(1.0, gt=0, description="s in y = W0x + s·σ(xW1)W2.")
-    activation: Literal["none", "relu", "gelu", "tanh"] = "none"
+    activation: Literal["none", "relu", "gelu", "tanh", "sigmoid"] = "none"
     start: Literal["zero", "paper"] = "zero"
+    init: Literal["default", "xavier_uniform"] = Field(
+        "default", description="default: as `start` says; xavier_uniform: the paper's Algorithm 1 (fan-in r_k n_k, fan-out m_k r_k+1 per core)."
+    )
+    latent: Literal["fixed", "resampled"] = Field(
+        "fixed",
+        description="fixed: z drawn once and saved (the official code); resampled: a fresh z ~ N(0, I) at every training "
+        "forward (the paper's Algorithm 1), the saved z at evaluation, merge and export.",
+    )
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> TensorGuideConfig:
@@ -80,7 +88,9 @@ class TensorGuideAdapter(Adapter):
         ranks = config.ranks if isinstance(config.ranks, list) else [1] + [config.ranks] * (d - 1) + [1]
         self.register_buffer("z", torch.randn(math.prod(config.in_modes), generator=generator))
         shapes = [(ranks[k], config.in_modes[k], out_modes[k], ranks[k + 1]) for k in range(d)]
-        if config.start == "paper":
+        if config.init == "xavier_uniform":
+            cores = [(torch.rand(s, generator=generator) * 2 - 1) * math.sqrt(6.0 / (s[0] * s[1] + s[2] * s[3])) for s in shapes]
+        elif config.start == "paper":
             cores = [torch.randn(s, generator=generator) * 0.1 for s in shapes]
         else:
             # Entries of the generated vector get std 1/sqrt(in): each core contributes
@@ -90,6 +100,7 @@ class TensorGuideAdapter(Adapter):
             cores = [torch.randn(s, generator=generator) * ring * in_features ** (-0.5 / d) / math.sqrt(s[1] * s[3]) for s in shapes]
         self.cores = nn.ParameterList(nn.Parameter(c) for c in cores)
         self.subtract_start = config.start == "zero"
+        self.resample = config.latent == "resampled"
         if self.subtract_start:
             # The initial cores, not W1_0/W2_0: as small as the trainable part, and the
             # generated start costs one more (token-free) contraction per forward.
@@ -116,10 +127,11 @@ class TensorGuideAdapter(Adapter):
             self.__dict__["_start_cache"] = cached
         return cached[1]
 
-    def generate(self, cores: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, cores: list[torch.Tensor] | None = None, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W1 (in, M) and W2 (M, out) from the TT network applied to z (no token dimension)."""
         cores = list(self.cores) if cores is None else cores
-        flat = tt_matrix_apply(self.z.to(cores[0].dtype), cores)
+        z = self.z if z is None else z
+        flat = tt_matrix_apply(z.to(cores[0].dtype), cores)
         split = self.in_features * self.hidden
         return flat[:split].reshape(self.in_features, self.hidden), flat[split:].reshape(self.hidden, self.out_features)
 
@@ -129,6 +141,16 @@ class TensorGuideAdapter(Adapter):
         return (act(h) if act is not None else h) @ w2.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample and self.training:
+            # Algorithm 1: a fresh latent per step, from the global RNG (seeded, and saved in
+            # checkpoints, so resumed runs draw the same). The start branch uses the same z.
+            z = torch.randn(self.z.shape, device=self.z.device, dtype=self.z.dtype)
+            out = self._branch(x, *self.generate(z=z))
+            if self.subtract_start:
+                with torch.no_grad():
+                    start = self.generate(self._start_cores(), z=z)
+                out = out - self._branch(x, *start)
+            return out * self.scale
         w1, w2 = self.generate()
         out = self._branch(x, w1, w2)
         if self.subtract_start:

@@ -39,6 +39,11 @@ class TeraConfig(AdapterConfig):
     path: Literal["auto", "input", "dense"] = Field(
         "auto", description="auto: per call, contract the input through the network or build ΔW, whichever costs less."
     )
+    variant: Literal["shared", "iden", "unique"] = Field(
+        "shared",
+        description="shared: TeRA (frozen core and factors shared per folding); iden: TeRA_iden (factors are identities, "
+        "only the core is random); unique: TeRA_unique (each layer its own frozen core and factors).",
+    )
 
 
 def _fold(dim: int, mode_size: int | None, key: str) -> list[int]:
@@ -64,19 +69,33 @@ class TeraAdapter(Adapter):
         self.out_modes = _fold(out_features, config.outdim, "outdim")
         self.path = config.path
         modes = self.in_modes + self.out_modes
+        self.variant = config.variant
         key = f"tera_{'x'.join(map(str, self.in_modes))}_{'x'.join(map(str, self.out_modes))}"
-        if key + "_core" not in shared.tensors:
-            shared.get_or_create(key + "_core", lambda: _kaiming_normal(tuple(modes), in_features, generator), trainable=False)
+        if config.variant == "unique":
+            # Ablation TeRA_unique: a frozen network of the layer's own (the paper's Table 8).
+            self.register_buffer("core", _kaiming_normal(tuple(modes), in_features, generator))
             for i, size in enumerate(modes):
-                shared.get_or_create(f"{key}_factor{i}", lambda s=size: _kaiming_normal((s, s), s, generator), trainable=False)
-        self.use_shared(shared, core=key + "_core", **{f"factor{i}": f"{key}_factor{i}" for i in range(len(modes))})
+                self.register_buffer(f"factor{i}", _kaiming_normal((size, size), size, generator))
+        else:
+            if key + "_core" not in shared.tensors:
+                shared.get_or_create(key + "_core", lambda: _kaiming_normal(tuple(modes), in_features, generator), trainable=False)
+                if config.variant == "shared":
+                    for i, size in enumerate(modes):
+                        shared.get_or_create(f"{key}_factor{i}", lambda s=size: _kaiming_normal((s, s), s, generator), trainable=False)
+            names = {} if config.variant == "iden" else {f"factor{i}": f"{key}_factor{i}" for i in range(len(modes))}
+            self.use_shared(shared, core=key + "_core", **names)
         self.d = nn.ParameterList(nn.Parameter(torch.ones(size)) for size in modes)
         with torch.no_grad():
             self.d[-1].zero_()
 
+    def _frozen(self, name: str) -> torch.Tensor:
+        return getattr(self, name) if self.variant == "unique" else self.shared_tensor(name)
+
     def frozen_factors(self) -> list[torch.Tensor]:
-        """The shared A_i: (R_i, I_i)."""
-        return [self.shared_tensor(f"factor{i}") for i in range(len(self.d))]
+        """The frozen A_i: (R_i, I_i); identities for TeRA_iden."""
+        if self.variant == "iden":
+            return [torch.eye(d.numel(), dtype=d.dtype, device=d.device) for d in self.d]
+        return [self._frozen(f"factor{i}") for i in range(len(self.d))]
 
     def _scaled_factors(self) -> list[torch.Tensor]:
         """A_iᵀ D_i: (I_i, R_i)."""
@@ -84,7 +103,7 @@ class TeraAdapter(Adapter):
 
     def _delta_in_out(self) -> torch.Tensor:
         """ΔW as an (in, out) matrix."""
-        return tucker_to_tensor(self.shared_tensor("core"), self._scaled_factors()).reshape(self.in_features, self.out_features)
+        return tucker_to_tensor(self._frozen("core"), self._scaled_factors()).reshape(self.in_features, self.out_features)
 
     def costs(self, tokens: int) -> tuple[int, int]:
         """Multiply-adds of (input path, dense path) for a call with `tokens` rows."""
@@ -110,12 +129,12 @@ class TeraAdapter(Adapter):
         # x ×_i (D_i A_i) over the input modes: (T, I_1..I_k) -> (T, R_1..R_k)
         h = multi_mode_dot(x.reshape(tokens, *self.in_modes), [f.T for f in factors[:n_in]], list(range(1, n_in + 1)))
         # through the core: (T, ΠR_in) @ (ΠR_in, ΠR_out)
-        h = h.reshape(tokens, -1) @ self.shared_tensor("core").to(x.dtype).reshape(h[0].numel(), -1)
+        h = h.reshape(tokens, -1) @ self._frozen("core").to(x.dtype).reshape(h[0].numel(), -1)
         # ×_i (A_iᵀ D_i) over the output modes: (T, R_k+1..R_N) -> (T, I_k+1..I_N)
         h = multi_mode_dot(h.reshape(tokens, *self.out_modes), factors[n_in:], list(range(1, len(self.out_modes) + 1)))
         return h.reshape(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
-        core = at_least_fp32(self.shared_tensor("core"))
+        core = at_least_fp32(self._frozen("core"))
         factors = [at_least_fp32(a).T * at_least_fp32(d) for a, d in zip(self.frozen_factors(), self.d)]
         return tucker_to_tensor(core, factors).reshape(self.in_features, self.out_features).T

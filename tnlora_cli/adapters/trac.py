@@ -6,7 +6,12 @@ A (in, r) and B (out, r) are 3-core TTs, cores (1, n1, r1), (r1, n2, r2), (r2, n
 - core 3: trainable, shared the same way, gated per layer by controller vectors
   b (r2) and d (n3): core3~ = act(b)[:, None, None] * act(d)[None, :, None] * core3,
   act = identity (`none`) or len(v) * softmax(v) (`softmax`, the paper's "exponential").
-ΔW = (alpha / r) B Aᵀ; B's shared core 3 starts at zero, so ΔW = 0.
+ΔW = (alpha / r) B Aᵀ; B's core 3 starts at zero, so ΔW = 0.
+
+Ablations (paper §5 and the official code's parameter structure): `cores_a`/`cores_b` set each
+core to trained or frozen per layer, or shared trained/frozen per role (every shared trained
+core gets its own controllers); `controllers: false` is "Shared TT"; `init` picks TTNorm,
+TTUnif, KaimingNorm or KaimingUnif.
 
 Roles are the layers' paths with the layer index removed, never a substring guess: `up_proj`,
 `down_proj` and `gate_proj` share nothing, nor do BERT's three kinds of `dense` layer
@@ -27,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
-from ..tensor.tt import tt_normal, tt_to_matrix
+from ..tensor.tt import tt_random, tt_to_matrix
 from .base import AdapterConfig, LowRankAdapter, SharedStore, alpha_scaling, rslora_field
 from .tt_common import check_ranks, dim_modes
 
@@ -37,6 +42,10 @@ DEFAULT_RANKS_A = {768: [1, 8, 12], 1024: [1, 8, 12], 1280: [1, 12, 24], 4096: [
 DEFAULT_RANKS_B = {768: [1, 24, 36], 1024: [1, 24, 36], 1280: [1, 36, 72], 4096: [1, 36, 72], 5120: [1, 45, 90]}
 
 RankSpec = list[int] | dict[int, list[int]] | None
+CoreKind = Literal["trained", "frozen", "shared_trained", "shared_frozen"]
+#: The official code's default parameter structure: core 1 per layer, trained; core 2 shared,
+#: frozen random; core 3 shared, trained (gated per layer by the controllers).
+DEFAULT_STRUCTURE: list[str] = ["trained", "shared_frozen", "shared_trained"]
 
 
 class TracConfig(AdapterConfig):
@@ -51,6 +60,16 @@ class TracConfig(AdapterConfig):
     activation: Literal["none", "softmax"] = Field("none", description="Controller activation (softmax = length x softmax).")
     controller_init: Literal["ones", "zeros"] = "ones"
     controller_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the controllers (default: training.learning_rate).")
+    controllers: bool = Field(True, description="Gate each shared trained core per layer; false is the paper's 'Shared TT' ablation.")
+    cores_a: list[CoreKind] = Field(
+        DEFAULT_STRUCTURE, min_length=3, max_length=3,
+        description="Per core of A: trained | frozen (per layer) or shared_trained | shared_frozen (once per role): the official code's parameter structure.",
+    )
+    cores_b: list[CoreKind] = Field(DEFAULT_STRUCTURE, min_length=3, max_length=3, description="Per core of B, as cores_a; its last core starts at zero, so it must be trained.")
+    init: Literal["tt_normal", "tt_uniform", "kaiming_normal", "kaiming_uniform"] = Field(
+        "tt_normal",
+        description="tt_*: factor entries of std sqrt(1/(in+out)) (official TTNorm/TTUnif); kaiming_*: std sqrt(2/fan_in), fan_in = in for A, r for B.",
+    )
 
     @model_validator(mode="after")
     def _controllers_can_train(self) -> TracConfig:
@@ -60,6 +79,11 @@ class TracConfig(AdapterConfig):
             raise RecipeError(
                 "adapter.controller_init: zeros with activation none makes every controller gate zero, so the update and every gradient stay exactly zero",
                 hint="use controller_init: ones (the paper's identity start), or activation: softmax",
+            )
+        if not self.cores_b[-1].endswith("trained"):
+            raise RecipeError(
+                f"adapter.cores_b: the last core of B starts at zero (so the update starts at zero) and must be trained, got {self.cores_b[-1]}",
+                hint="make it trained or shared_trained",
             )
         return self
 
@@ -78,6 +102,15 @@ def _ranks_for(spec: RankSpec, table: dict[int, list[int]], dim: int, modes: lis
     return [1, r1, min(base[2], r1 * modes[1], modes[2] * r)]
 
 
+def _draw(shape: tuple[int, int, int], config: TracConfig, factor: str, n_in: int, n_out: int, order: int, generator: torch.Generator) -> torch.Tensor:
+    """One core of the chosen initialisation (official TTNorm, TTUnif, KaimingNorm, KaimingUnif)."""
+    if config.init.startswith("tt"):
+        sigma = (1.0 / (n_in + n_out)) ** 0.5  # the adapted layer's in + out (paper eq. 7)
+    else:
+        sigma = (2.0 / (n_in if factor == "a" else config.r)) ** 0.5
+    return tt_random([shape], sigma, generator, order=order, uniform=config.init.endswith("uniform"))[0]
+
+
 def _activate(v: torch.Tensor, kind: str) -> torch.Tensor:
     return v.numel() * torch.softmax(v, dim=0) if kind == "softmax" else v
 
@@ -91,28 +124,50 @@ class TracAdapter(LowRankAdapter):
         self.activation = config.activation
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         keys: dict[str, str] = {}
+        self.structure = {"a": list(config.cores_a), "b": list(config.cores_b)}
         for factor, dim, ranks, table in (("a", in_features, config.ranks_a, DEFAULT_RANKS_A), ("b", out_features, config.ranks_b, DEFAULT_RANKS_B)):
             modes = dim_modes(dim, config.modes, 3, DEFAULT_MODES)
             if len(modes) != 3:
                 raise RecipeError(f"adapter.modes.{dim}: TRAC uses exactly 3 modes, got {modes}", hint="give three modes per dimension")
             rank_list = _ranks_for(ranks, table, dim, modes, config.r)
             shapes = check_ranks(rank_list + [config.r], modes, config.r, f"ranks_{factor}")
-            first = tt_normal(shapes[:1], fan_sum=in_features + out_features, generator=generator, order=3)[0]
-            setattr(self, f"core1_{factor}", nn.Parameter(first))
             # Store keys cannot hold dots: attention.output.dense -> attention-output-dense.
             key = f"trac_{role.replace('.', '-')}_{factor}_{dim}_{'x'.join(map(str, modes))}_{'x'.join(map(str, rank_list))}_r{config.r}"
-            if key + "_core2" not in shared.tensors:
-                # Drawn once, at the first layer of this role and factor.
-                core2, core3 = tt_normal(shapes[1:], fan_sum=in_features + out_features, generator=generator, order=4)
-                if factor == "b":
-                    core3 = torch.zeros_like(core3)  # ΔW = 0 at the start
-                shared.get_or_create(key + "_core2", lambda c=core2: c, trainable=False, role=role)
-                shared.get_or_create(key + "_core3", lambda c=core3: c, trainable=True, role=role)
-            keys[f"core2_{factor}"], keys[f"core3_{factor}"] = key + "_core2", key + "_core3"
-            fill = torch.ones if config.controller_init == "ones" else torch.zeros
-            setattr(self, f"controller_rank_{factor}", nn.Parameter(fill(shapes[2][0])))
-            setattr(self, f"controller_dim_{factor}", nn.Parameter(fill(shapes[2][1])))
+            kinds = self.structure[factor]
+            shared_ids = [k for k, kind in enumerate(kinds) if kind.startswith("shared")]
+            draw_shared = bool(shared_ids) and f"{key}_core{shared_ids[0] + 1}" not in shared.tensors
+            for k, (kind, shape) in enumerate(zip(kinds, shapes)):
+                name = f"core{k + 1}_{factor}"
+                if kind.startswith("shared"):
+                    if not draw_shared:
+                        keys[name] = key + f"_core{k + 1}"
+                        continue
+                    # Drawn once, at the first layer of this role and factor; shared cores use
+                    # the order of the full train, r included (4), as the official code.
+                    core = _draw(shape, config, factor, in_features, out_features, 4, generator)
+                else:
+                    core = _draw(shape, config, factor, in_features, out_features, 3, generator)
+                if factor == "b" and k == 2:
+                    core = torch.zeros_like(core)  # ΔW = 0 at the start
+                if kind.startswith("shared"):
+                    shared.get_or_create(key + f"_core{k + 1}", lambda c=core: c, trainable=kind == "shared_trained", role=role)
+                    keys[name] = key + f"_core{k + 1}"
+                elif kind == "trained":
+                    setattr(self, name, nn.Parameter(core))
+                else:
+                    self.register_buffer(name, core)
+            if config.controllers:
+                fill = torch.ones if config.controller_init == "ones" else torch.zeros
+                for k in self._gated(factor):
+                    suffix = factor if k == 2 else f"{factor}{k + 1}"  # the default gates core 3 only
+                    setattr(self, f"controller_rank_{suffix}", nn.Parameter(fill(shapes[k][0])))
+                    setattr(self, f"controller_dim_{suffix}", nn.Parameter(fill(shapes[k][1])))
+        self.controllers = config.controllers
         self.use_shared(shared, **keys)
+
+    def _gated(self, factor: str) -> list[int]:
+        """Indices of the cores the controllers gate: the shared trained ones."""
+        return [k for k, kind in enumerate(self.structure[factor]) if kind == "shared_trained"]
 
     @classmethod
     def learning_rate(cls, config: TracConfig, param_name: str, base_lr: float) -> float:
@@ -121,12 +176,19 @@ class TracAdapter(LowRankAdapter):
         return base_lr
 
     def _factor(self, factor: str, rows: int) -> torch.Tensor:
-        gate_rank = _activate(getattr(self, f"controller_rank_{factor}"), self.activation)
-        gate_dim = _activate(getattr(self, f"controller_dim_{factor}"), self.activation)
-        core3 = self.shared_tensor(f"core3_{factor}") * gate_rank[:, None, None] * gate_dim[None, :, None]
+        cores = []
+        for k, kind in enumerate(self.structure[factor]):
+            name = f"core{k + 1}_{factor}"
+            core = self.shared_tensor(name) if kind.startswith("shared") else getattr(self, name)
+            if self.controllers and kind == "shared_trained":
+                suffix = factor if k == 2 else f"{factor}{k + 1}"
+                gate_rank = _activate(getattr(self, f"controller_rank_{suffix}"), self.activation)
+                gate_dim = _activate(getattr(self, f"controller_dim_{suffix}"), self.activation)
+                core = core * gate_rank[:, None, None] * gate_dim[None, :, None]
+            cores.append(core)
         # (n1, r1) x (r1, n2, r2) first: the frozen core meets the small per-layer core, then
         # the gated shared core; no step depends on the number of tokens.
-        return tt_to_matrix([getattr(self, f"core1_{factor}"), self.shared_tensor(f"core2_{factor}"), core3], rows)
+        return tt_to_matrix(cores, rows)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._factor("a", self.in_features), self._factor("b", self.out_features)

@@ -80,9 +80,20 @@ def tt_normal(
     `fan_sum` is rows + columns of the matrix the train represents; `order` defaults to the
     number of cores (TRAC's shared cores use the order of the full train, methods.md §2).
     """
+    return tt_random(shapes, math.sqrt(1.0 / fan_sum), generator, order)
+
+
+def tt_random(
+    shapes: Sequence[tuple[int, int, int]], sigma: float, generator: torch.Generator, order: int | None = None, uniform: bool = False
+) -> list[torch.Tensor]:
+    """Cores of std sigma^(1/order) / sqrt(r_{k+1}) each, Gaussian or uniform (U(-b, b) with
+    b = sqrt(3) * std, the same std), so the contracted train has entries of std about sigma."""
     order = order or len(shapes)
-    sigma = math.sqrt(1.0 / fan_sum)
-    return [torch.randn(shape, generator=generator) / math.sqrt(shape[2]) * sigma ** (1.0 / order) for shape in shapes]
+    out = []
+    for shape in shapes:
+        unit = (torch.rand(shape, generator=generator) * 2.0 - 1.0) * math.sqrt(3.0) if uniform else torch.randn(shape, generator=generator)
+        out.append(unit / math.sqrt(shape[2]) * sigma ** (1.0 / order))
+    return out
 
 
 def fold_dim(dim: int, mode_size: int) -> list[int]:
