@@ -178,48 +178,46 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
         label_ids = {name: i for i, name in enumerate(report["label_names"])}
     parts = tmp / "parts"
     parts.mkdir()
-    train = _tokenize(train_raw, cfg, task, tokenizer, label_ids, parts, "train", report)
+    # Each split: a flat Arrow table of tokenized rows and the rows kept (not dropped).
+    train, train_keep = _tokenize(train_raw, cfg, task, tokenizer, label_ids, parts, "train", report)
     if eval_sources:
-        held_out = _tokenize(eval_raw, cfg, task, tokenizer, label_ids, parts, "eval", report)
-        train_idx, eval_idx = list(range(train.num_rows)), list(range(held_out.num_rows))
+        held_out, eval_keep = _tokenize(eval_raw, cfg, task, tokenizer, label_ids, parts, "eval", report)
+        train_pos, eval_pos = list(range(len(train_keep))), list(range(len(eval_keep)))
     else:
-        held_out = train
+        held_out, eval_keep = train, train_keep
+        n = len(train_keep)
         cap = cfg.max_eval_samples or cfg.max_held_out
-        train_idx, eval_idx = _split_indices(train.num_rows, cfg.eval_fraction, cfg.split_seed, cap)
-        wanted = max(1, round(train.num_rows * cfg.eval_fraction))
-        if len(eval_idx) < wanted:
+        train_pos, eval_pos = _split_indices(n, cfg.eval_fraction, cfg.split_seed, cap)
+        if len(eval_pos) < max(1, round(n * cfg.eval_fraction)):
             key = "data.max_eval_samples" if cfg.max_eval_samples else "data.max_held_out"
-            report["notes"].append(f"held out {len(eval_idx):,} of {train.num_rows:,} examples ({cfg.eval_fraction:.0%} capped by {key}); the rest train")
+            report["notes"].append(f"held out {len(eval_pos):,} of {n:,} examples ({cfg.eval_fraction:.0%} capped by {key}); the rest train")
     if cfg.max_train_samples:
-        train_idx = train_idx[: cfg.max_train_samples]
+        train_pos = train_pos[: cfg.max_train_samples]
     if cfg.max_eval_samples:
-        eval_idx = eval_idx[: cfg.max_eval_samples]
-    if not train_idx or not eval_idx:
+        eval_pos = eval_pos[: cfg.max_eval_samples]
+    if not train_pos or not eval_pos:
         raise DataError("data: no usable examples after tokenization", hint="check the columns and data.max_length")
     # Stored in file order (contiguous reads; batches are drawn at random by train.py anyway).
-    train_idx, eval_idx = sorted(train_idx), sorted(eval_idx)
+    train_rows = train_keep[np.sort(np.asarray(train_pos, dtype=np.int64))]
+    eval_rows = eval_keep[np.sort(np.asarray(eval_pos, dtype=np.int64))]
     keep = ["input_ids", "labels", "length"]
-    train_out = train.select(train_idx).select_columns(keep)
-    eval_out = held_out.select(eval_idx).select_columns(keep)
-    train_out.save_to_disk(str(tmp / "train"))
-    eval_out.save_to_disk(str(tmp / "eval"))
-    lengths = _column(train_out, "length")
-    trained = _column(train.select(train_idx), "n_trained")
+    train.select(train_rows).select_columns(keep).save_to_disk(str(tmp / "train"))
+    held_out.select(eval_rows).select_columns(keep).save_to_disk(str(tmp / "eval"))
     report.update(
-        train_examples=len(train_idx), eval_examples=len(eval_idx), train_tokens=int(lengths.sum()),
-        train_trained_tokens=int(np.asarray(trained).sum()) if task != "classification" else None,
+        train_examples=len(train_rows), eval_examples=len(eval_rows), train_tokens=int(_column(train, "length")[train_rows].sum()),
+        train_trained_tokens=int(_column(train, "n_trained")[train_rows].sum()) if task != "classification" else None,
         max_length=cfg.max_length,
     )
     import shutil
 
-    del train, held_out, train_out, eval_out
+    del train, held_out
     shutil.rmtree(parts, ignore_errors=True)
     return report
 
 
 def _column(ds, name: str) -> np.ndarray:
-    """One column through the dataset's indices (`.data` would ignore a selection)."""
-    return np.asarray(ds.with_format("numpy", columns=[name])[name])
+    """One column of a flat (unselected) dataset, without a Python pass over its rows."""
+    return np.asarray(ds.data.column(name).to_numpy())
 
 
 def _read(sources: list[SourceFile], report: dict) -> list[tuple[SourceFile, Any]]:
@@ -356,13 +354,14 @@ def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tok
     ds = concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
     drops = ds.data.column("drop").to_pylist()
     truncated = np.asarray(ds.data.column("truncated").to_pylist(), dtype=bool)
-    keep = [i for i, d in enumerate(drops) if not d]
+    keep = np.asarray([i for i, d in enumerate(drops) if not d], dtype=np.int64)
     for reason, n in Counter(d for d in drops if d).items():
         report["dropped"][reason] = report["dropped"].get(reason, 0) + n
     if task == "causal-lm" and cfg.packing:
-        return _pack(ds.select(keep), cfg.max_length, tokenizer.eos_token_id, parts / f"{split}-packed.arrow")
-    report["truncated"] += int(truncated[keep].sum()) if keep else 0
-    return ds.select(keep) if len(keep) < ds.num_rows else ds
+        packed = _pack(ds.select(keep), cfg.max_length, tokenizer.eos_token_id, parts / f"{split}-packed.arrow")
+        return packed, np.arange(packed.num_rows, dtype=np.int64)
+    report["truncated"] += int(truncated[keep].sum())
+    return ds, keep
 
 
 def _row_function(task: str, cfg: DataConfig, tokenizer, cols: dict, style: str | None, label_ids: dict | None):
