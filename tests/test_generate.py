@@ -47,7 +47,7 @@ def memorised(tmp_path_factory) -> Path:
         "task": "instruction",
         "adapter": {"type": "lora", "target_modules": "all-linear", "r": 8, "alpha": 16},
         "data": {"train": str(data), "eval": str(data), "max_length": 32},
-        "training": {"max_steps": 60, "batch_size": 6, "learning_rate": 3e-2, "log_every": 20, "seed": 0},
+        "training": {"max_steps": 40, "batch_size": 6, "learning_rate": 3e-2, "log_every": 20, "seed": 0},
         "output_dir": str(root / "run"),
     }
     train(validate_recipe(raw))
@@ -108,7 +108,7 @@ def test_stream_hands_out_text_as_it_is_generated(memorised):
 
 def test_sampling_is_deterministic_with_a_seed(memorised):
     gen = load_generator(memorised, merge=False)
-    settings = SamplingSettings(max_new_tokens=8, temperature=5.0, top_p=0.95, seed=3)
+    settings = SamplingSettings(max_new_tokens=6, temperature=5.0, top_p=0.95, seed=3, batch_size=6)
     first = gen.generate(_prompts(gen), settings)
     assert gen.generate(_prompts(gen), settings) == first
     assert first != REPLIES  # at temperature 5 the samples leave the memorised replies
@@ -232,3 +232,31 @@ def test_generation_metrics():
     assert scores["exact_match"] == pytest.approx(1 / 3)
     assert scores["answer_accuracy"] == pytest.approx(1 / 2)  # two references hold a number
     assert 0 < scores["bleu"] < 100 and 0 < scores["chrf"] < 100 and 0 < scores["rouge_l"] < 1
+
+
+def test_harness_runs_a_local_task_offline(memorised, tmp_path):
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tnlora_pairs.yaml").write_text(
+        "task: tnlora_pairs\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_text: '{{prompt}}'\n"
+        "doc_to_target: '{{response}}'\n"
+        "generation_kwargs:\n  until: ['<eos>']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n"
+    )
+    args = ["eval", str(memorised), "--harness", "tnlora_pairs", "--harness-include", str(tasks), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["results"]["tnlora_pairs"]["exact_match"] == 1.0  # the memorised replies, through the harness
+    saved = json.loads((memorised / "harness.json").read_text())
+    assert saved["results"]["tnlora_pairs"]["exact_match,none"] == 1.0 and saved["tnlora"]["tuned_model"] == "merged in memory"
+    bad = CliRunner().invoke(app, ["eval", str(memorised), "--harness", "no_such_task", "--harness-include", str(tasks)])
+    assert bad.exit_code == 2 and "unknown task" in " ".join(bad.output.split())

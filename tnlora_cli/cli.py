@@ -278,13 +278,21 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     generate_: Annotated[bool, typer.Option("--generate", help="Instruction runs: also generate replies to the held-out prompts and score them (exact match, answer accuracy, BLEU, chrF, ROUGE-L); writes generations.jsonl and eval.json's 'generate' entry.")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="With --generate: most tokens per reply (default: the recipe's eval_generate.max_new_tokens).")] = None,
+    harness: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy; needs tnlora[harness]); results go to harness.json.")] = None,
+    harness_include: Annotated[Optional[Path], typer.Option(help="With --harness: a directory of local task YAML files.")] = None,
+    harness_limit: Annotated[Optional[int], typer.Option(help="With --harness: at most this many examples per task.")] = None,
 ) -> None:
     """Held-out metrics of the tuned model and of its base (accuracy and macro-F1, or loss and perplexity)."""
     _quiet_libraries()
     from .evaluate import evaluate_run
 
+    if generate_ and harness:
+        _run(_input_error, "--generate and --harness are separate evaluations: run them one at a time")
     if generate_:
         _eval_generate(run_dir, batch_size, max_new_tokens, as_json)
+        return
+    if harness:
+        _eval_harness(run_dir, harness, harness_include, harness_limit, batch_size, as_json)
         return
 
     report = _run(evaluate_run, run_dir, batch_size=batch_size, reporter=Reporter() if as_json else RichReporter())
@@ -310,6 +318,24 @@ def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Opt
             table.add_row(r["prompt"], r["reference"], r["base"], r["tuned"])
         out_console.print(table)
     out_console.print(f"bleu and chrf are sacrebleu's (0-100); replies written to {report['generations']}, metrics to eval.json ('generate')")
+
+
+def _eval_harness(run_dir: Path, tasks: str, include: Optional[Path], limit: Optional[int], batch_size: Optional[int], as_json: bool) -> None:
+    from .harness import run_harness
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    report = _run(run_harness, run_dir, names, include_path=include, limit=limit, batch_size=batch_size or 1, reporter=Reporter() if as_json else RichReporter())
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{run_dir}: lm-evaluation-harness")
+    for column in ("task", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for task, values in report["results"].items():
+        for metric, value in values.items():
+            table.add_row(task, metric, f"{value:.4f}")
+    out_console.print(table)
+    out_console.print(f"harness results written to {report['path']}")
 
 
 @app.command()

@@ -151,6 +151,11 @@ class Generator:
             self._merge(probe)
         return contextlib.nullcontext()
 
+    def use_tuned(self) -> None:
+        """Merge now (when exact) for callers that run the model themselves (the harness)."""
+        if self.mergeable and not self.merged:
+            self._merge(self.encode(self.format([{"role": "user", "content": "Hello, how are you?"}])))
+
     @torch.no_grad()
     def _merge(self, probe: list[int]) -> None:
         """Merge ΔW into the weights and check the logits on `probe` against the adapter path."""
