@@ -271,3 +271,22 @@ def test_disk_full_checkpoint_keeps_earlier_checkpoints(make_recipe, tmp_path, s
 
     assert all(checkpoint_problem(c) is None for c in saved)
     assert not list((small_tmpfs / "run" / "checkpoints").glob(".*"))
+
+
+def test_read_only_output_dir_is_one_message(make_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import write_recipe
+    from tnlora_cli.cli import app
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        raw = _raw(make_recipe, tmp_path, max_steps=2)
+        raw["output_dir"] = str(mount / "run")
+        result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw))])
+        assert result.exit_code == 2 and "read-only file system" in result.output and "Traceback" not in result.output, result.output
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -37,12 +37,12 @@ from .data import collate
 from .data_report import data_summary
 from .distributed import Engine, build_engine
 from .errors import CheckpointError, InterruptedRun, RecipeError
-from .guard import DivergenceGuard
 from .evaluate import compare_with_base, evaluate_examples, majority_rate
+from .guard import DivergenceGuard
 from .inject import count_parameters, load_adapter_state_dict
+from .memcheck import check_memory_fits, is_main_launch_process
 from .pipeline import Prepared, adapter_metadata, prepare
 from .plots import plot_loss_curve
-from .memcheck import check_memory_fits, is_main_launch_process
 from .recipe import Recipe, recipe_to_yaml
 from .reporting import Reporter
 from .resume import check_resumed_recipe, latest_valid_checkpoint, require_valid, write_manifest
