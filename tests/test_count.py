@@ -29,6 +29,13 @@ PAPER_COUNTS = [
     ("tensorguide_qd_resnet18.yaml", 1_140, "TensorGuide Table 1 (TT part)"),
     ("tensorguide_gpt2_head.yaml", 33_664, "TensorGuide Table 3, last row (paper 34,164: +500 unexplained)"),
     ("tera_llama2_7b.yaml", 264_192, "TeRA Table 2 (0.0039%)"),
+    ("trac_roberta_base_shared_tt.yaml", 24_576, "TRAC ablation Shared TT: no controllers"),
+    ("trac_roberta_base_all_trainable.yaml", 411_648, "TRAC Table 1, All Trainable, as TRAC's core structure"),
+    ("tera_llama2_7b_iden.yaml", 264_192, "TeRA_iden (Table 8)"),
+    ("tera_roberta_base_unique.yaml", 24 * 56, "TeRA_unique (Table 8), per-layer frozen networks"),
+    ("tensorguide_gpt2_head_algorithm1.yaml", 33_664, "TensorGuide Algorithm 1 on Table 3's last row"),
+    ("loretta_official_roberta_large.yaml", 61_440, "LoRETTA official shape table, r=8, t=5"),
+    ("loretta_official_llama2_7b.yaml", 249_856, "LoRETTA official large-model script, r=8, t=8"),
 ]
 
 

@@ -212,11 +212,13 @@ def inject_adapter(
         by_role.setdefault(role, []).append(name)
     shared.to(device)
     freeze_base(model, modules_to_save)
-    # Checksum of the frozen random tensors as drawn: saved with the adapter, and compared
-    # on loading when they are regenerated instead of stored.
     keys = frozen.frozen_keys(model, is_adapter_tensor)
-    state = model.state_dict()
-    shared.frozen_record = {"saved": config.save_frozen, "seed": config.seed, "checksum": frozen.checksum({k: state[k] for k in keys}), "tensors": len(keys)}
+    shared.frozen_record = {"saved": config.save_frozen, "seed": config.seed, "tensors": len(keys)}
+    if not config.save_frozen:
+        # Checksum of the frozen random tensors as drawn (before any engine shards them):
+        # saved with the adapter, and compared on loading, when they are regenerated.
+        state = model.state_dict()
+        shared.frozen_record["checksum"] = frozen.checksum({k: state[k] for k in keys})
     return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role, skipped_in_modules_to_save=skipped)
 
 
