@@ -59,6 +59,11 @@ t0 = time.perf_counter()  # imports and the tokenizer are loaded the same way in
 {body}
 RESULT["seconds"] = time.perf_counter() - t0
 RESULT["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# What the resident set holds at the end: anonymous memory, and file pages (memory-mapped
+# Arrow files, which the kernel can drop and re-read at will).
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+RESULT["rss_anon_mib_end"] = int(status["RssAnon"].split()[0]) / 1024
+RESULT["rss_file_mib_end"] = int(status["RssFile"].split()[0]) / 1024
 print("RESULT " + json.dumps(RESULT))
 """
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -208,8 +209,6 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
         train_trained_tokens=int(_column(train, "n_trained")[train_rows].sum()) if task != "classification" else None,
         max_length=cfg.max_length,
     )
-    import shutil
-
     del train, held_out
     shutil.rmtree(parts, ignore_errors=True)
     return report
