@@ -82,3 +82,58 @@ def test_unknown_or_missing_trackers_are_refused_with_exit_2_and_nothing_written
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
     assert not Path(raw["output_dir"]).exists()
+
+
+def test_a_resumed_run_reopens_the_same_wandb_run(make_recipe, tmp_path, monkeypatch):
+    """wandb is not installed here: a stand-in records what accelerate's tracker would receive."""
+    from types import SimpleNamespace
+
+    from accelerate import tracking as accelerate_tracking
+
+    from tnlora_cli.tracking import log_record, start_trackers
+
+    started: list[dict] = []
+
+    class FakeWandB(accelerate_tracking.GeneralTracker):
+        name = "wandb"
+        requires_logging_directory = False
+
+        def __init__(self, project: str, **kwargs) -> None:
+            super().__init__()
+            started.append({"project": project, **kwargs})
+            self.logged: list = []
+
+        def start(self) -> None:
+            pass
+
+        @property
+        def tracker(self):
+            return None
+
+        def store_init_configuration(self, values: dict) -> None:
+            started[-1]["config"] = values
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            self.logged.append((step, values))
+
+    monkeypatch.setitem(accelerate_tracking.LOGGER_TYPE_TO_CLASS, "wandb", FakeWandB)
+    raw = make_recipe()
+    raw["training"].update(report_to=["wandb"], tracker_project="proj")
+    recipe = validate_recipe(raw)
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def accelerator():
+        trackers: list = []
+        return SimpleNamespace(is_main_process=True, trackers=trackers, log=lambda values, step: [t.log(values, step) for t in trackers])
+
+    first = accelerator()
+    start_trackers(first, recipe, out, start_step=0)
+    log_record(first, {"step": 3, "train_loss": 1.5, "engine": "single", "adapter_checksum_per_rank": [1.0], "peak_memory_mib_per_rank": [5.0, 7.0]})
+    assert first.trackers[0].logged == [(3, {"train_loss": 1.5, "peak_memory_mib": 7.0})]
+    resumed = accelerator()
+    start_trackers(resumed, recipe, out, start_step=3)
+    assert started[0]["project"] == "proj" and started[0]["name"] == "run" and started[0]["resume"] == "allow"
+    assert started[1]["id"] == started[0]["id"]  # the same run continues
+    assert "config" in started[0] and "config" not in started[1]  # hyperparameters stored once
+    assert started[0]["config"]["training.report_to"] == '["wandb"]'
