@@ -114,10 +114,12 @@ def test_sampling_is_deterministic_with_a_seed(memorised):
     assert first != REPLIES  # at temperature 5 the samples leave the memorised replies
 
 
-def test_cli_prompt_streams_the_reply(memorised):
-    result = CliRunner().invoke(app, ["generate", str(memorised), "--prompt", "what is the dog", "--max-new-tokens", "12"])
+def test_cli_prompt_streams_the_reply(memorised, tmp_path):
+    out = tmp_path / "one.jsonl"
+    result = CliRunner().invoke(app, ["generate", str(memorised), "--prompt", "what is the dog", "--max-new-tokens", "12", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "the dog ran fast" in result.stdout
+    assert json.loads(out.read_text()) == {"prompt": "what is the dog", "completion": "the dog ran fast"}
 
 
 def test_cli_file_base_and_compare(memorised, tmp_path):

@@ -450,9 +450,11 @@ def generate(
         _run(_input_error, f"{run_dir} is a model directory without an adapter: --base/--compare need a run")
     if prompt is not None and not compare:
         text = gen.encode(gen.format([{"role": "user", "content": prompt}], raw=raw))
-        _run(gen.stream, text, settings, _write_stdout, adapters=not base)
+        completion = _run(gen.stream, text, settings, _write_stdout, adapters=not base)
         sys.stdout.write("\n")
         console.print(f"[dim]{'base model (adapters off)' if base else gen.mode}[/dim]")
+        if output is not None:
+            write_jsonl(output, [{"prompt": prompt, "completion": completion}])
         return
     result = _run(generate_rows, gen, rows, settings, base=base, compare=compare, raw=raw, reporter=RichReporter())
     console.print(f"[dim]tuned model: {gen.mode}" + (f", merge verified (max |logit diff| {result.merge_max_diff:.2g})" if result.merge_max_diff is not None else "") + "[/dim]")

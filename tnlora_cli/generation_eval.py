@@ -87,7 +87,7 @@ def evaluate_generation(
     """
     reporter = reporter or Reporter()
     source = inspect_source(path)
-    if source.kind != "run" or source.task != "instruction":
+    if source.kind != "run" or source.task not in ("instruction", "chat"):
         raise InputError(
             f"{path}: eval --generate scores replies to held-out prompts, so it needs an instruction run (this is a {source.task} {source.kind})",
             hint="train an instruction recipe; for a causal-lm run use `tnlora eval` (loss, perplexity) or `tnlora generate`",
