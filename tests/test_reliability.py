@@ -42,7 +42,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_second_run_in_a_locked_directory_is_refused_at_once(make_recipe, tmp_path):
-    raw = _raw(make_recipe, tmp_path)
+    raw = _raw(make_recipe, tmp_path, max_steps=1)
     with RunLock(Path(raw["output_dir"])):  # another process's lock (flock is per open file)
         with pytest.raises(RunInUseError, match=r"in use by another tnlora process \(pid \d+\)"):
             train(validate_recipe(raw))
@@ -159,11 +159,11 @@ def test_resume_records_each_step_once(make_recipe, tmp_path):
 
 
 def test_changed_safe_keys_are_allowed_on_resume(make_recipe, tmp_path):
-    raw = _raw(make_recipe, tmp_path, save_every=2, max_steps=4)
-    train(validate_recipe(raw), stop_after=2)
-    raw["training"].update(max_steps=5, log_every=2, save_total_limit=1)
+    raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=2)
+    train(validate_recipe(raw), stop_after=1)
+    raw["training"].update(max_steps=3, log_every=2, save_total_limit=1, eval_every=5)
     result = train(validate_recipe(raw), resume="auto")
-    assert result.steps == 5
+    assert result.steps == 3
 
 
 def test_a_dead_runs_leftovers_are_cleaned_and_not_mixed_in(make_recipe, tmp_path):
@@ -179,11 +179,29 @@ def test_a_dead_runs_leftovers_are_cleaned_and_not_mixed_in(make_recipe, tmp_pat
     assert [r["step"] for r in _records(run) if "train_loss" in r] == [1, 2]
 
 
-def test_pruning_never_leaves_a_half_checkpoint(make_recipe, tmp_path):
+def test_pruning_never_leaves_a_half_checkpoint(make_recipe, tmp_path, monkeypatch):
+    """Killed while deleting an old checkpoint (simulated: the deletion removes one file and
+    dies): no checkpoint under its real name is incomplete."""
+    import shutil
+
+    from tnlora_cli.resume import checkpoint_problem
+
+    real_rmtree, fired = shutil.rmtree, []
+
+    def dying_rmtree(path, ignore_errors=False, **kwargs):
+        if Path(path).name in ("step-000001", ".step-000001.deleting") and not fired:
+            fired.append(path)
+            (Path(path) / "training_state.json").unlink()
+            raise RuntimeError("killed while pruning")
+        real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
     raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=3, save_total_limit=1)
-    train(validate_recipe(raw))
+    with pytest.raises(RuntimeError, match="killed while pruning"):
+        train(validate_recipe(raw))
     run = Path(raw["output_dir"])
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000003"]
+    assert fired and checkpoint_dirs(run)
+    assert all(checkpoint_problem(c) is None for c in checkpoint_dirs(run)), [checkpoint_problem(c) for c in checkpoint_dirs(run)]
 
 
 def _cli(*args: str) -> list[str]:
@@ -215,7 +233,7 @@ def test_sigkill_during_merge_leaves_nothing_a_later_merge_trips_over(make_recip
     raw = _raw(make_recipe, tmp_path, max_steps=2)
     train(validate_recipe(raw))
     out = tmp_path / "merged"
-    proc = subprocess.Popen(_cli("merge", raw["output_dir"], "--out", str(out)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli("merge", raw["output_dir"], "--out", str(out), "--no-verify"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".merged.tmp-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -223,7 +241,7 @@ def test_sigkill_during_merge_leaves_nothing_a_later_merge_trips_over(make_recip
     proc.wait()
     assert not out.exists()
     leftovers = list(tmp_path.glob(".merged.tmp-*"))
-    result = subprocess.run(_cli("merge", raw["output_dir"], "--out", str(out)), env=_env(), capture_output=True, text=True)
+    result = subprocess.run(_cli("merge", raw["output_dir"], "--out", str(out), "--no-verify"), env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").is_file() and not list(tmp_path.glob(".merged.tmp-*")), leftovers
 
@@ -290,3 +308,28 @@ def test_read_only_output_dir_is_one_message(make_recipe, tmp_path):
         assert result.exit_code == 2 and "read-only file system" in result.output and "Traceback" not in result.output, result.output
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_sigkill_during_training_then_resume_equals_the_uninterrupted_run(make_recipe, tmp_path):
+    """A real SIGKILL at whatever point training has reached once checkpoint 3 exists (often
+    mid-step or mid-save); `--resume auto` then ends with the straight run's adapter."""
+    from conftest import write_recipe
+
+    straight = _raw(make_recipe, tmp_path, save_every=1, max_steps=8, save_total_limit=2)
+    straight["output_dir"] = str(tmp_path / "straight")
+    train(validate_recipe(straight))
+    killed = dict(straight, output_dir=str(tmp_path / "killed"))
+    recipe = write_recipe(tmp_path / "k.yaml", killed)
+    proc = subprocess.Popen(_cli("train", str(recipe)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (Path(killed["output_dir"]) / "checkpoints" / "step-000003").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not (Path(killed["output_dir"]) / "adapter").exists(), "killed too late to test anything"
+    train(validate_recipe(killed), resume="auto")
+    a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "killed")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    steps = [r["step"] for r in _records(tmp_path / "killed") if "train_loss" in r]
+    assert steps == list(range(1, 9)), steps
