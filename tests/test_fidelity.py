@@ -303,3 +303,12 @@ def test_seed_only_checkpoints_resume(make_recipe, tmp_path):
     checkpoint = checkpoint_dirs(tmp_path / "run")[-1]
     assert json.loads((checkpoint / "adapter/adapter_config.json").read_text())["frozen"]["saved"] is False
     assert train(validate_recipe(raw), resume="auto").steps == 3
+
+
+def test_count_params_stores_no_frozen_tensors_when_seed_only(make_recipe):
+    from tnlora_cli.count import count_params
+
+    for save_frozen in (True, False):
+        total = count_params(validate_recipe(_tiny_recipe(make_recipe, "vera", ["query"], r=16, save_frozen=save_frozen))).adapter_total
+        assert total.frozen > 0
+        assert total.stored == total.trainable + (total.frozen if save_frozen else 0)
