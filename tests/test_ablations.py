@@ -148,3 +148,20 @@ def test_tera_iden_is_the_core_scaled_by_the_d():
     g = ad.shared_tensor("core")
     ref = torch.einsum("pqrs,p,q,r,s->pqrs", g, *ad.d).reshape(64, 48).T
     torch.testing.assert_close(ad.delta_weight(), ref)
+
+
+@pytest.mark.parametrize(
+    "kind, settings, key",
+    [
+        ("loretta", {"fold_rank": True, "ranks_a": [1, 2, 1]}, "adapter.fold_rank"),
+        ("loretta", {"folded_modes": {64: [8, 8, 4]}}, "adapter.folded_modes"),
+        ("loretta", {"r": 4, "fold_rank": True}, "adapter.folded_modes"),  # 64 at r = 4: not in the official table
+        ("trac", {"controllers": False, "controller_learning_rate": 1e-3}, "adapter.controller_learning_rate"),
+    ],
+)
+def test_settings_an_ablation_would_ignore_are_refused(kind, settings, key):
+    from tnlora_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError) as info:
+        _build(kind, settings)
+    assert info.value.message.startswith(key)

@@ -288,3 +288,27 @@ def test_tampered_seed_or_checksum_is_refused(make_recipe, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="checksum"):
         load_run(run_dir).load_weights()
+
+
+def test_seed_only_checkpoints_resume(make_recipe, tmp_path):
+    import json
+
+    from tnlora_cli.checkpoint import checkpoint_dirs
+    from tnlora_cli.train import train
+
+    raw = _tiny_recipe(make_recipe, "trac", ["query", "value"], r=4, save_frozen=False)
+    raw["training"].update(max_steps=3, save_every=100)
+    partial = train(validate_recipe(raw), stop_after=2)
+    assert partial.steps == 2
+    checkpoint = checkpoint_dirs(tmp_path / "run")[-1]
+    assert json.loads((checkpoint / "adapter/adapter_config.json").read_text())["frozen"]["saved"] is False
+    assert train(validate_recipe(raw), resume="auto").steps == 3
+
+
+def test_count_params_stores_no_frozen_tensors_when_seed_only(make_recipe):
+    from tnlora_cli.count import count_params
+
+    for save_frozen in (True, False):
+        total = count_params(validate_recipe(_tiny_recipe(make_recipe, "vera", ["query"], r=16, save_frozen=save_frozen))).adapter_total
+        assert total.frozen > 0
+        assert total.stored == total.trainable + (total.frozen if save_frozen else 0)

@@ -29,11 +29,13 @@ class Counts:
     layers: int = 0
     trainable: int = 0
     frozen: int = 0
+    #: adapter.save_frozen: false stores the seed and a checksum instead of the frozen tensors.
+    frozen_saved: bool = True
 
     @property
     def stored(self) -> int:
-        """What the adapter file holds: frozen random tensors are saved too."""
-        return self.trainable + self.frozen
+        """What the adapter file holds: frozen random tensors too, unless save_frozen is false."""
+        return self.trainable + (self.frozen if self.frozen_saved else 0)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class CountReport:
 
     @property
     def adapter_total(self) -> Counts:
-        total = Counts()
+        total = Counts(frozen_saved=all(c.frozen_saved for c in self.roles.values()))
         for c in self.roles.values():
             total.layers += c.layers
             total.trainable += c.trainable
@@ -133,8 +135,9 @@ def count_params(recipe: Recipe, model: torch.nn.Module | None = None) -> CountR
     report = CountReport(model=recipe.model, adapter=recipe.adapter.type, base_parameters=base_parameters,
                          not_adapted=injection.skipped_in_modules_to_save)
     counted: set[int] = set()
+    saved = recipe.adapter.save_frozen
     for name, layer in adapted_layers(model):
-        counts = report.roles.setdefault(layer.adapter.role, Counts())
+        counts = report.roles.setdefault(layer.adapter.role, Counts(frozen_saved=saved))
         counts.layers += 1
         for t in _unique(list(layer.adapter.parameters()) + list(layer.adapter.buffers())):
             counted.add(id(t))
@@ -145,7 +148,7 @@ def count_params(recipe: Recipe, model: torch.nn.Module | None = None) -> CountR
     shared = getattr(model, SHARED_ATTR)
     for key, tensor in shared.tensors.items():
         role = shared.roles[key]
-        counts = report.roles.setdefault(role if role != "*" else "shared (all roles)", Counts())
+        counts = report.roles.setdefault(role if role != "*" else "shared (all roles)", Counts(frozen_saved=saved))
         if tensor.requires_grad:
             counts.trainable += tensor.numel()
         else:

@@ -15,7 +15,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
@@ -41,6 +41,15 @@ class LorettaConfig(AdapterConfig):
         "A = reshape(in, r), B = reshape(r, out)ᵀ, TT ranks [1, t, ..., t, 1].",
     )
     folded_modes: dict[int, list[int]] | None = Field(None, description="fold_rank: modes per dimension, product dim·r (default: the official table).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> LorettaConfig:
+        # Settings of the other TT form would be silently ignored: refuse them.
+        if self.fold_rank and (self.ranks_a or self.ranks_b or self.modes):
+            raise RecipeError("adapter.fold_rank: the folded form takes folded_modes and tt_rank, not modes/ranks_a/ranks_b", hint="remove modes, ranks_a and ranks_b, or fold_rank")
+        if self.folded_modes and not self.fold_rank:
+            raise RecipeError("adapter.folded_modes: only used with fold_rank: true", hint="set fold_rank: true, or use modes")
+        return self
 
 
 #: The official shape tables (rank -> dimension -> modes of the dim·r elements), entries checked.

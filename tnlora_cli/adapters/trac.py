@@ -80,6 +80,8 @@ class TracConfig(AdapterConfig):
                 "adapter.controller_init: zeros with activation none makes every controller gate zero, so the update and every gradient stay exactly zero",
                 hint="use controller_init: ones (the paper's identity start), or activation: softmax",
             )
+        if not self.controllers and self.controller_learning_rate is not None:
+            raise RecipeError("adapter.controller_learning_rate: set, but controllers: false leaves no controllers to train", hint="remove one of the two")
         if not self.cores_b[-1].endswith("trained"):
             raise RecipeError(
                 f"adapter.cores_b: the last core of B starts at zero (so the update starts at zero) and must be trained, got {self.cores_b[-1]}",
