@@ -105,7 +105,7 @@ def main() -> None:
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, {args.prompts} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}, greedy")
-    print(f"{'adapter':18s} {'tnlora path':24s} {'tnlora tok/s':>12s} {'plain tok/s':>12s} {'ratio':>6s}  same text")
+    print(f"{'adapter':18s} {'tnlora path':34s} {'tokens':>6s} {'tnlora tok/s':>12s} {'plain tok/s':>12s} {'ratio':>6s}  same text")
     for name in args.adapters.split(","):
         run = build_run(workdir, name)
         gen = load_generator(run)
@@ -128,7 +128,7 @@ def main() -> None:
         outputs, plain_s = plain_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         tokens = sum(len(o) for o in outputs)
         same = "- (vs base)" if mode != "merged in memory" else all(t == tokenizer.decode(o, skip_special_tokens=True).strip() for t, o in zip(texts, outputs))
-        print(f"{name:18s} {mode:24s} {tokens / tnlora_s:12.1f} {tokens / plain_s:12.1f} {plain_s / tnlora_s:6.2f}  {same}")
+        print(f"{name:18s} {mode:34s} {tokens:6d} {tokens / tnlora_s:12.1f} {tokens / plain_s:12.1f} {plain_s / tnlora_s:6.2f}  {same}")
         del model
 
 

@@ -444,10 +444,10 @@ def generate(
     if base and compare:
         _run(_input_error, "--base and --compare exclude each other (--compare already shows the base)")
     source = _run(inspect_source, run_dir)
+    if (base or compare) and source.kind != "run":
+        _run(_input_error, f"{run_dir} is a model directory without an adapter: --base/--compare need a run")
     rows = [PromptRow(prompt)] if prompt is not None else _run(read_prompt_file, input_, source.prompt_column, source.response_column)
     gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
-    if (base or compare) and not gen.has_adapter:
-        _run(_input_error, f"{run_dir} is a model directory without an adapter: --base/--compare need a run")
     if prompt is not None and not compare:
         text = gen.encode(gen.format([{"role": "user", "content": prompt}], raw=raw))
         completion = _run(gen.stream, text, settings, _write_stdout, adapters=not base)
@@ -489,12 +489,12 @@ def chat(
     Reads standard input, so it also runs from a pipe: printf 'hi\\n/exit\\n' | tnlora chat RUN
     """
     _quiet_libraries()
-    from .generation import chat_session, load_generator
+    from .generation import chat_session, inspect_source, load_generator
 
     settings = _sampling(max_new_tokens, temperature, top_p, seed, 1)
-    gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
-    if base and not gen.has_adapter:
+    if base and _run(inspect_source, run_dir).kind != "run":
         _run(_input_error, f"{run_dir} is a model directory without an adapter: --base needs a run")
+    gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
     if gen.source.task == "causal-lm":
         console.print("[yellow]note:[/yellow] a causal-lm run was trained on plain text; each turn is continued as text")
 
