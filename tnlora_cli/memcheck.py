@@ -26,7 +26,7 @@ def is_main_launch_process() -> bool:
 def available_memory() -> int | None:
     """Bytes the run may use: free GPU memory, or MemAvailable of the system."""
     if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return int(free)
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
