@@ -315,7 +315,9 @@ def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Opt
         for column in ("prompt", "reference", "base", "tuned"):
             table.add_column(column, overflow="fold")
         for r in report["examples"]:
-            table.add_row(r["prompt"], r["reference"], r["base"], r["tuned"])
+            # The prompt as the model read it (template and all); its end is the part that differs.
+            prompt = r["prompt"] if len(r["prompt"]) <= 120 else "…" + r["prompt"][-120:]
+            table.add_row(prompt, r["reference"], r["base"], r["tuned"])
         out_console.print(table)
     out_console.print(f"bleu and chrf are sacrebleu's (0-100); replies written to {report['generations']}, metrics to eval.json ('generate')")
 
