@@ -47,7 +47,10 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of `train` held out when `eval` is not given.")
     split_seed: int = Field(0, description="Seed of the train/held-out split.")
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training examples (default: all).")
-    max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many held-out examples (default: all).")
+    max_eval_samples: int | None = Field(
+        None, gt=0, description="Use at most this many held-out examples (default: all); with the split made from `train`, "
+        "this many rows are held out and the rest train."
+    )
     text_column: str = Field("text", description="Text of each example (classification, causal-lm).")
     text_pair_column: str | None = Field(None, description="Second text for pair classification.")
     label_column: str | None = Field(None, description="Class labels (classification).")
@@ -159,7 +162,8 @@ class Recipe(StrictModel):
     model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
     task: Task = Field(
         description="classification (text or text pair -> label, head trained), causal-lm (next-token loss), "
-        "instruction (loss on the response only)."
+        "instruction (loss on the response only; chat template when the tokenizer has one), "
+        "chat (multi-turn conversations, loss on the assistant turns as data.train_on says)."
     )
     adapter: AdapterSection
     data: DataConfig
