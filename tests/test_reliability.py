@@ -81,9 +81,9 @@ def test_divergence_message_names_step_last_loss_and_checkpoint(make_recipe, tmp
     calls = {"n": 0}
     original = train_module.DivergenceGuard.add
 
-    def poisoned(self, loss):
+    def poisoned(self, loss, labels=None):
         calls["n"] += 1
-        original(self, loss * float("nan") if calls["n"] >= 3 else loss)
+        original(self, loss * float("nan") if calls["n"] >= 3 else loss, labels)
 
     train_module.DivergenceGuard.add = poisoned
     try:

@@ -26,9 +26,13 @@ class DivergenceGuard:
         self.last_finite: tuple[int, float] | None = None
         self._loss = torch.zeros((), dtype=torch.float64)
 
-    def add(self, loss: torch.Tensor) -> None:
-        """A micro-batch's loss (accumulated until `check`)."""
-        self._loss = self._loss.to(loss.device) + loss.detach().double()
+    def add(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """A micro-batch's loss (accumulated until `check`). A language-model batch whose
+        labels are all masked (-100) has no loss at all (0/0), not a diverged one: skipped."""
+        value = loss.detach().double()
+        if labels is not None and labels.dim() > 1:
+            value = torch.where((labels != -100).any(), value, torch.zeros_like(value))
+        self._loss = self._loss.to(loss.device) + value
 
     def check(self, step: int, model: torch.nn.Module) -> None:
         """Before optimizer step `step`: the loss and every gradient are finite, on all ranks."""

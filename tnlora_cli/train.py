@@ -292,7 +292,7 @@ def _train(
                 loss = model(**batch).loss
                 engine.backward(loss)
             window_loss += loss.detach() / cfg.gradient_accumulation_steps
-            guard.add(loss / cfg.gradient_accumulation_steps)
+            guard.add(loss / cfg.gradient_accumulation_steps, batch.get("labels"))
         guard.check(step + 1, model)
         engine.clip_gradients()
         guard.optimizer_step(optimizer, step + 1)
