@@ -122,3 +122,19 @@ def test_dry_run_shows_the_resolved_step_count(make_recipe, tiny_models):
     steps = math.ceil(n_train / 16)  # 8 per process on 2 processes
     notes = " ".join(dry_run(recipe, processes=2).notes)
     assert f"training.epochs 1 = {steps} steps" in notes and f"= {math.ceil(steps / 2)} warm-up steps" in notes
+
+
+def test_an_epochs_run_resumes_with_the_same_recipe(make_recipe, tiny_models):
+    """The checkpoint records the resolved step counts; the user's recipe still says epochs."""
+    raw = make_recipe("bert", "classification")
+    del raw["training"]["max_steps"]
+    raw["training"].update(epochs=1, warmup_ratio=0.1, batch_size=8, save_every=2, log_every=2)
+    raw["data"]["max_train_samples"] = 40
+    recipe = validate_recipe(raw)
+    first = train(recipe, stop_after=2)
+    assert first.steps == 2
+    resumed = train(validate_recipe(raw), resume="auto")
+    assert resumed.steps == math.ceil(40 / 8)
+    changed = dict(raw, training={**raw["training"], "learning_rate": 0.5})
+    with pytest.raises(RecipeError, match="learning_rate"):
+        train(validate_recipe(changed), resume="auto")

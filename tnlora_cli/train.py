@@ -60,6 +60,7 @@ class TrainResult:
     evaluation: dict[str, dict[str, float]] | None
     majority_rate: float | None
     parameters: dict[str, int]
+    completed: bool = True  # False when stopped early (stop_after): no final adapter was published
 
 
 class BatchStream:
@@ -169,9 +170,13 @@ def train(
             if staged:
                 restore_previous_run(out)
             raise
-        if (out / "adapter").exists() and result.steps >= recipe.training.max_steps:
+        if result.completed and (out / "adapter").exists():
             drop_previous_run(out)
         return result
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "training_state.json").read_text())["step"]
 
 
 def _train(
@@ -197,8 +202,11 @@ def _train(
         reporter = Reporter()  # one progress display, from the main process
     out = Path(recipe.output_dir)
     resume_dir = _resume_from(out, resume, overwrite, reporter.status)
-    if resume_dir is not None:
-        check_resumed_recipe(recipe, resume_dir, json.loads((resume_dir / "training_state.json").read_text())["step"])
+    # epochs / warmup_ratio become step counts only once the data is prepared; the checkpoint
+    # recorded the resolved counts, so such a recipe is compared after resolving.
+    schedule_pending = cfg.epochs is not None or cfg.warmup_ratio is not None
+    if resume_dir is not None and not schedule_pending:
+        check_resumed_recipe(recipe, resume_dir, _checkpoint_step(resume_dir))
 
     if engine.note:
         reporter.status(engine.note)
@@ -211,6 +219,8 @@ def _train(
     cfg = recipe.training
     if schedule.note:
         reporter.status(schedule.note)
+    if resume_dir is not None and schedule_pending:
+        check_resumed_recipe(recipe, resume_dir, _checkpoint_step(resume_dir))
     if recipe.quantization or engine.loads_on_main_only:
         model = prepared.model  # bnb models are placed at load; FSDP places shards
     else:
@@ -334,7 +344,7 @@ def _train(
     cache_hits = accelerator.gather(torch.tensor([int(bool(data_report.get("cache", {}).get("hit")))], device=accelerator.device)).tolist()
     if stop_after is not None and step < cfg.max_steps:
         finish_trackers(accelerator)
-        return TrainResult(out, step, last_loss, None, None, params)
+        return TrainResult(out, step, last_loss, None, None, params, completed=False)
 
     guard.check_state(step, final_state, "final adapter")
     if is_main:
