@@ -262,3 +262,17 @@ def test_harness_runs_a_local_task_offline(memorised, tmp_path):
     assert saved["results"]["tnlora_pairs"]["exact_match,none"] == 1.0 and saved["tnlora"]["tuned_model"] == "merged in memory"
     bad = CliRunner().invoke(app, ["eval", str(memorised), "--harness", "no_such_task", "--harness-include", str(tasks)])
     assert bad.exit_code == 2 and "unknown task" in " ".join(bad.output.split())
+
+
+def test_fused_slices_merge_in_memory_like_the_adapter_path(make_recipe, tiny_models):
+    """GPT-2 with only the q and v slices of c_attn adapted: the in-memory merge (one fused
+    layer, two slices) gives the adapter path's greedy text."""
+    raw = make_recipe("gpt2", "instruction", target_modules=["c_attn.q", "c_attn.v"])
+    raw["training"].update(max_steps=3, learning_rate=1e-1)
+    result = train(validate_recipe(raw))
+    settings = SamplingSettings(max_new_tokens=8, batch_size=2)
+    adapter_path = load_generator(result.output_dir, merge=False)
+    merged = load_generator(result.output_dir)
+    prompts = _prompts(adapter_path)[:2]
+    assert merged.generate(prompts, settings) == adapter_path.generate(prompts, settings)
+    assert merged.merged and merged.merge_max_diff < 1e-4

@@ -23,7 +23,7 @@ from torch import nn
 from .checkpoint import ADAPTER_CONFIG, find_recipe_file, resolve_adapter_dir
 from .data import format_prompt
 from .errors import InputError, MergeError
-from .inject import adapted_layers, adapters_disabled, merge_into_base
+from .inject import adapted_layers, adapters_disabled, merge_into_base, merge_units
 from .modeling import default_device
 from .reporting import Reporter
 
@@ -164,7 +164,7 @@ class Generator:
         ids = torch.tensor([probe[:64] or [self.tokenizer.eos_token_id or 0]], device=self.device)
         reference = self.model(input_ids=ids).logits.float()
         _untie_in_memory(self.model)  # a tied output head must not change the embeddings
-        dtype = next(layer.base_layer.weight.dtype for _, layer in adapted_layers(self.model))
+        dtype = next(layer.base_layer.weight.dtype for _, layer in merge_units(self.model))
         merge_into_base(self.model)
         self.merged = True
         logits = self.model(input_ids=ids).logits.float()
