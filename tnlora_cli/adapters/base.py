@@ -33,7 +33,9 @@ class AdapterConfig(StrictModel):
     type: str
     target_modules: list[str] | str = Field(
         description="Exact module names or name suffixes (a list), a regex matched against the "
-        "full module name (a string), or 'all-linear' (every linear layer but the output head)."
+        "full module name (a string), or 'all-linear' (every linear layer but the output head). Slices of fused "
+        "layers are targets too: c_attn.q|k|v (GPT-2), qkv_proj.q|k|v, gate_up_proj.gate|up, or those of adapter.fused_splits. "
+        "Layers inside modules_to_save are never adapted."
     )
     exclude_modules: list[str] | str | None = Field(None, description="Same forms as target_modules; matches are skipped.")
     modules_to_save: list[str] | None = Field(

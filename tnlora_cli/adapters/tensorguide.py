@@ -40,8 +40,13 @@ class TensorGuideConfig(AdapterConfig):
     out_modes: list[int] | None = Field(None, description="Output modes; product M·(in+out). Default: factorised per layer.")
     ranks: list[int] | int = Field(2, description="TT ranks, [1, r, ..., r, 1] from one number, or the full list.")
     scale: float = Field(1.0, gt=0, description="s in y = W0x + s·σ(xW1)W2.")
-    activation: Literal["none", "relu", "gelu", "tanh", "sigmoid"] = "none"
-    start: Literal["zero", "paper"] = "zero"
+    activation: Literal["none", "relu", "gelu", "tanh", "sigmoid"] = Field(
+        "none", description="σ on the hidden layer; none keeps the update linear (mergeable), the paper uses relu."
+    )
+    start: Literal["zero", "paper"] = Field(
+        "zero", description="zero: the branch at the initial cores is subtracted, so training starts at the base model; "
+        "paper: the official code's start, cores ~ N(0, 0.1²) and no subtraction (pair it with scale: 0.01 as that code does)."
+    )
     init: Literal["default", "xavier_uniform"] = Field(
         "default", description="default: as `start` says; xavier_uniform: the paper's Algorithm 1 (fan-in r_k n_k, fan-out m_k r_k+1 per core)."
     )

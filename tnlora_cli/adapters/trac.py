@@ -58,7 +58,9 @@ class TracConfig(AdapterConfig):
     ranks_a: RankSpec = Field(None, description="[1, r1, r2] for A (one list, or per dimension); default: paper table.")
     ranks_b: RankSpec = Field(None, description="[1, s1, s2] for B; default: paper table.")
     activation: Literal["none", "softmax"] = Field("none", description="Controller activation (softmax = length x softmax).")
-    controller_init: Literal["ones", "zeros"] = "ones"
+    controller_init: Literal["ones", "zeros"] = Field(
+        "ones", description="Initial controller vectors: ones (the paper's identity gate); zeros needs activation softmax."
+    )
     controller_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the controllers (default: training.learning_rate).")
     controllers: bool = Field(True, description="Gate each shared trained core per layer; false is the paper's 'Shared TT' ablation.")
     cores_a: list[CoreKind] = Field(
