@@ -198,8 +198,9 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
         eval_pos = eval_pos[: cfg.max_eval_samples]
     if not train_pos or not eval_pos:
         raise DataError("data: no usable examples after tokenization", hint="check the columns and data.max_length")
-    # Stored in file order (contiguous reads; batches are drawn at random by train.py anyway).
-    train_rows = train_keep[np.sort(np.asarray(train_pos, dtype=np.int64))]
+    # With data.eval the training split keeps file order; a split made from `train` keeps the
+    # split's shuffled order, as earlier versions stored it, so their runs draw the same batches.
+    train_rows = train_keep[np.asarray(train_pos, dtype=np.int64)]
     eval_rows = eval_keep[np.sort(np.asarray(eval_pos, dtype=np.int64))]
     keep = ["input_ids", "labels", "length"]
     train.select(train_rows).select_columns(keep).save_to_disk(str(tmp / "train"))

@@ -21,7 +21,7 @@ from typing import Any
 from .embedded import cache_dir
 
 #: Bump when preparation changes what it produces for the same inputs.
-PREP_VERSION = "1"
+PREP_VERSION = "2"
 
 
 def data_cache_root() -> Path:
