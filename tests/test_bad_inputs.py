@@ -299,6 +299,10 @@ RUN_CASES = [
     ("resume with changed learning rate", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "training.learning_rate=0.5"], 2,
      r"differs from the checkpoint's in training.learning_rate"),
     ("resume with changed adapter.r", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "adapter.r=8"], 2, r"adapter.r \(4 -> 8\)"),
+    ("resume with a changed global batch", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "training.batch_size=2"], 2,
+     r"training.batch_size \(4 -> 2\)"),
+    ("resume with a changed held-out split", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "data.max_eval_samples=8"], 2,
+     r"data.max_eval_samples \(16 -> 8\)"),
     ("resume with max_steps below checkpoint", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "training.max_steps=1"], 2,
      r"training.max_steps: 1 is below the checkpoint's step 2"),
 ]

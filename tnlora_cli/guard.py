@@ -40,8 +40,10 @@ class DivergenceGuard:
         bad_grad = torch.zeros((), dtype=torch.bool, device=self._loss.device)
         if self.check_gradients:
             for p in model.parameters():
-                if p.grad is not None and p.grad.numel():
-                    bad_grad |= ~torch.isfinite(p.grad).all().to(bad_grad.device)
+                # FSDP gradients are DTensors: each rank checks its own shard, the flags are summed below.
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                if grad is not None and grad.numel():
+                    bad_grad |= ~torch.isfinite(grad).all().to(bad_grad.device)
         flags = torch.stack([bad_loss, bad_grad]).float()
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags.to(self.accelerator.device), reduction="sum")

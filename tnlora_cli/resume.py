@@ -26,8 +26,10 @@ from .errors import CheckpointError, RecipeError
 MANIFEST = "manifest.json"
 
 #: Recipe keys a resumed run may change: how long to train, how often to log, evaluate and
-#: save, how many checkpoints to keep, the evaluation batch size and where the run is.
-#: A new `training.max_steps` recomputes the linear/cosine schedule for the new total.
+#: save, how many checkpoints to keep, the evaluation batch size, where the run is, and the
+#: engine (checkpoints hold full tensors under every engine). A new `training.max_steps`
+#: recomputes the linear/cosine schedule for the new total. (`data.max_eval_samples` is not
+#: here: with a split made from `train` it decides which rows train.)
 SAFE_ON_RESUME = (
     "training.max_steps",
     "training.log_every",
@@ -35,9 +37,12 @@ SAFE_ON_RESUME = (
     "training.save_every",
     "training.save_total_limit",
     "training.eval_batch_size",
-    "data.max_eval_samples",
+    "training.distributed",
     "output_dir",
 )
+#: May change together as long as the global batch (x processes) stays the same: the same
+#: examples then make each optimizer step, e.g. a 2-process checkpoint resumed in one process.
+BATCH_SPLIT_KEYS = ("training.batch_size", "training.gradient_accumulation_steps")
 
 
 def _sha256(path: Path) -> str:
@@ -117,8 +122,9 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-def check_resumed_recipe(recipe: Any, checkpoint: Path, step: int) -> list[str]:
-    """Refuse recipe changes that alter the continued run; return the safe ones made."""
+def check_resumed_recipe(recipe: Any, checkpoint: Path, step: int, processes: int = 1) -> list[str]:
+    """Refuse recipe changes that alter the continued run; return the safe ones made.
+    `processes`: of this launch, to compare global batches with the checkpoint's."""
     from .recipe import validate_recipe
 
     try:
@@ -127,7 +133,12 @@ def check_resumed_recipe(recipe: Any, checkpoint: Path, step: int) -> list[str]:
         raise CheckpointError(f"{checkpoint}/recipe.yaml cannot be read ({str(exc).splitlines()[0]})") from None
     old, new = _flatten(saved.model_dump(mode="json")), _flatten(recipe.model_dump(mode="json"))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+    saved_world = json.loads((checkpoint / "training_state.json").read_text()).get("world_size", 1)
+    same_global_batch = (
+        old["training.batch_size"] * old["training.gradient_accumulation_steps"] * saved_world
+        == new["training.batch_size"] * new["training.gradient_accumulation_steps"] * processes
+    )
+    unsafe = [k for k in changed if k not in SAFE_ON_RESUME and not (same_global_batch and k in BATCH_SPLIT_KEYS)]
     if unsafe:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in unsafe[:6]) + (" ..." if len(unsafe) > 6 else "")
         raise RecipeError(

@@ -206,7 +206,7 @@ def _train(
     # recorded the resolved counts, so such a recipe is compared after resolving.
     schedule_pending = cfg.epochs is not None or cfg.warmup_ratio is not None
     if resume_dir is not None and not schedule_pending:
-        check_resumed_recipe(recipe, resume_dir, _checkpoint_step(resume_dir))
+        check_resumed_recipe(recipe, resume_dir, _checkpoint_step(resume_dir), accelerator.num_processes)
 
     if engine.note:
         reporter.status(engine.note)
@@ -220,7 +220,7 @@ def _train(
     if schedule.note:
         reporter.status(schedule.note)
     if resume_dir is not None and schedule_pending:
-        check_resumed_recipe(recipe, resume_dir, _checkpoint_step(resume_dir))
+        check_resumed_recipe(recipe, resume_dir, _checkpoint_step(resume_dir), accelerator.num_processes)
     if recipe.quantization or engine.loads_on_main_only:
         model = prepared.model  # bnb models are placed at load; FSDP places shards
     else:
