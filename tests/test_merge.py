@@ -166,7 +166,8 @@ def test_bfloat16_base_stays_bfloat16(make_recipe, tiny_models, tmp_path):
     assert (tmp_path / "merged/model.safetensors").stat().st_size < 1.1 * (base / "model.safetensors").stat().st_size
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+# SIGKILL is covered by test_reliability (a later merge after a killed one).
+@pytest.mark.parametrize("signal_name", ["SIGTERM"])
 def test_a_killed_merge_leaves_no_destination(make_recipe, tmp_path, signal_name):
     import signal
     import subprocess
