@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .errors import TnloraError
 from .plainlog import PlainProgress, use_plain_lines
@@ -180,6 +181,18 @@ def _main(
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=50 (repeatable).")]
 
 
+def _sample_text(i: int, sample: dict) -> Text:
+    """A tokenized example: trained tokens bold green, masked ones dim; a class label after the text."""
+    text = Text(f"sample {i}: ")
+    if sample.get("trained") is None:
+        text.append("".join(sample["tokens"]))
+        text.append(f"  -> label {sample['label']}", style="bold green")
+    else:
+        for token, trained in zip(sample["tokens"], sample["trained"]):
+            text.append(token, style="bold green" if trained else "dim")
+    return text
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml.")],
@@ -239,8 +252,6 @@ def prepare(
 
 
 def _print_prepare(report: dict[str, Any]) -> None:
-    from rich.text import Text
-
     table = Table(title=f"prepared data ({report['task']})")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -259,14 +270,7 @@ def _print_prepare(report: dict[str, Any]) -> None:
         out_console.print(f"[dim]{note}[/dim]")
     out_console.print(f"cache {report['cache']}: {report['cache_path']}")
     for i, sample in enumerate(report["samples"]):
-        text = Text(f"sample {i}: ")
-        if "label" in sample:
-            text.append("".join(sample["tokens"]))
-            text.append(f"  -> label {sample['label']}", style="bold green")
-        else:
-            for token, trained in zip(sample["tokens"], sample["trained"]):
-                text.append(token, style="bold green" if trained else "dim")
-        out_console.print(text)
+        out_console.print(_sample_text(i, sample))
     if report["samples"] and "trained" in report["samples"][0]:
         out_console.print("[dim]green: tokens in the loss; dim: masked[/dim]")
 
@@ -590,8 +594,6 @@ def schema(
 
 
 def _print_dry_run(report: Any) -> None:
-    from rich.text import Text
-
     table = Table(title="adapted modules")
     for column in ("role", "layers", "first", "last"):
         table.add_column(column)
@@ -608,14 +610,7 @@ def _print_dry_run(report: Any) -> None:
     for note in report.notes:
         out_console.print(f"[dim]{note}[/dim]")
     for i, sample in enumerate(report.samples):
-        text = Text(f"sample {i}: ")
-        if sample["trained"] is None:
-            text.append("".join(sample["tokens"]))
-            text.append(f"  -> label {sample['label']}", style="bold green")
-        else:
-            for token, trained in zip(sample["tokens"], sample["trained"]):
-                text.append(token, style="bold green" if trained else "dim")
-        out_console.print(text)
+        out_console.print(_sample_text(i, sample))
     if report.samples and report.samples[0]["trained"] is not None:
         out_console.print("[dim]green: tokens in the loss; dim: masked (prompt)[/dim]")
 
