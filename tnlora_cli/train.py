@@ -315,6 +315,7 @@ def _train(
             mean_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens * world / elapsed,
+                      "seconds_per_step": elapsed / window_steps,
                       "padding_share": 1.0 - window_tokens / max(window_slots, 1)}
             log(record)
             last_loss = mean_loss

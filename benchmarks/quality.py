@@ -1,0 +1,372 @@
+"""Method comparison: every adapter at two budgets, learning-rate sweeps, seeds, one JSON per cell.
+
+    python benchmarks/quality.py list                       # tasks, experiments, counts, done/total
+    python benchmarks/quality.py run [--task T] [--only GLOB] [--stage sweep|seeds|all]
+                                     [--jobs 2] [--threads 1] [--budget MINUTES]
+    python benchmarks/quality.py rerun TASK EXPERIMENT LR SEED   # same number on the same machine?
+    python benchmarks/quality.py ranks                      # inspect-rank PNG of each best cell
+    python benchmarks/quality.py report                     # docs/results.md and its plots
+
+A task is a recipe (`benchmarks/quality/tasks/TASK.yaml`) with its target modules; an
+experiment (`benchmarks/quality/experiments/TASK/NAME.yaml`) adds adapter settings, the
+learning rates to sweep and optional training overrides. A cell is (task, experiment,
+learning rate, seed); its result is `benchmarks/quality/results/TASK/NAME/lr=LR,seed=S.json`.
+
+Protocol: the `sweep` stage runs every learning rate at seed 0, and one more rate beyond the
+end of the grid when the best one sits at an end; the `seeds` stage runs seeds 1 and 2 at each
+experiment's best rate (task metric, then held-out loss). Finished cells are skipped, so an
+interrupted run continues where it stopped. Each cell is its own process with a fixed thread
+count, so its peak memory is its own and its numbers repeat on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "benchmarks" / "quality"
+RESULTS = HERE / "results"
+RUNS = ROOT / "runs" / "quality"
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metric: str  # the task metric the sweep maximises
+    metrics: tuple[str, ...]  # everything reported
+    generate: bool = False  # scored through `tnlora eval --generate`
+    forgetting: bool = False  # held-out Shakespeare loss, tuned minus base
+
+
+TASKS = {
+    "minilm_topics": Task("minilm_topics", "accuracy", ("accuracy", "macro_f1", "loss")),
+    "smollm2_arithmetic": Task("smollm2_arithmetic", "exact_match", ("exact_match", "answer_accuracy", "loss"), generate=True, forgetting=True),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    experiment: str
+    lr: float
+    seed: int
+
+    @property
+    def result_path(self) -> Path:
+        return RESULTS / self.task / self.experiment / f"lr={self.lr:g},seed={self.seed}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUNS / self.task / self.experiment / f"lr={self.lr:g},seed={self.seed}"
+
+    def __str__(self) -> str:
+        return f"{self.task}/{self.experiment} lr={self.lr:g} seed={self.seed}"
+
+
+def experiments(task: str) -> dict[str, dict[str, Any]]:
+    folder = HERE / "experiments" / task
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))}
+
+
+def cell_recipe(cell: Cell) -> dict[str, Any]:
+    """The task recipe with the experiment's adapter settings, overrides, rate and seed."""
+    raw = yaml.safe_load((HERE / "tasks" / f"{cell.task}.yaml").read_text())
+    exp = experiments(cell.task)[cell.experiment]
+    raw["adapter"] = {"target_modules": raw["adapter"]["target_modules"], **exp["adapter"]}
+    raw["training"] = {**raw["training"], **exp.get("training", {}), "learning_rate": cell.lr, "seed": cell.seed}
+    raw["output_dir"] = str(cell.run_dir)
+    return raw
+
+
+def load_results(task: str | None = None) -> list[dict[str, Any]]:
+    paths = sorted(RESULTS.glob(f"{task or '*'}/*/*.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def run_cell(cell: Cell, threads: int, keep_run: bool = True) -> dict[str, Any]:
+    """Train, score and measure one cell in this process; returns its result record."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TNLORA_PROGRESS", "plain")
+    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.train import train
+
+    task = TASKS[cell.task]
+    recipe = validate_recipe(cell_recipe(cell), source=str(cell))
+    start = time.perf_counter()
+    result = train(recipe, overwrite=True, check_memory=False)
+    wall = time.perf_counter() - start
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring loads a second copy
+    records = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "seconds_per_step" in r]
+    train_seconds = sum(r["seconds_per_step"] * (r["step"] - p["step"]) for p, r in zip([{"step": 0}] + steps, steps))
+    metrics = dict(result.evaluation["tuned"])
+    base = dict(result.evaluation["base"])
+    if task.generate:
+        from tnlora_cli.generation_eval import evaluate_generation
+
+        generated = evaluate_generation(cell.run_dir)["metrics"]
+        metrics.update({k: v for k, v in generated["tuned"].items() if k not in metrics})
+        base.update({k: v for k, v in generated["base"].items() if k not in base})
+    if task.forgetting:
+        metrics["forgetting"], base["shakespeare_loss"] = _forgetting(cell.run_dir)
+    adapter_dir = cell.run_dir / "adapter"
+    record = {
+        "task": cell.task,
+        "experiment": cell.experiment,
+        "learning_rate": cell.lr,
+        "seed": cell.seed,
+        "adapter": recipe.adapter.model_dump(mode="json"),
+        "training": recipe.training.model_dump(mode="json", include={"max_steps", "batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_steps"}),
+        "metrics": metrics,
+        "base_metrics": base,
+        "final_train_loss": result.final_loss,
+        "parameters": {"trainable": _adapter_counts(cell.run_dir)["trainable"], "stored": _adapter_counts(cell.run_dir)["stored"]},
+        "adapter_file_bytes": sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors")),
+        "peak_rss_mib": round(peak_rss_mib, 1),
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_step": round(train_seconds / result.steps, 4),
+        "cell_wall_seconds": round(wall, 1),
+        "threads": threads,
+        "environment": _environment(),
+    }
+    if not keep_run:
+        shutil.rmtree(cell.run_dir, ignore_errors=True)
+    return record
+
+
+def _adapter_counts(run_dir: Path) -> dict[str, int]:
+    """Trainable and stored adapter parameters (the task head, trained in full, is not counted)."""
+    from tnlora_cli.count import count_params
+    from tnlora_cli.recipe import load_recipe
+
+    total = count_params(load_recipe(run_dir / "recipe.yaml")).to_json()["adapter_total"]
+    return {"trainable": total["trainable"], "stored": total["stored"]}
+
+
+def _forgetting(run_dir: Path, chunks: int = 16, length: int = 128) -> tuple[float, float]:
+    """Held-out loss on Shakespeare (the first `chunks` x `length` tokens of Hamlet): tuned
+    minus base, and the base loss. A general-text loss the task never trained on."""
+    import torch
+    import torch.nn.functional as F
+
+    from tnlora_cli.embedded import shakespeare_rows
+    from tnlora_cli.generation import load_generator
+    from tnlora_cli.inject import adapters_disabled
+
+    gen = load_generator(run_dir, merge=False)
+    text = next(r["text"] for r in shakespeare_rows() if r["title"] == "hamlet")
+    ids = gen.tokenizer(text[20_000:200_000], add_special_tokens=False)["input_ids"][: chunks * length]
+    batch = torch.tensor(ids).reshape(chunks, length).to(gen.device)
+
+    @torch.no_grad()
+    def loss() -> float:
+        logits = gen.model(input_ids=batch).logits.float()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)).item()
+
+    tuned = loss()
+    with adapters_disabled(gen.model):
+        base = loss()
+    return tuned - base, base
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return {"tnlora_commit": commit, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def best_lr(results: list[dict[str, Any]], metric: str) -> float | None:
+    """The seed-0 learning rate with the best task metric (then the lower held-out loss)."""
+    sweep = [r for r in results if r["seed"] == 0]
+    if not sweep:
+        return None
+    return max(sweep, key=lambda r: (r["metrics"][metric], -r["metrics"]["loss"]))["learning_rate"]
+
+
+def sweep_cells(task: str, name: str, exp: dict[str, Any]) -> list[Cell]:
+    """The grid at seed 0, plus one rate beyond an end of the grid that won its sweep."""
+    grid = sorted(float(x) for x in exp["learning_rates"])
+    cells = [Cell(task, name, lr, 0) for lr in grid]
+    done = [r for r in load_results(task) if r["experiment"] == name]
+    tried = sorted({r["learning_rate"] for r in done if r["seed"] == 0})
+    if done and all(c.result_path.exists() for c in cells) and len(tried) < len(grid) + 2:  # at most two steps out
+        best = best_lr(done, TASKS[task].metric)
+        factor = grid[1] / grid[0]
+        if best == tried[0]:
+            cells.append(Cell(task, name, float(f"{best / factor:.3g}"), 0))
+        elif best == tried[-1]:
+            cells.append(Cell(task, name, float(f"{best * factor:.3g}"), 0))
+    return cells
+
+
+def seed_cells(task: str, name: str, exp: dict[str, Any]) -> list[Cell]:
+    """Seeds 0-2 at the best rate, once the sweep (with its extension) is complete."""
+    if not all(c.result_path.exists() for c in sweep_cells(task, name, exp)):
+        return []
+    best = best_lr([r for r in load_results(task) if r["experiment"] == name], TASKS[task].metric)
+    return [] if best is None else [Cell(task, name, best, s) for s in SEEDS]
+
+
+def pending(args: argparse.Namespace) -> list[Cell]:
+    cells: list[Cell] = []
+    for task in TASKS if args.task is None else [args.task]:
+        for name, exp in experiments(task).items():
+            if args.only and not fnmatch.fnmatch(name, args.only):
+                continue
+            if args.stage in ("sweep", "all"):
+                cells += sweep_cells(task, name, exp)
+            if args.stage in ("seeds", "all"):
+                cells += seed_cells(task, name, exp)
+    unique = list(dict.fromkeys(cells))
+    return [c for c in unique if not c.result_path.exists()]
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run pending cells, `--jobs` at a time, each in its own process; repeat until the
+    sweep extensions and seed cells they unlock are done too (or the budget is spent)."""
+    deadline = time.monotonic() + args.budget * 60 if args.budget else math.inf
+    running: dict[Cell, subprocess.Popen] = {}
+    failed: set[Cell] = set()
+    while True:
+        for cell, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[cell]
+                if proc.returncode != 0:
+                    failed.add(cell)
+                    print(f"FAILED {cell} (exit {proc.returncode}); log: {cell.run_dir}.log", flush=True)
+                else:
+                    r = json.loads(cell.result_path.read_text())
+                    m = TASKS[cell.task].metric
+                    print(f"done   {cell}: {m} {r['metrics'][m]:.4f}, loss {r['metrics']['loss']:.4f}, "
+                          f"{r['seconds_per_step']:.2f} s/step, {r['cell_wall_seconds']:.0f} s", flush=True)
+        todo = [c for c in pending(args) if c not in running and c not in failed]
+        if not todo and not running:
+            break
+        while todo and len(running) < args.jobs and time.monotonic() < deadline:
+            cell = todo.pop(0)
+            cell.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = open(f"{cell.run_dir}.log", "w")
+            cmd = [sys.executable, __file__, "cell", cell.task, cell.experiment, repr(cell.lr), str(cell.seed), "--threads", str(args.threads)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TNLORA_PROGRESS": "plain"}
+            running[cell] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            print(f"start  {cell}", flush=True)
+        if not running:
+            break
+        time.sleep(2)
+    left = pending(args)
+    print(f"{len(left)} cells pending" + (f", {len(failed)} failed" if failed else ""))
+
+
+def cell_main(args: argparse.Namespace) -> None:
+    cell = Cell(args.task, args.experiment, float(args.lr), int(args.seed))
+    _write_json(cell.result_path, run_cell(cell, args.threads))
+
+
+def rerun(args: argparse.Namespace) -> None:
+    """Run a finished cell again (into a scratch run directory) and compare its numbers."""
+    cell = Cell(args.task, args.experiment, float(args.lr), int(args.seed))
+    stored = json.loads(cell.result_path.read_text())
+    again = run_cell(cell, stored["threads"], keep_run=False)
+    rows = [(k, stored["metrics"][k], again["metrics"][k]) for k in stored["metrics"]]
+    rows.append(("final_train_loss", stored["final_train_loss"], again["final_train_loss"]))
+    for name, a, b in rows:
+        print(f"{name:18s} stored {a:.6f}  rerun {b:.6f}  {'same' if a == b else f'differs by {b - a:+.2e}'}")
+    sys.exit(0 if all(a == b for _, a, b in rows) else 1)
+
+
+def list_(args: argparse.Namespace) -> None:
+    from tnlora_cli.count import count_params
+    from tnlora_cli.recipe import validate_recipe
+
+    for task in TASKS:
+        for name, exp in experiments(task).items():
+            cell = Cell(task, name, float(exp["learning_rates"][0]), 0)
+            total = count_params(validate_recipe(cell_recipe(cell), source=name)).to_json()["adapter_total"]
+            n = len(list((RESULTS / task / name).glob("*.json")))
+            print(f"{task:20s} {name:18s} trainable {total['trainable']:>9,}  stored {total['stored']:>9,}  cells done {n}")
+
+
+def ranks(args: argparse.Namespace) -> None:
+    """`tnlora inspect-rank` of each experiment's best seed-0 run, one PNG per task."""
+    from tnlora_cli.ranks import inspect_run, plot_ranks
+
+    for task in TASKS:
+        reports = []
+        for name in experiments(task):
+            best = best_lr([r for r in load_results(task) if r["experiment"] == name], TASKS[task].metric)
+            run_dir = Cell(task, name, best, 0).run_dir if best is not None else None
+            if run_dir is not None and (run_dir / "adapter").exists():
+                report = inspect_run(run_dir)
+                report["label"] = f"{name} ({report['trainable_parameters']:,})"
+                reports.append(report)
+        if reports:
+            plot_ranks(reports, ROOT / "docs" / "results" / f"ranks_{task}.png")
+            print(f"wrote docs/results/ranks_{task}.png ({len(reports)} runs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--task", choices=list(TASKS))
+    p.add_argument("--only", help="experiment name glob, e.g. 'lora_*'")
+    p.add_argument("--stage", choices=["sweep", "seeds", "all"], default="all")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget", type=float, help="minutes after which no new cell starts")
+    p.set_defaults(fn=run)
+    for name, fn in (("cell", cell_main), ("rerun", rerun)):
+        p = sub.add_parser(name)
+        p.add_argument("task", choices=list(TASKS))
+        p.add_argument("experiment")
+        p.add_argument("lr")
+        p.add_argument("seed")
+        p.add_argument("--threads", type=int, default=1)
+        p.set_defaults(fn=fn)
+    sub.add_parser("list").set_defaults(fn=list_)
+    sub.add_parser("ranks").set_defaults(fn=ranks)
+    p = sub.add_parser("report")
+    p.set_defaults(fn=lambda a: __import__("quality_report").write_report())
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
