@@ -57,6 +57,8 @@ class Task:
 
 TASKS = {
     "minilm_topics": Task("minilm_topics", "accuracy", ("accuracy", "macro_f1", "loss")),
+    # The recipes' own regime (200 steps): which learning rates recipes/minilm_*.yaml ship.
+    "minilm_recipes": Task("minilm_recipes", "accuracy", ("accuracy", "macro_f1", "loss")),
     "smollm2_arithmetic": Task("smollm2_arithmetic", "exact_match", ("exact_match", "answer_accuracy", "loss"), generate=True, forgetting=True),
 }
 
@@ -85,13 +87,13 @@ def experiments(task: str) -> dict[str, dict[str, Any]]:
     return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))}
 
 
-def cell_recipe(cell: Cell) -> dict[str, Any]:
+def cell_recipe(cell: Cell, run_dir: Path | None = None) -> dict[str, Any]:
     """The task recipe with the experiment's adapter settings, overrides, rate and seed."""
     raw = yaml.safe_load((HERE / "tasks" / f"{cell.task}.yaml").read_text())
     exp = experiments(cell.task)[cell.experiment]
     raw["adapter"] = {"target_modules": raw["adapter"]["target_modules"], **exp["adapter"]}
     raw["training"] = {**raw["training"], **exp.get("training", {}), "learning_rate": cell.lr, "seed": cell.seed}
-    raw["output_dir"] = str(cell.run_dir)
+    raw["output_dir"] = str(run_dir or cell.run_dir)
     return raw
 
 
@@ -103,8 +105,9 @@ def load_results(task: str | None = None) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- one cell
 
 
-def run_cell(cell: Cell, threads: int, keep_run: bool = True) -> dict[str, Any]:
-    """Train, score and measure one cell in this process; returns its result record."""
+def run_cell(cell: Cell, threads: int, run_dir: Path | None = None) -> dict[str, Any]:
+    """Train, score and measure one cell in this process (its run written to `run_dir`,
+    default the cell's own); returns its result record."""
     import torch
 
     torch.set_num_threads(threads)
@@ -113,12 +116,13 @@ def run_cell(cell: Cell, threads: int, keep_run: bool = True) -> dict[str, Any]:
     from tnlora_cli.train import train
 
     task = TASKS[cell.task]
-    recipe = validate_recipe(cell_recipe(cell), source=str(cell))
+    run_dir = run_dir or cell.run_dir
+    recipe = validate_recipe(cell_recipe(cell, run_dir), source=str(cell))
     start = time.perf_counter()
     result = train(recipe, overwrite=True, check_memory=False)
     wall = time.perf_counter() - start
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring loads a second copy
-    records = [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "seconds_per_step" in r]
     train_seconds = sum(r["seconds_per_step"] * (r["step"] - p["step"]) for p, r in zip([{"step": 0}] + steps, steps))
     metrics = dict(result.evaluation["tuned"])
@@ -126,12 +130,12 @@ def run_cell(cell: Cell, threads: int, keep_run: bool = True) -> dict[str, Any]:
     if task.generate:
         from tnlora_cli.generation_eval import evaluate_generation
 
-        generated = evaluate_generation(cell.run_dir)["metrics"]
+        generated = evaluate_generation(run_dir)["metrics"]
         metrics.update({k: v for k, v in generated["tuned"].items() if k not in metrics})
         base.update({k: v for k, v in generated["base"].items() if k not in base})
     if task.forgetting:
-        metrics["forgetting"], base["shakespeare_loss"] = _forgetting(cell.run_dir)
-    adapter_dir = cell.run_dir / "adapter"
+        metrics["forgetting"], base["shakespeare_loss"] = _forgetting(run_dir)
+    adapter_dir = run_dir / "adapter"
     record = {
         "task": cell.task,
         "experiment": cell.experiment,
@@ -141,8 +145,9 @@ def run_cell(cell: Cell, threads: int, keep_run: bool = True) -> dict[str, Any]:
         "training": recipe.training.model_dump(mode="json", include={"max_steps", "batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_steps"}),
         "metrics": metrics,
         "base_metrics": base,
+        "n_eval": json.loads((run_dir / "eval.json").read_text())["n_examples"],
         "final_train_loss": result.final_loss,
-        "parameters": {"trainable": _adapter_counts(cell.run_dir)["trainable"], "stored": _adapter_counts(cell.run_dir)["stored"]},
+        "parameters": {"trainable": _adapter_counts(run_dir)["trainable"], "stored": _adapter_counts(run_dir)["stored"]},
         "adapter_file_bytes": sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors")),
         "peak_rss_mib": round(peak_rss_mib, 1),
         "train_seconds": round(train_seconds, 2),
@@ -151,8 +156,6 @@ def run_cell(cell: Cell, threads: int, keep_run: bool = True) -> dict[str, Any]:
         "threads": threads,
         "environment": _environment(),
     }
-    if not keep_run:
-        shutil.rmtree(cell.run_dir, ignore_errors=True)
     return record
 
 
@@ -261,12 +264,16 @@ def run(args: argparse.Namespace) -> None:
     """Run pending cells, `--jobs` at a time, each in its own process; repeat until the
     sweep extensions and seed cells they unlock are done too (or the budget is spent)."""
     deadline = time.monotonic() + args.budget * 60 if args.budget else math.inf
-    running: dict[Cell, subprocess.Popen] = {}
+    running: dict[Cell, tuple[subprocess.Popen, Any]] = {}
     failed: set[Cell] = set()
+    todo = pending(args)
     while True:
-        for cell, proc in list(running.items()):
+        finished = False
+        for cell, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 del running[cell]
+                log.close()
+                finished = True
                 if proc.returncode != 0:
                     failed.add(cell)
                     print(f"FAILED {cell} (exit {proc.returncode}); log: {cell.run_dir}.log", flush=True)
@@ -275,7 +282,8 @@ def run(args: argparse.Namespace) -> None:
                     m = TASKS[cell.task].metric
                     print(f"done   {cell}: {m} {r['metrics'][m]:.4f}, loss {r['metrics']['loss']:.4f}, "
                           f"{r['seconds_per_step']:.2f} s/step, {r['cell_wall_seconds']:.0f} s", flush=True)
-        todo = [c for c in pending(args) if c not in running and c not in failed]
+        if finished:  # a finished cell may unlock a sweep extension or the seeds
+            todo = [c for c in pending(args) if c not in running and c not in failed]
         if not todo and not running:
             break
         while todo and len(running) < args.jobs and time.monotonic() < deadline:
@@ -284,7 +292,7 @@ def run(args: argparse.Namespace) -> None:
             log = open(f"{cell.run_dir}.log", "w")
             cmd = [sys.executable, __file__, "cell", cell.task, cell.experiment, repr(cell.lr), str(cell.seed), "--threads", str(args.threads)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TNLORA_PROGRESS": "plain"}
-            running[cell] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            running[cell] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env), log)
             print(f"start  {cell}", flush=True)
         if not running:
             break
@@ -302,7 +310,11 @@ def rerun(args: argparse.Namespace) -> None:
     """Run a finished cell again (into a scratch run directory) and compare its numbers."""
     cell = Cell(args.task, args.experiment, float(args.lr), int(args.seed))
     stored = json.loads(cell.result_path.read_text())
-    again = run_cell(cell, stored["threads"], keep_run=False)
+    scratch = RUNS / "rerun"
+    try:
+        again = run_cell(cell, stored["threads"], scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     rows = [(k, stored["metrics"][k], again["metrics"][k]) for k in stored["metrics"]]
     rows.append(("final_train_loss", stored["final_train_loss"], again["final_train_loss"]))
     for name, a, b in rows:

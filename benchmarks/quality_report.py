@@ -1,0 +1,276 @@
+"""docs/results.md and its plots, generated from the cell results of benchmarks/quality.py.
+
+    python benchmarks/quality.py report
+
+Every number in the page comes from `benchmarks/quality/results/`: the tables, the Pareto
+plots, the verdict on each paper claim and the guide. Nothing here is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quality import HERE, RESULTS, ROOT, SEEDS, TASKS, best_lr, experiments, load_results
+
+DOCS = ROOT / "docs"
+FIGURES = DOCS / "results"
+
+
+@dataclass
+class Summary:
+    """One experiment of one task: its sweep and the seeds at its best rate."""
+
+    name: str
+    adapter: str
+    best_lr: float
+    seeds: list[dict[str, Any]]  # results at best_lr
+    sweep: dict[float, dict[str, Any]]  # seed-0 result per rate
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(r["metrics"][key] for r in self.seeds)
+
+    def std(self, key: str) -> float:
+        values = [r["metrics"][key] for r in self.seeds]
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def first(self, key: str) -> Any:
+        return self.seeds[0][key]
+
+    @property
+    def trainable(self) -> int:
+        return self.seeds[0]["parameters"]["trainable"]
+
+    @property
+    def stored(self) -> int:
+        return self.seeds[0]["parameters"]["stored"]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.seeds) == len(SEEDS)
+
+
+def summaries(task: str) -> list[Summary]:
+    by_exp: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in load_results(task):
+        by_exp[r["experiment"]].append(r)
+    out = []
+    for name, rows in sorted(by_exp.items()):
+        lr = best_lr(rows, TASKS[task].metric)
+        seeds = sorted((r for r in rows if r["learning_rate"] == lr), key=lambda r: r["seed"])
+        sweep = {r["learning_rate"]: r for r in rows if r["seed"] == 0}
+        out.append(Summary(name, rows[0]["adapter"]["type"], lr, seeds, dict(sorted(sweep.items()))))
+    return out
+
+
+def _pm(s: Summary, key: str, scale: float = 1.0) -> str:
+    if len(s.seeds) < 2:
+        return f"{s.mean(key) * scale:.1f} (1 seed)"
+    return f"{s.mean(key) * scale:.1f} ± {s.std(key) * scale:.1f}"
+
+
+def _verdict(a: Summary, b: Summary, metric: str, claim: str) -> tuple[str, str]:
+    """Agree / disagree / inconclusive for 'a beats b' (claim='beats') or 'a matches b'.
+
+    Noise: two standard errors of the difference of the seed means, and never less than
+    one held-out example's worth of the metric."""
+    n_eval = a.seeds[0].get("n_eval") or 164
+    d = a.mean(metric) - b.mean(metric)
+    se = math.sqrt(a.std(metric) ** 2 / len(a.seeds) + b.std(metric) ** 2 / len(b.seeds))
+    noise = max(2 * se, 1 / n_eval)
+    text = (f"{a.name} {100 * a.mean(metric):.1f} vs {b.name} {100 * b.mean(metric):.1f} "
+            f"(difference {100 * d:+.1f} points, noise band ±{100 * noise:.1f}; "
+            f"{a.trainable:,} vs {b.trainable:,} trainable parameters)")
+    if claim == "beats":
+        verdict = "agree" if d > noise else "disagree" if d < -noise else "inconclusive"
+    else:
+        verdict = "agree" if d >= -noise else "disagree"
+    return verdict, text
+
+
+def _pareto_plot(task: str, rows: list[Summary], x_key: str, x_label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = TASKS[task].metric
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    colors = {a: f"C{i}" for i, a in enumerate(["lora", "vera", "loretta", "trac", "tera", "tensorguide"])}
+    points = []
+    for s in rows:
+        x = s.trainable if x_key == "trainable" else s.first("adapter_file_bytes") / 1024
+        y = 100 * s.mean(metric)
+        points.append((x, y))
+        ax.errorbar(x, y, yerr=100 * s.std(metric), fmt="o", color=colors.get(s.adapter, "k"), capsize=3)
+        ax.annotate(s.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    frontier, best = [], -math.inf
+    for x, y in sorted(points):
+        if y > best:
+            frontier.append((x, y))
+            best = y
+    ax.step(*zip(*frontier), where="post", color="gray", linestyle="--", linewidth=1, label="Pareto front")
+    base = statistics.fmean(s.seeds[0]["base_metrics"][metric] for s in rows)
+    ax.axhline(100 * base, color="gray", linestyle=":", linewidth=1, label=f"base model ({100 * base:.1f})")
+    ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"held-out {metric} (%), mean ± std over seeds")
+    ax.set_title(f"{task}: {metric} against {x_label}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _task_section(task: str, rows: list[Summary]) -> list[str]:
+    spec = TASKS[task]
+    metric = spec.metric
+    secondary = [m for m in spec.metrics if m not in (metric, "loss")]
+    ordered = sorted(rows, key=lambda s: -s.mean(metric))
+    env = ordered[0].seeds[0]["environment"]
+    cfg = ordered[0].seeds[0]["training"]
+    lines = [
+        f"## {task}",
+        "",
+        f"Recipe `benchmarks/quality/tasks/{task}.yaml`: {cfg['max_steps']} steps of {cfg['batch_size']} "
+        f"({cfg['lr_scheduler']} schedule, {cfg['warmup_steps']} warm-up steps) for every experiment. "
+        f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, transformers {env['transformers']}; "
+        f"each cell ran in its own process with {ordered[0].seeds[0]['threads']} thread(s), two cells at a time. "
+        f"{len(rows)} experiments, {sum(len(s.sweep) for s in rows)} sweep cells.",
+        "",
+        f"| experiment | best lr | {metric} (%) | " + " | ".join(f"{m} (%)" for m in secondary)
+        + " | held-out loss | trainable | stored | file (KiB) | peak RSS (MiB) | s/step |",
+        "|---|---|---|" + "---|" * len(secondary) + "---|---|---|---|---|---|",
+    ]
+    for s in ordered:
+        cells = [f"`{s.name}`", f"{s.best_lr:g}", _pm(s, metric, 100)] + [_pm(s, m, 100) for m in secondary]
+        cells += [f"{s.mean('loss'):.3f}", f"{s.trainable:,}", f"{s.stored:,}", f"{s.first('adapter_file_bytes') / 1024:.0f}",
+                  f"{statistics.fmean(r['peak_rss_mib'] for r in s.seeds):.0f}",
+                  f"{statistics.fmean(r['seconds_per_step'] for r in s.seeds):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    base = ordered[0].seeds[0]["base_metrics"]
+    lines += ["", f"Base model without adapter: {metric} {100 * base[metric]:.1f}%, loss {base['loss']:.3f}. "
+              "Mean ± standard deviation over seeds " + ", ".join(map(str, SEEDS)) + " at each experiment's best learning rate. "
+              "Trainable and stored count the adapter (stored adds the frozen random tensors the file keeps); "
+              "a classification head, trained in full by every experiment, is not counted, but its weights are in the file size. "
+              "Peak RSS is the whole training process; s/step is the mean optimizer-step time.", ""]
+    if spec.forgetting:
+        lines += ["Forgetting (held-out Shakespeare loss, tuned minus base; lower is better): "
+                  + ", ".join(f"`{s.name}` {s.mean('forgetting'):+.3f}" for s in ordered) + ".", ""]
+    rates = sorted({lr for s in rows for lr in s.sweep})
+    lines += [f"Learning-rate sweep, seed 0, held-out {metric} (%); bold: the rate the seeds ran at, -: not run.", "",
+              "| experiment | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    for s in sorted(rows, key=lambda s: s.name):
+        cells = []
+        for lr in rates:
+            r = s.sweep.get(lr)
+            value = "-" if r is None else f"{100 * r['metrics'][metric]:.1f}"
+            cells.append(f"**{value}**" if lr == s.best_lr else value)
+        lines.append(f"| `{s.name}` | " + " | ".join(cells) + " |")
+    params_png, size_png = FIGURES / f"pareto_params_{task}.png", FIGURES / f"pareto_size_{task}.png"
+    _pareto_plot(task, rows, "trainable", "trainable parameters", params_png)
+    _pareto_plot(task, rows, "size", "adapter file size (KiB)", size_png)
+    lines += ["", f"![{metric} against trainable parameters](results/{params_png.name})", "",
+              f"![{metric} against adapter file size](results/{size_png.name})", ""]
+    if (FIGURES / f"ranks_{task}.png").exists():
+        lines += [f"Rank of each best run's weight update per layer (`python benchmarks/quality.py ranks`, "
+                  f"`tnlora inspect-rank` on the seed-0 run at the best rate):", "",
+                  f"![ranks](results/ranks_{task}.png)", ""]
+    return lines
+
+
+CLAIMS = [
+    # (paper claim, [(a, relation, b)]): experiment names of the task
+    ("TRAC (Table 3): matches LoRA with about a tenth of its parameters, and beats VeRA and LoRETTA.",
+     [("trac_r8", "matches", "lora_r8"), ("trac_r8", "beats", "vera_r256"), ("trac_r8", "beats", "loretta_tt5")]),
+    ("TeRA (Table 2, Fig. 3): beats VeRA and LoRETTA at a similar size, with near full-rank updates.",
+     [("tera_out8", "beats", "vera_r256"), ("tera_out8", "beats", "loretta_tt5")]),
+    ("TensorGuide (Tables 1–2): beats LoRA and TT-LoRA with fewer parameters.",
+     [("tensorguide_h8", "beats", "lora_r8"), ("tensorguide_h8", "beats", "loretta_tt5")]),
+]
+
+
+def _claims(task: str, rows: list[Summary]) -> list[str]:
+    by_name = {s.name: s for s in rows}
+    metric = TASKS[task].metric
+    lines = [f"### Paper claims on {task}", ""]
+    for claim, checks in CLAIMS:
+        parts, verdicts = [], []
+        for a, relation, b in checks:
+            if a not in by_name or b not in by_name:
+                parts.append(f"{a} {relation} {b}: not run")
+                continue
+            verdict, text = _verdict(by_name[a], by_name[b], metric, relation)
+            verdicts.append(verdict)
+            parts.append(f"{a} {relation} {b}? **{verdict}**: {text}")
+        overall = "agree" if verdicts and all(v == "agree" for v in verdicts) else (
+            "disagree" if verdicts and all(v == "disagree" for v in verdicts) else "partly / inconclusive")
+        lines += [f"- {claim} Overall: **{overall}**.", *[f"  - {p}." for p in parts]]
+    lines.append("")
+    return lines
+
+
+def _guide(task: str, rows: list[Summary]) -> list[str]:
+    metric = TASKS[task].metric
+    best = max(rows, key=lambda s: s.mean(metric))
+    close = [s for s in rows if s.mean(metric) >= best.mean(metric) - max(best.std(metric), 0.01)]
+    smallest = min(close, key=lambda s: s.trainable)
+    smallest_file = min(close, key=lambda s: s.first("adapter_file_bytes"))
+    spread = {s.name: max(r["metrics"][metric] for r in s.sweep.values()) - min(r["metrics"][metric] for r in s.sweep.values()) for s in rows}
+    robust = min(rows, key=lambda s: spread[s.name])
+    touchy = max(rows, key=lambda s: spread[s.name])
+    method_gap = best.mean(metric) - min(s.mean(metric) for s in rows)
+    lr_gap = statistics.median(spread.values())
+    fewer = "the best itself" if smallest is best else f"{best.trainable / smallest.trainable:.1f}× fewer than the best"
+    lr_line = ("The learning rate matters more than the choice of method here" if lr_gap > method_gap
+               else "The choice of method matters more than the learning rate here")
+    return [
+        f"### Which adapter should I use? ({task})", "",
+        f"- Best {metric}: `{best.name}` ({_pm(best, metric, 100)}%, {best.trainable:,} trainable parameters, lr {best.best_lr:g}).",
+        "- Within one standard deviation (or one point) of it: " + ", ".join(f"`{s.name}`" for s in sorted(close, key=lambda s: s.trainable)) + ".",
+        f"- Fewest trainable parameters among those: `{smallest.name}` ({smallest.trainable:,}, {fewer}); "
+        f"smallest file: `{smallest_file.name}` ({smallest_file.first('adapter_file_bytes') / 1024:.0f} KiB).",
+        f"- {lr_line}: the median sweep spans {100 * lr_gap:.1f} points of {metric} between its best and worst rate "
+        f"(`{touchy.name}` {100 * spread[touchy.name]:.1f}, `{robust.name}` {100 * spread[robust.name]:.1f}), while the "
+        f"experiments' best means lie within {100 * method_gap:.1f} points. Sweep the rate before comparing adapters.",
+        "",
+    ]
+
+
+def write_report() -> Path:
+    lines = [
+        "# Which adapter, at what budget? Results of `benchmarks/quality.py`",
+        "",
+        "Generated by `python benchmarks/quality.py report` from the cell results in `benchmarks/quality/results/` "
+        "(one JSON per task, experiment, learning rate and seed); do not edit by hand. "
+        "Protocol: each task runs its experiments (adapter settings, files in `benchmarks/quality/experiments/TASK/`) "
+        "with the same steps, batch and data; a learning-rate sweep at seed 0 (four log-spaced rates, "
+        "extended by a step when the best sat at an end, at most twice), then seeds 0, 1 and 2 at the best rate. "
+        "`python benchmarks/quality.py rerun TASK EXPERIMENT LR SEED` repeats one cell and compares its numbers.",
+        "",
+    ]
+    for task in TASKS:
+        rows = [s for s in summaries(task) if s.seeds]
+        if not rows:
+            lines += [f"## {task}", "", "No results yet: `python benchmarks/quality.py run --task " + task + "`.", ""]
+            continue
+        missing = sorted(set(experiments(task)) - {s.name for s in rows})
+        incomplete = [s.name for s in rows if not s.complete]
+        lines += _task_section(task, rows)
+        if missing or incomplete:
+            lines += [f"Not finished: {', '.join(missing + incomplete)} (missing or fewer than {len(SEEDS)} seeds).", ""]
+        lines += _claims(task, rows) + _guide(task, rows)
+    out = DOCS / "results.md"
+    tmp = out.with_name(".results.md.tmp")
+    tmp.write_text("\n".join(lines).rstrip() + "\n")
+    tmp.replace(out)
+    print(f"wrote {out.relative_to(ROOT)}")
+    return out
