@@ -57,7 +57,7 @@ class Task:
 
 TASKS = {
     "minilm_topics": Task("minilm_topics", "accuracy", ("accuracy", "macro_f1", "loss")),
-    # The recipes' own regime (200 steps): which learning rates recipes/minilm_*.yaml ship.
+    # The quickstart's own regime (200 steps): the learning rate recipes/quickstart.yaml ships.
     "minilm_recipes": Task("minilm_recipes", "accuracy", ("accuracy", "macro_f1", "loss")),
     "smollm2_arithmetic": Task("smollm2_arithmetic", "exact_match", ("exact_match", "answer_accuracy", "loss"), generate=True, forgetting=True),
 }
@@ -311,6 +311,8 @@ def rerun(args: argparse.Namespace) -> None:
     cell = Cell(args.task, args.experiment, float(args.lr), int(args.seed))
     stored = json.loads(cell.result_path.read_text())
     scratch = RUNS / "rerun"
+    os.environ["OMP_NUM_THREADS"] = str(stored["threads"])  # as the cell ran (torch is not imported yet)
+    os.environ.setdefault("TNLORA_PROGRESS", "plain")
     try:
         again = run_cell(cell, stored["threads"], scratch)
     finally:
@@ -339,7 +341,7 @@ def ranks(args: argparse.Namespace) -> None:
     from tnlora_cli.ranks import inspect_run, plot_ranks
 
     for task in TASKS:
-        reports = []
+        reports, summary = [], {}
         for name in experiments(task):
             best = best_lr([r for r in load_results(task) if r["experiment"] == name], TASKS[task].metric)
             run_dir = Cell(task, name, best, 0).run_dir if best is not None else None
@@ -347,7 +349,12 @@ def ranks(args: argparse.Namespace) -> None:
                 report = inspect_run(run_dir)
                 report["label"] = f"{name} ({report['trainable_parameters']:,})"
                 reports.append(report)
+                linear = [layer for layer in report["layers"] if layer["rank"] is not None]
+                summary[name] = {"mean_rank": statistics.fmean(x["rank"] for x in linear) if linear else None,
+                                 "mean_effective_rank": statistics.fmean(x["effective_rank"] for x in linear) if linear else None,
+                                 "max_rank": min(x["max_rank"] for x in report["layers"]), "learning_rate": best}
         if reports:
+            _write_json(RESULTS / task / "ranks.json", summary)
             plot_ranks(reports, ROOT / "docs" / "results" / f"ranks_{task}.png")
             print(f"wrote docs/results/ranks_{task}.png ({len(reports)} runs)")
 
