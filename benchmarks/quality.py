@@ -60,6 +60,7 @@ TASKS = {
     # The quickstart's own regime (200 steps): the learning rate recipes/quickstart.yaml ships.
     "minilm_recipes": Task("minilm_recipes", "accuracy", ("accuracy", "macro_f1", "loss")),
     "smollm2_arithmetic": Task("smollm2_arithmetic", "exact_match", ("exact_match", "answer_accuracy", "loss"), generate=True, forgetting=True),
+    "smollm2_topics": Task("smollm2_topics", "exact_match", ("exact_match", "chrf", "loss"), generate=True, forgetting=True),
 }
 
 

@@ -165,8 +165,9 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
     base = ordered[0].seeds[0]["base_metrics"]
     lines += ["", f"Base model without adapter: {metric} {100 * base[metric]:.1f}%, loss {base['loss']:.3f}. "
               "Mean ± standard deviation over seeds " + ", ".join(map(str, SEEDS)) + " at each experiment's best learning rate. "
-              "Trainable and stored count the adapter (stored adds the frozen random tensors the file keeps); "
-              "a classification head, trained in full by every experiment, is not counted, but its weights are in the file size. "
+              "Trainable and stored count the adapter (stored adds the frozen random tensors the file keeps)"
+              + ("." if spec.generate else "; a classification head, trained in full by every experiment, is not counted, "
+                 "but its weights are in the file size.") + " "
               "Files keep VeRA's and TeRA's frozen random tensors (the default); with `adapter.save_frozen: false` they "
               "hold only the trainable tensors and the seed that regenerates the rest. "
               "Peak RSS is the whole training process; s/step is the mean optimizer-step time.", ""]
