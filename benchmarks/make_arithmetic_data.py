@@ -12,10 +12,11 @@ model's default system prompt, and fair to the base model), and the reply is the
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+
+from tnlora_cli.generation import write_jsonl
 
 NAMES = "Ana Ben Carla Dev Elif Femi Gus Hana Ivan Jade Kofi Lena Milo Nora Omar Pia Raj Sara Tom Uma Vera Wes Yara Zoe".split()
 SYSTEM = "Reply with the answer as a number only."
@@ -71,12 +72,6 @@ def problems(n: int, rng: random.Random, exclude: set[str]) -> list[dict]:
             {"role": "assistant", "content": str(answer)},
         ]})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
 
 
 def main() -> None:

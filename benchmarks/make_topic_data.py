@@ -14,7 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
-from make_arithmetic_data import write_jsonl
+from tnlora_cli.generation import write_jsonl
 
 LABELS = ["trivia", "coding", "ai", "psychology", "emotion", "literature", "humor", "money", "science", "greetings"]
 SYSTEM = "Name the topic of this exchange with one word from: " + ", ".join(LABELS) + "."

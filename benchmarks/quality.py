@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks" / "quality"
 RESULTS = HERE / "results"
 RUNS = ROOT / "runs" / "quality"
+FIGURES = ROOT / "docs" / "results"
 SEEDS = (0, 1, 2)
 
 
@@ -148,7 +149,7 @@ def run_cell(cell: Cell, threads: int, run_dir: Path | None = None) -> dict[str,
         "base_metrics": base,
         "n_eval": json.loads((run_dir / "eval.json").read_text())["n_examples"],
         "final_train_loss": result.final_loss,
-        "parameters": {"trainable": _adapter_counts(run_dir)["trainable"], "stored": _adapter_counts(run_dir)["stored"]},
+        "parameters": _adapter_counts(run_dir),
         "adapter_file_bytes": sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors")),
         "peak_rss_mib": round(peak_rss_mib, 1),
         "train_seconds": round(train_seconds, 2),
@@ -172,26 +173,19 @@ def _adapter_counts(run_dir: Path) -> dict[str, int]:
 def _forgetting(run_dir: Path, chunks: int = 16, length: int = 128) -> tuple[float, float]:
     """Held-out loss on Shakespeare (the first `chunks` x `length` tokens of Hamlet): tuned
     minus base, and the base loss. A general-text loss the task never trained on."""
-    import torch
-    import torch.nn.functional as F
-
     from tnlora_cli.embedded import shakespeare_rows
+    from tnlora_cli.evaluate import evaluate_examples
     from tnlora_cli.generation import load_generator
     from tnlora_cli.inject import adapters_disabled
 
     gen = load_generator(run_dir, merge=False)
     text = next(r["text"] for r in shakespeare_rows() if r["title"] == "hamlet")
     ids = gen.tokenizer(text[20_000:200_000], add_special_tokens=False)["input_ids"][: chunks * length]
-    batch = torch.tensor(ids).reshape(chunks, length).to(gen.device)
-
-    @torch.no_grad()
-    def loss() -> float:
-        logits = gen.model(input_ids=batch).logits.float()
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)).item()
-
-    tuned = loss()
+    examples = [{"input_ids": ids[i : i + length], "labels": ids[i : i + length]} for i in range(0, len(ids), length)]
+    pad = gen.tokenizer.pad_token_id if gen.tokenizer.pad_token_id is not None else 0  # no padding: equal lengths
+    tuned = evaluate_examples(gen.model, examples, "causal-lm", pad, chunks)["loss"]
     with adapters_disabled(gen.model):
-        base = loss()
+        base = evaluate_examples(gen.model, examples, "causal-lm", pad, chunks)["loss"]
     return tuned - base, base
 
 
@@ -203,13 +197,6 @@ def _environment() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     return {"tnlora_commit": commit, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- protocol
@@ -302,6 +289,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"{len(left)} cells pending" + (f", {len(failed)} failed" if failed else ""))
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from tnlora_cli.checkpoint import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, data)
+
+
 def cell_main(args: argparse.Namespace) -> None:
     cell = Cell(args.task, args.experiment, float(args.lr), int(args.seed))
     _write_json(cell.result_path, run_cell(cell, args.threads))
@@ -356,7 +350,7 @@ def ranks(args: argparse.Namespace) -> None:
                                  "max_rank": min(x["max_rank"] for x in report["layers"]), "learning_rate": best}
         if reports:
             _write_json(RESULTS / task / "ranks.json", summary)
-            plot_ranks(reports, ROOT / "docs" / "results" / f"ranks_{task}.png")
+            plot_ranks(reports, FIGURES / f"ranks_{task}.png")
             print(f"wrote docs/results/ranks_{task}.png ({len(reports)} runs)")
 
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality import HERE, RESULTS, ROOT, SEEDS, TASKS, best_lr, experiments, load_results
+from quality import FIGURES, RESULTS, ROOT, SEEDS, TASKS, best_lr, experiments, load_results
 
 DOCS = ROOT / "docs"
-FIGURES = DOCS / "results"
 
 
 @dataclass
