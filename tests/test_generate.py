@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def memorised(tmp_path_factory) -> Path:
         "output_dir": str(root / "run"),
     }
     train(validate_recipe(raw))
+    shutil.copy(root / "run/eval.json", root / "train_eval.json")  # as training wrote it (tests below rewrite eval.json)
     return root / "run"
 
 
@@ -220,6 +222,27 @@ def test_eval_generate_exact_match_rises_from_base_to_tuned(memorised):
     assert sorted(r["reference"] for r in rows) == sorted(REPLIES) and all(r["tuned"] == r["reference"] for r in rows)
     saved = json.loads((memorised / "eval.json").read_text())
     assert saved["metrics"] == {"kept": 1} and saved["generate"]["metrics"]["tuned"]["exact_match"] == 1.0
+
+
+def test_eval_generate_reuses_training_losses_only_for_the_same_adapter_and_rows(memorised, tmp_path):
+    from tnlora_cli.checkpoint import adapter_digest
+    from tnlora_cli.evaluate import held_out_digest
+    from tnlora_cli.generation_eval import evaluate_generation
+
+    run = tmp_path / "run"
+    shutil.copytree(memorised, run)
+    trained = json.loads((memorised.parent / "train_eval.json").read_text())
+    assert trained["adapter_sha256"] == adapter_digest(run / "adapter")
+    assert trained["held_out_sha256"] == held_out_digest(load_generator(run).run.prepared.data.eval)
+    marked = {**trained, "metrics": {"base": {"loss": 123.0, "perplexity": 1.0}, "tuned": {"loss": 0.5, "perplexity": 2.0}}}
+    (run / "eval.json").write_text(json.dumps(marked))
+    reused = evaluate_generation(run, max_new_tokens=2)["metrics"]
+    assert reused["base"]["loss"] == 123.0 and reused["tuned"]["perplexity"] == 2.0
+    for stale in ("adapter_sha256", "held_out_sha256"):
+        (run / "eval.json").write_text(json.dumps({**marked, stale: "0" * 64}))
+        computed = evaluate_generation(run, max_new_tokens=2)["metrics"]
+        assert computed["base"]["loss"] == pytest.approx(trained["metrics"]["base"]["loss"], rel=1e-5)
+        assert computed["tuned"]["loss"] == pytest.approx(trained["metrics"]["tuned"]["loss"], rel=1e-4, abs=1e-6)
 
 
 def test_generation_metrics():

@@ -12,6 +12,7 @@ Layout of a run directory:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -113,6 +114,18 @@ def save_adapter(directory: Path, state: dict[str, torch.Tensor], config: dict[s
     # adapter tensors are cheap and make every entry self-contained.
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS))
     write_json(directory / ADAPTER_CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, "tnlora_version": __version__, **config})
+
+
+def adapter_digest(directory: Path) -> str:
+    """SHA-256 of an adapter directory's files (names and bytes): says whether metrics
+    recorded for an adapter are of the one on disk now."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,15 @@ def compare_with_base(
             rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
     rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
     return rows
+
+
+def held_out_digest(examples: list[dict]) -> str:
+    """SHA-256 of tokenized examples (input ids and labels): says whether metrics recorded
+    for a held-out set are of these very rows."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    return digest.hexdigest()
 
 
 def majority_rate(examples: list[dict]) -> float | None:

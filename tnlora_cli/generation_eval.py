@@ -6,7 +6,8 @@ Metrics per model row (base = adapters off, tuned):
   default the last number) equals the reference's, over the examples whose reference has one;
 - `bleu`, `chrf`: corpus BLEU and chrF from sacrebleu (0-100, sacrebleu's defaults);
 - `rouge_l`: mean ROUGE-L F1 from rouge-score (0-1).
-The loss and perplexity of the same rows come from `evaluate.compare_with_base`.
+The loss and perplexity of the same rows come from `evaluate.compare_with_base`, or from
+training's eval.json when its digests show the same adapter and held-out rows.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import find_recipe_file, resolve_adapter_dir, write_json
+from .checkpoint import adapter_digest, find_recipe_file, resolve_adapter_dir, write_json
 from .data import IGNORE_INDEX
 from .errors import InputError
-from .evaluate import compare_with_base
+from .evaluate import compare_with_base, held_out_digest
 from .generation import SamplingSettings, inspect_source, load_generator, write_jsonl
 from .reporting import Reporter
 
@@ -97,13 +98,18 @@ def evaluate_generation(
         max_new_tokens=max_new_tokens or cfg.max_new_tokens,
         batch_size=batch_size or cfg.batch_size or source.recipe.training.eval_batch_size or source.recipe.training.batch_size,
     ).check()
-    run_dir = find_recipe_file(resolve_adapter_dir(Path(path))).parent
+    adapter_dir = resolve_adapter_dir(Path(path))
+    run_dir = find_recipe_file(adapter_dir).parent
     eval_json = _read_eval_json(run_dir / "eval.json")  # refuse a broken file before the long part
     gen = load_generator(path, reporter=reporter)
     prepared = gen.run.prepared
     examples = prepared.data.eval[: cfg.max_examples] if cfg.max_examples else prepared.data.eval
-    reporter.status(f"loss of base and tuned on {len(examples)} held-out examples")
-    rows = compare_with_base(prepared.model, prepared.initial_head, examples, source.task, prepared.tokenizer.pad_token_id, settings.batch_size)
+    rows = _training_losses(eval_json, adapter_dir, examples)
+    if rows is None:
+        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples")
+        rows = compare_with_base(prepared.model, prepared.initial_head, examples, source.task, prepared.tokenizer.pad_token_id, settings.batch_size)
+    else:
+        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples: from training's eval.json (same adapter, same rows)")
     split = [split_prompt_reference(e) for e in examples]
     prompts = [p for p, _ in split]
     references = [gen.decode(r) for _, r in split]
@@ -134,6 +140,17 @@ def evaluate_generation(
     # Training's metrics in eval.json stay; the `generate` entry is added (or replaced).
     write_json(run_dir / "eval.json", {**eval_json, "generate": {k: v for k, v in report.items() if k != "examples"}})
     return report
+
+
+def _training_losses(eval_json: dict[str, Any], adapter_dir: Path, examples: list[dict]) -> dict[str, dict[str, float]] | None:
+    """Base and tuned loss and perplexity as training recorded them, when they are of this
+    adapter on these rows (their digests match); otherwise None, and they are computed."""
+    metrics = eval_json.get("metrics", {})
+    if not all(isinstance(metrics.get(row), dict) and "loss" in metrics[row] for row in ("base", "tuned")):
+        return None
+    if eval_json.get("adapter_sha256") != adapter_digest(adapter_dir) or eval_json.get("held_out_sha256") != held_out_digest(examples):
+        return None
+    return {row: {k: metrics[row][k] for k in ("loss", "perplexity")} for row in ("base", "tuned")}
 
 
 def _read_eval_json(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 
 from .adapters import REGISTRY
 from .checkpoint import (
+    adapter_digest,
     atomic_directory,
     checkpoint_dirs,
     publish_directory,
@@ -37,7 +38,7 @@ from .data import collate
 from .data_report import data_summary
 from .distributed import Engine, build_engine
 from .errors import CheckpointError, InterruptedRun, RecipeError
-from .evaluate import compare_with_base, evaluate_examples, majority_rate
+from .evaluate import compare_with_base, evaluate_examples, held_out_digest, majority_rate
 from .guard import DivergenceGuard
 from .inject import count_parameters, load_adapter_state_dict
 from .memcheck import check_memory_fits, is_main_launch_process
@@ -361,7 +362,10 @@ def _train(
         log({"step": step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": world, "engine": engine.name,
              "adapter_checksum_per_rank": checksums, "peak_memory_mib_per_rank": peaks,
              "data_cache_hit_per_rank": cache_hits})
-        write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval), "metrics": evaluation})
+        # The digests let `eval --generate` reuse these losses instead of computing them again.
+        write_json(out / "eval.json", {"task": recipe.task, "n_examples": len(prepared.data.eval), "majority_rate": majority_rate(prepared.data.eval),
+                                       "held_out_sha256": held_out_digest(prepared.data.eval), "adapter_sha256": adapter_digest(out / "adapter"),
+                                       "metrics": evaluation})
         plot_loss_curve(metrics_file, out / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
