@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters.base import AdapterConfig, at_least_fp32, layer_dims
+from .adapters.base import AdapterConfig, WrapsBaseLayer, at_least_fp32, layer_dims
 from .errors import RecipeError, TargetError
 
 Slices = dict[str, tuple[int, int]]  # slice name -> (start, stop) along the output
@@ -109,7 +109,7 @@ class AdaptedSlice(nn.Module):
         self.adapter_enabled = True
 
 
-class FusedAdaptedLinear(nn.Module):
+class FusedAdaptedLinear(WrapsBaseLayer):
     """A frozen fused layer whose slices carry their own adapters (children named by slice)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -127,14 +127,6 @@ class FusedAdaptedLinear(nn.Module):
 
     def slices(self) -> list[AdaptedSlice]:
         return [getattr(self, n) for n in self.slice_names]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

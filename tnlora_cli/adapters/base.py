@@ -186,7 +186,22 @@ class LowRankAdapter(Adapter):
         return at_least_fp32(b) @ at_least_fp32(a).T * self.scaling
 
 
-class AdaptedLinear(nn.Module):
+class WrapsBaseLayer(nn.Module):
+    """A module standing in for its frozen `base_layer`. Some model code reads `layer.weight`
+    or `layer.bias` (dtype and device probes, tied weights); they keep answering."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
+class AdaptedLinear(WrapsBaseLayer):
     """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus an adapter branch."""
 
     def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
@@ -196,15 +211,6 @@ class AdaptedLinear(nn.Module):
         # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.adapter_enabled = True
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # Some model code reads `layer.weight` (dtype/device probes); keep that working.
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -243,13 +249,21 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
     return int(layer.in_features), int(layer.out_features)
 
 
-def rslora_field() -> Any:
-    """The `use_rslora` recipe key of the adapters scaled by alpha / r."""
-    return Field(
+class ScaledLowRankConfig(AdapterConfig):
+    """Keys of the adapters whose update is a rank-r product scaled by alpha / r (lora, loretta, trac)."""
+
+    r: int = Field(8, gt=0, description="Rank of the update.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
+    use_rslora: bool = Field(
         False,
         description="Rank-stabilised scaling (rsLoRA): multiply the update by alpha / sqrt(r) instead of alpha / r, "
         "so raising r does not shrink the update. Parameter counts are unchanged.",
     )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
+
+    @property
+    def scaling(self) -> float:
+        return alpha_scaling(self.alpha, self.r, self.use_rslora)
 
 
 def alpha_scaling(alpha: float, r: int, use_rslora: bool) -> float:

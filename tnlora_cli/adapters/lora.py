@@ -9,19 +9,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..tensor.init import kaiming_uniform
-from .base import AdapterConfig, LowRankAdapter, SharedStore, alpha_scaling, rslora_field
+from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
 
 
-class LoraConfig(AdapterConfig):
+class LoraConfig(ScaledLowRankConfig):
     type: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0, description="Rank of the update.")
-    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
-    use_rslora: bool = rslora_field()
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
 
 
 class LoraAdapter(LowRankAdapter):
@@ -38,7 +33,7 @@ class LoraAdapter(LowRankAdapter):
     ) -> None:
         super().__init__(in_features, out_features, config, shared, role, generator)
         self.r = config.r
-        self.scaling = alpha_scaling(config.alpha, config.r, config.use_rslora)
+        self.scaling = config.scaling
         self.lora_A = nn.Parameter(kaiming_uniform((config.r, in_features), fan_in=in_features, generator=generator))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

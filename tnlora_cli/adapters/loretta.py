@@ -20,16 +20,13 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import tt_normal, tt_to_matrix
-from .base import AdapterConfig, LowRankAdapter, SharedStore, alpha_scaling, rslora_field
+from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
 from .tt_common import check_ranks, dim_modes
 
 
-class LorettaConfig(AdapterConfig):
+class LorettaConfig(ScaledLowRankConfig):
     type: Literal["loretta"] = "loretta"
     r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
-    use_rslora: bool = rslora_field()
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tt_rank: int = Field(5, gt=0, description="TT rank t: ranks [1, t, ..., t, 1] over the dimension's modes and r.")
     n_modes: int = Field(3, ge=1, le=8, description="Modes a layer dimension is factorised into when `modes` does not list it.")
     modes: dict[int, list[int]] | None = Field(None, description="Modes per dimension, e.g. {768: [8, 8, 12]}.")
@@ -76,7 +73,7 @@ class LorettaAdapter(LowRankAdapter):
 
     def __init__(self, in_features: int, out_features: int, config: LorettaConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
         super().__init__(in_features, out_features, config, shared, role, generator)
-        self.scaling = alpha_scaling(config.alpha, config.r, config.use_rslora)
+        self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.fold_rank, self.r = config.fold_rank, config.r
         make = self._folded if config.fold_rank else self._train

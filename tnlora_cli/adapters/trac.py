@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import tt_random, tt_to_matrix
-from .base import AdapterConfig, LowRankAdapter, SharedStore, alpha_scaling, rslora_field
+from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
 from .tt_common import check_ranks, dim_modes
 
 #: Paper defaults by hidden size (TRAC's tensor_cfg): modes, A ranks, B ranks (r appended).
@@ -48,12 +48,9 @@ CoreKind = Literal["trained", "frozen", "shared_trained", "shared_frozen"]
 DEFAULT_STRUCTURE: list[str] = ["trained", "shared_frozen", "shared_trained"]
 
 
-class TracConfig(AdapterConfig):
+class TracConfig(ScaledLowRankConfig):
     type: Literal["trac"] = "trac"
     r: int = Field(8, gt=0, description="LoRA rank (the open last TT rank).")
-    alpha: float = Field(16.0, gt=0, description="The update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
-    use_rslora: bool = rslora_field()
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     modes: dict[int, list[int]] | None = Field(None, description="3 modes per dimension, e.g. {768: [8, 8, 12]}; default: paper table, else factorised.")
     ranks_a: RankSpec = Field(None, description="[1, r1, r2] for A (one list, or per dimension); default: paper table.")
     ranks_b: RankSpec = Field(None, description="[1, s1, s2] for B; default: paper table.")
@@ -124,7 +121,7 @@ class TracAdapter(LowRankAdapter):
 
     def __init__(self, in_features: int, out_features: int, config: TracConfig, shared: SharedStore, role: str, generator: torch.Generator) -> None:
         super().__init__(in_features, out_features, config, shared, role, generator)
-        self.scaling = alpha_scaling(config.alpha, config.r, config.use_rslora)
+        self.scaling = config.scaling
         self.activation = config.activation
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         keys: dict[str, str] = {}
