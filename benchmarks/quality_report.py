@@ -289,6 +289,9 @@ def write_report() -> Path:
         missing = sorted(set(experiments(task)) - {s.name for s in rows})
         incomplete = [s.name for s in rows if not s.complete]
         lines += _task_section(task, rows)
+        if TASKS[task].stopped:
+            lines += [TASKS[task].stopped, ""]
+            continue
         if missing or incomplete:
             lines += [f"Not finished: {', '.join(missing + incomplete)} (missing or fewer than {len(SEEDS)} seeds).", ""]
         if len(rows) > 1:
