@@ -220,10 +220,10 @@ def _rate(lr: float) -> float:
     return float(f"{lr:.3g}")
 
 
-def sweep_rates(task: str, name: str, exp: dict[str, Any]) -> tuple[list[float], bool]:
-    """The sweep's seed-0 rates known so far, and whether all of them are done: the grid; then
-    one grid step beyond whichever end wins, at most twice; then, for a task with `refine`, the
-    geometric midpoints between the best of those and its neighbours."""
+def sweep_rates(task: str, name: str, exp: dict[str, Any]) -> tuple[list[float], list[float], bool]:
+    """The sweep's seed-0 rates known so far: the grid, then one grid step beyond whichever end
+    wins (at most twice); for a task with `refine`, the geometric midpoints between the best of
+    those and its neighbours; and whether all of them are done."""
     grid = sorted(float(x) for x in exp["learning_rates"])
     factor = grid[1] / grid[0]
     seed0 = {r["learning_rate"]: r for r in load_results(task) if r["experiment"] == name and r["seed"] == 0}
@@ -231,29 +231,31 @@ def sweep_rates(task: str, name: str, exp: dict[str, Any]) -> tuple[list[float],
     rates = list(grid)
     for extensions in range(3):
         if not all(lr in seed0 for lr in rates):
-            return rates, False
+            return rates, [], False
         best = best_lr([seed0[lr] for lr in rates], metric)
         low, high = min(rates), max(rates)
         if extensions == 2 or best not in (low, high):
             break
         rates.append(_rate(low / factor) if best == low else _rate(high * factor))
+    midpoints = []
     if TASKS[task].refine:
         ordered = sorted(rates)
         i = ordered.index(best)
-        rates += [_rate(math.sqrt(best * ordered[j])) for j in (i - 1, i + 1) if 0 <= j < len(ordered)]
-    return rates, all(lr in seed0 for lr in rates)
+        midpoints = [_rate(math.sqrt(best * ordered[j])) for j in (i - 1, i + 1) if 0 <= j < len(ordered)]
+    return sorted(rates), midpoints, all(lr in seed0 for lr in midpoints)
 
 
 def sweep_cells(task: str, name: str, exp: dict[str, Any]) -> list[Cell]:
-    return [Cell(task, name, lr, 0) for lr in sweep_rates(task, name, exp)[0]]
+    rates, midpoints, _ = sweep_rates(task, name, exp)
+    return [Cell(task, name, lr, 0) for lr in rates + midpoints]
 
 
 def seed_cells(task: str, name: str, exp: dict[str, Any]) -> list[Cell]:
     """Seeds 0-2 at the best rate of the sweep, once the sweep is complete."""
-    rates, complete = sweep_rates(task, name, exp)
+    rates, midpoints, complete = sweep_rates(task, name, exp)
     if not complete:
         return []
-    sweep = [r for r in load_results(task) if r["experiment"] == name and r["seed"] == 0 and r["learning_rate"] in rates]
+    sweep = [r for r in load_results(task) if r["experiment"] == name and r["seed"] == 0 and r["learning_rate"] in rates + midpoints]
     return [Cell(task, name, best_lr(sweep, TASKS[task].metric), s) for s in SEEDS]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quality import FIGURES, RESULTS, ROOT, SEEDS, TASKS, best_lr, experiments, load_results
+from quality import FIGURES, RESULTS, ROOT, SEEDS, TASKS, best_lr, experiments, load_results, sweep_rates
 
 DOCS = ROOT / "docs"
 
@@ -173,15 +173,23 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
     if spec.forgetting:
         lines += ["Forgetting (held-out Shakespeare loss, tuned minus base; lower is better): "
                   + ", ".join(f"`{s.name}` {s.mean('forgetting'):+.3f}" for s in ordered) + ".", ""]
-    rates = sorted({lr for s in rows for lr in s.sweep})
-    lines += [f"Learning-rate sweep, seed 0, held-out {metric} (%); bold: the rate the seeds ran at, -: not run.", "",
-              "| experiment | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    plan = {s.name: sweep_rates(task, s.name, experiments(task)[s.name]) for s in rows}
+    rates = sorted({lr for s in rows for lr in s.sweep if lr not in plan[s.name][1]})
+    refined = spec.refine or any(plan[s.name][1] for s in rows)
+
+    def score(s: Summary, lr: float) -> str:
+        r = s.sweep.get(lr)
+        value = "-" if r is None else f"{100 * r['metrics'][metric]:.1f}"
+        return f"**{value}**" if lr == s.best_lr else value
+
+    lines += [f"Learning-rate sweep, seed 0, held-out {metric} (%); bold: the rate the seeds ran at, -: not run"
+              + ("; the last column holds the midpoints between the grid's best rate and its neighbours." if refined else "."), "",
+              "| experiment | " + " | ".join(f"{lr:g}" for lr in rates) + (" | midpoints |" if refined else " |"),
+              "|---|" + "---|" * (len(rates) + refined)]
     for s in sorted(rows, key=lambda s: s.name):
-        cells = []
-        for lr in rates:
-            r = s.sweep.get(lr)
-            value = "-" if r is None else f"{100 * r['metrics'][metric]:.1f}"
-            cells.append(f"**{value}**" if lr == s.best_lr else value)
+        cells = [score(s, lr) for lr in rates]
+        if refined:
+            cells.append(", ".join(f"{lr:g}: {score(s, lr)}" for lr in plan[s.name][1]) or "-")
         lines.append(f"| `{s.name}` | " + " | ".join(cells) + " |")
     if len(rows) < 2:  # one experiment: nothing to compare, no plots
         return lines + [""]
