@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,33 @@ def test_lr_schedules_equal_transformers(kind, hf_name, warmup, total):
         assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], abs=1e-12)
         for stepper in (ours_opt, theirs_opt, ours, theirs):
             stepper.step()
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_held_out_metrics_do_not_depend_on_batching_or_order(task):
+    """Length-sorted batches with padding give the metrics of one example at a time, in any order."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from conftest import _tiny_configs
+    from tnlora_cli.evaluate import evaluate_examples
+
+    config = _tiny_configs(64)["bert" if task == "classification" else "llama"]
+    if task == "classification":
+        config.num_labels = 3
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    rng = random.Random(0)
+    examples = []
+    for i in range(11):
+        ids = [rng.randrange(5, 64) for _ in range(rng.randrange(3, 40))]
+        labels = i % 3 if task == "classification" else [-100] * (len(ids) // 2) + ids[len(ids) // 2 :]
+        examples.append({"input_ids": ids, "labels": labels})
+    one_by_one = evaluate_examples(model, examples, task, 0, batch_size=1)
+    shuffled = examples[::-1]
+    batched = evaluate_examples(model, shuffled, task, 0, batch_size=4)
+    assert batched.keys() == one_by_one.keys()
+    for key, value in one_by_one.items():
+        assert batched[key] == pytest.approx(value, rel=1e-5), key
+    if task == "classification":  # a tiny random model: not every prediction is the same class
+        assert 0 < one_by_one["accuracy"] < 1

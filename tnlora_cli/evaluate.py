@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,8 +36,13 @@ def evaluate_examples(
     loss_sum, count = 0.0, 0
     preds: list[int] = []
     golds: list[int] = []
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_token_id).items()}
+    # Batches of similar length pad less; every metric here is order-free (predictions and
+    # gold labels stay paired, the loss is a sum over tokens). Rows are read batch by batch.
+    lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    for i in range(0, len(order), batch_size):
+        rows = [examples[int(j)] for j in order[i : i + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if task == "classification":
