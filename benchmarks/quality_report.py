@@ -19,6 +19,7 @@ from typing import Any
 from quality import FIGURES, RESULTS, ROOT, SEEDS, TASKS, best_lr, experiments, load_results, sweep_rates
 
 DOCS = ROOT / "docs"
+SCORES_0_100 = ("bleu", "chrf")  # sacrebleu's scale; every other metric is a fraction
 
 
 @dataclass
@@ -151,13 +152,14 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
         f"each cell ran in its own process with {ordered[0].seeds[0]['threads']} thread(s), two cells at a time. "
         f"{len(rows)} experiments, {sum(len(s.sweep) for s in rows)} sweep cells.",
         "",
-        f"| experiment | best lr | {metric} (%) | " + " | ".join(f"{m} (%)" for m in secondary)
-        + " | held-out loss | trainable | stored | file (KiB) | peak RSS (MiB) | s/step |",
-        "|---|---|---|" + "---|" * len(secondary) + "---|---|---|---|---|---|",
+        f"| experiment | best lr | {metric} (%) | " + " | ".join(f"{m} ({'0-100' if m in SCORES_0_100 else '%'})" for m in secondary)
+        + " | held-out loss |" + (" forgetting |" if spec.forgetting else "") + " trainable | stored | file (KiB) | peak RSS (MiB) | s/step |",
+        "|---|---|---|" + "---|" * (len(secondary) + spec.forgetting) + "---|---|---|---|---|---|",
     ]
     for s in ordered:
-        cells = [f"`{s.name}`", f"{s.best_lr:g}", _pm(s, metric, 100)] + [_pm(s, m, 100) for m in secondary]
-        cells += [f"{s.mean('loss'):.3f}", f"{s.trainable:,}", f"{s.stored:,}", f"{s.first('adapter_file_bytes') / 1024:.0f}",
+        cells = [f"`{s.name}`", f"{s.best_lr:g}", _pm(s, metric, 100)] + [_pm(s, m, 1 if m in SCORES_0_100 else 100) for m in secondary]
+        cells += [f"{s.mean('loss'):.3f}"] + ([f"{s.mean('forgetting'):+.3f}"] if spec.forgetting else [])
+        cells += [f"{s.trainable:,}", f"{s.stored:,}", f"{s.first('adapter_file_bytes') / 1024:.0f}",
                   f"{statistics.fmean(r['peak_rss_mib'] for r in s.seeds):.0f}",
                   f"{statistics.fmean(r['seconds_per_step'] for r in s.seeds):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -171,8 +173,8 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
               "hold only the trainable tensors and the seed that regenerates the rest. "
               "Peak RSS is the whole training process; s/step is the mean optimizer-step time.", ""]
     if spec.forgetting:
-        lines += ["Forgetting (held-out Shakespeare loss, tuned minus base; lower is better): "
-                  + ", ".join(f"`{s.name}` {s.mean('forgetting'):+.3f}" for s in ordered) + ".", ""]
+        lines += [f"Forgetting: held-out loss on Shakespeare (general text the task never trains on), tuned minus base "
+                  f"(base {base['shakespeare_loss']:.3f} nats per token); lower is better, 0 is none.", ""]
     plan = {s.name: sweep_rates(task, s.name, experiments(task)[s.name]) for s in rows}
     rates = sorted({lr for s in rows for lr in s.sweep if lr not in plan[s.name][1]})
     refined = spec.refine or any(plan[s.name][1] for s in rows)
@@ -180,9 +182,11 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
     def score(s: Summary, lr: float) -> str:
         r = s.sweep.get(lr)
         value = "-" if r is None else f"{100 * r['metrics'][metric]:.1f}"
-        return f"**{value}**" if lr == s.best_lr else value
+        value = f"**{value}**" if lr == s.best_lr else value
+        return value + (f" ({r['metrics']['forgetting']:+.2f})" if r is not None and spec.forgetting else "")
 
-    lines += [f"Learning-rate sweep, seed 0, held-out {metric} (%); bold: the rate the seeds ran at, -: not run"
+    lines += [f"Learning-rate sweep, seed 0, held-out {metric} (%)" + (" (forgetting)" if spec.forgetting else "")
+              + "; bold: the rate the seeds ran at, -: not run"
               + ("; the last column holds the midpoints between the grid's best rate and its neighbours." if refined else "."), "",
               "| experiment | " + " | ".join(f"{lr:g}" for lr in rates) + (" | midpoints |" if refined else " |"),
               "|---|" + "---|" * (len(rates) + refined)]
@@ -225,14 +229,14 @@ def _claims(task: str, rows: list[Summary]) -> list[str]:
     for claim, checks in CLAIMS:
         parts, verdicts = [], []
         for a, relation, b in checks:
-            if a not in by_name or b not in by_name:
-                parts.append(f"{a} {relation} {b}: not run")
+            if a not in by_name or b not in by_name or not (by_name[a].complete and by_name[b].complete):
+                parts.append(f"{a} {relation} {b}: not finished (a verdict needs {len(SEEDS)} seeds of both)")
                 continue
             verdict, text = _verdict(by_name[a], by_name[b], metric, relation)
             verdicts.append(verdict)
             parts.append(f"{a} {relation} {b}? **{verdict}**: {text}")
-        overall = "agree" if verdicts and all(v == "agree" for v in verdicts) else (
-            "disagree" if verdicts and all(v == "disagree" for v in verdicts) else "partly / inconclusive")
+        overall = "not finished" if not verdicts else "agree" if all(v == "agree" for v in verdicts) else (
+            "disagree" if all(v == "disagree" for v in verdicts) else "partly / inconclusive")
         if "full-rank" in claim and ranks:
             parts.append("rank of ΔW, mean over layers (numerical / effective / largest possible): "
                          + ", ".join(f"{n} {r['mean_rank']:.0f} / {r['mean_effective_rank']:.0f} / {r['max_rank']}"
@@ -303,7 +307,7 @@ def write_report() -> Path:
         if missing or incomplete:
             lines += [f"Not finished: {', '.join(missing + incomplete)} (missing or fewer than {len(SEEDS)} seeds).", ""]
         if len(rows) > 1:
-            lines += _claims(task, rows) + _guide(task, rows)
+            lines += _claims(task, rows) + ([] if missing or incomplete else _guide(task, rows))
     out = DOCS / "results.md"
     tmp = out.with_name(".results.md.tmp")
     tmp.write_text("\n".join(lines).rstrip() + "\n")
