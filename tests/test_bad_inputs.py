@@ -371,6 +371,21 @@ def _assert_one_message(result, exit_code: int, message: str) -> None:
 # ====================================================================== tests
 
 
+def test_max_length_beyond_positions_is_said_before_a_memory_estimate(make_recipe, tmp_path, monkeypatch):
+    """A certain error comes first: with 1 MiB "available", the estimate would refuse too."""
+    import tnlora_cli.memcheck as memcheck
+
+    monkeypatch.setattr(memcheck, "available_memory", lambda: 2**20)
+    raw = make_recipe()
+    raw["data"]["max_length"] = 4096
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    _assert_one_message(runner.invoke(app, ["train", str(recipe)]), 2, r"data.max_length: 4096 tokens exceed the 128 positions")
+    raw["data"]["max_length"] = 128
+    recipe.write_text(yaml.safe_dump(raw))
+    _assert_one_message(runner.invoke(app, ["train", str(recipe)]), 2, r"training: the memory estimate .* exceeds the 1 MiB available")
+
+
 @pytest.mark.parametrize("case", RECIPE_CASES, ids=lambda c: c.id)
 def test_bad_recipe_values(case: R, make_recipe, tmp_path):
     raw = make_recipe()

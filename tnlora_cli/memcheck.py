@@ -42,7 +42,14 @@ def _gib(n: float) -> str:
 
 def check_memory_fits(recipe: Recipe) -> None:
     from .dryrun import dry_run
+    from .model_check import check_max_length
+    from .modeling import resolve_model
 
+    try:
+        model_path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
+    except Exception:  # noqa: BLE001 - loading says what is wrong
+        return
+    check_max_length(model_path, recipe.data.max_length)  # a certain error is said before an estimate
     try:
         estimate = dry_run(recipe, with_samples=False, processes=int(os.environ.get("WORLD_SIZE", "1"))).memory["total"]
     except Exception:  # noqa: BLE001 - an estimate that cannot be made is no reason to refuse; loading says what is wrong
