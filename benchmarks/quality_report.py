@@ -161,7 +161,7 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
         cells += [f"{s.mean('loss'):.3f}"] + ([f"{s.mean('forgetting'):+.3f}"] if spec.forgetting else [])
         cells += [f"{s.trainable:,}", f"{s.stored:,}", f"{s.first('adapter_file_bytes') / 1024:.0f}",
                   f"{statistics.fmean(r['peak_rss_mib'] for r in s.seeds):.0f}",
-                  f"{statistics.fmean(r['seconds_per_step'] for r in s.seeds):.2f}"]
+                  f"{statistics.median(r['seconds_per_step'] for r in s.seeds):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     base = ordered[0].seeds[0]["base_metrics"]
     lines += ["", f"Base model without adapter: {metric} {100 * base[metric]:.1f}%, loss {base['loss']:.3f}. "
@@ -171,7 +171,7 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
                  "but its weights are in the file size.") + " "
               "Files keep VeRA's and TeRA's frozen random tensors (the default); with `adapter.save_frozen: false` they "
               "hold only the trainable tensors and the seed that regenerates the rest. "
-              "Peak RSS is the whole training process; s/step is the mean optimizer-step time.", ""]
+              "Peak RSS is the whole training process; s/step is the optimizer-step time, median over the seeds (robust to a cell slowed by other work on the machine).", ""]
     if spec.forgetting:
         lines += [f"Forgetting: held-out loss on Shakespeare (general text the task never trains on), tuned minus base "
                   f"(base {base['shakespeare_loss']:.3f} nats per token); lower is better, 0 is none.", ""]
