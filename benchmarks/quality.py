@@ -17,7 +17,9 @@ end of the grid when the best one sits at an end (at most twice); a task with `r
 the geometric midpoints between the best rate and its neighbours. The `seeds` stage runs seeds
 1 and 2 at each experiment's best rate (task metric, then held-out loss). Finished cells are skipped, so an
 interrupted run continues where it stopped. Each cell is its own process with a fixed thread
-count, so its peak memory is its own and its numbers repeat on the same machine.
+count, so its peak memory is its own and its numbers repeat on the same machine. Do not edit
+tnlora_cli/ while a run is going: a cell imports some modules only when it reaches them, and a
+cell that mixes two versions fails (its result is not written; the next run repeats it).
 """
 
 from __future__ import annotations
