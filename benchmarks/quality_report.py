@@ -235,8 +235,7 @@ def _claims(task: str, rows: list[Summary]) -> list[str]:
             verdict, text = _verdict(by_name[a], by_name[b], metric, relation)
             verdicts.append(verdict)
             parts.append(f"{a} {relation} {b}? **{verdict}**: {text}")
-        overall = "not finished" if not verdicts else "agree" if all(v == "agree" for v in verdicts) else (
-            "disagree" if all(v == "disagree" for v in verdicts) else "partly / inconclusive")
+        overall = "not finished" if not verdicts else verdicts[0] if len(set(verdicts)) == 1 else "partly"
         if "full-rank" in claim and ranks:
             parts.append("rank of ΔW, mean over layers (numerical / effective / largest possible): "
                          + ", ".join(f"{n} {r['mean_rank']:.0f} / {r['mean_effective_rank']:.0f} / {r['max_rank']}"
@@ -260,7 +259,7 @@ def _guide(task: str, rows: list[Summary]) -> list[str]:
     fewer = "the best itself" if smallest is best else f"{best.trainable / smallest.trainable:.1f}× fewer than the best"
     lr_line = ("The learning rate matters more than the choice of method here" if lr_gap > method_gap
                else "The choice of method matters more than the learning rate here")
-    return [
+    lines = [
         f"### Which adapter should I use? ({task})", "",
         f"- Best {metric}: `{best.name}` ({_pm(best, metric, 100)}%, {best.trainable:,} trainable parameters, lr {best.best_lr:g}).",
         "- Within one standard deviation (or one point) of it: " + ", ".join(f"`{s.name}`" for s in sorted(close, key=lambda s: s.trainable)) + ".",
@@ -269,8 +268,13 @@ def _guide(task: str, rows: list[Summary]) -> list[str]:
         f"- {lr_line}: the median sweep spans {100 * lr_gap:.1f} points of {metric} between its best and worst rate "
         f"(`{touchy.name}` {100 * spread[touchy.name]:.1f}, `{robust.name}` {100 * spread[robust.name]:.1f}), while the "
         f"experiments' best means lie within {100 * method_gap:.1f} points. Sweep the rate before comparing adapters.",
-        "",
     ]
+    if TASKS[task].forgetting:
+        gentle = min(close, key=lambda s: s.mean("forgetting"))
+        lines.append(f"- Least forgetting among those: `{gentle.name}` ({gentle.mean('forgetting'):+.2f} nats per token on Shakespeare, "
+                     f"against {best.mean('forgetting'):+.2f} for the best). The sweep picks the rate by {metric} alone; "
+                     "a lower rate usually forgets less for a few points less (the sweep table shows both).")
+    return lines + [""]
 
 
 def write_report() -> Path:
