@@ -362,7 +362,7 @@ def ranks(args: argparse.Namespace) -> None:
     """`tnlora inspect-rank` of each experiment's best seed-0 run, one PNG per task."""
     from tnlora_cli.ranks import inspect_run, plot_ranks
 
-    for task in TASKS:
+    for task in [t for t in TASKS if not TASKS[t].stopped and len(experiments(t)) > 1]:  # the report shows ranks beside a comparison
         reports, summary = [], {}
         for name in experiments(task):
             best = best_lr([r for r in load_results(task) if r["experiment"] == name], TASKS[task].metric)
@@ -374,7 +374,9 @@ def ranks(args: argparse.Namespace) -> None:
                 linear = [layer for layer in report["layers"] if layer["rank"] is not None]
                 summary[name] = {"mean_rank": statistics.fmean(x["rank"] for x in linear) if linear else None,
                                  "mean_effective_rank": statistics.fmean(x["effective_rank"] for x in linear) if linear else None,
-                                 "max_rank": min(x["max_rank"] for x in report["layers"]), "learning_rate": best}
+                                 "mean_max_rank": statistics.fmean(x["max_rank"] for x in linear) if linear else None,
+                                 "mean_rank_fraction": statistics.fmean(x["rank"] / x["max_rank"] for x in linear) if linear else None,
+                                 "learning_rate": best}
         if reports:
             _write_json(RESULTS / task / "ranks.json", summary)
             plot_ranks(reports, FIGURES / f"ranks_{task}.png")

@@ -236,9 +236,11 @@ def _claims(task: str, rows: list[Summary]) -> list[str]:
             verdicts.append(verdict)
             parts.append(f"{a} {relation} {b}? **{verdict}**: {text}")
         overall = "not finished" if not verdicts else verdicts[0] if len(set(verdicts)) == 1 else "partly"
+        if verdicts and len(verdicts) < len(checks):
+            overall += " so far (not finished)"
         if "full-rank" in claim and ranks:
-            parts.append("rank of ΔW, mean over layers (numerical / effective / largest possible): "
-                         + ", ".join(f"{n} {r['mean_rank']:.0f} / {r['mean_effective_rank']:.0f} / {r['max_rank']}"
+            parts.append("rank of ΔW, mean over layers (numerical / effective / largest possible; numerical rank as a share of the largest): "
+                         + ", ".join(f"{n} {r['mean_rank']:.0f} / {r['mean_effective_rank']:.0f} / {r['mean_max_rank']:.0f} ({100 * r['mean_rank_fraction']:.0f}%)"
                                      for n, r in ranks.items() if r["mean_rank"] is not None and n.startswith(("tera", "vera", "lora"))))
         lines += [f"- {claim} Overall: **{overall}**.", *[f"  - {p}." for p in parts]]
     lines.append("")
