@@ -263,9 +263,5 @@ class ScaledLowRankConfig(AdapterConfig):
 
     @property
     def scaling(self) -> float:
-        return alpha_scaling(self.alpha, self.r, self.use_rslora)
-
-
-def alpha_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
-    return alpha / (r**0.5 if use_rslora else r)
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
