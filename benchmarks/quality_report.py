@@ -93,6 +93,44 @@ def _verdict(a: Summary, b: Summary, metric: str, claim: str) -> tuple[str, str]
     return verdict, text
 
 
+def _short_log_ticks(ax: Any) -> None:
+    """Log-axis ticks as 20k, 50k, 100k: minor labels only at 2 and 5, so that none run together."""
+    from matplotlib.ticker import FuncFormatter
+
+    def short(v: float) -> str:
+        for scale, unit in ((1e6, "M"), (1e3, "k")):
+            if v >= scale:
+                return f"{v / scale:g}{unit}"
+        return f"{v:g}"
+
+    def minor(v: float, _: Any) -> str:
+        lead = v / 10 ** math.floor(math.log10(v))
+        return short(v) if round(lead, 6) in (2.0, 5.0) else ""
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: short(v)))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _place_labels(fig: Any, ax: Any, points: list[tuple[float, float]], names: list[str]) -> None:
+    """Name each point, trying offsets around it until the label covers no other point or label."""
+    fig.canvas.draw()
+    marks = [ax.transData.transform(p) for p in points]
+    taken = []
+    for (x, y), name in zip(points, names):
+        for dx, dy, ha in ((5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"), (5, 12, "left"), (5, -19, "left")):
+            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)
+            box = label.get_window_extent(fig.canvas.get_renderer()).expanded(1.05, 1.1)
+            clear = not any(box.overlaps(t) for t in taken) and not any(
+                box.contains(*m) for m in marks if not (m == ax.transData.transform((x, y))).all())
+            if clear:
+                break
+            label.remove()
+        else:  # nowhere clear: the first place, overlapping
+            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            box = label.get_window_extent(fig.canvas.get_renderer())
+        taken.append(box)
+
+
 def _pareto_plot(task: str, rows: list[Summary], x_key: str, x_label: str, path: Path) -> None:
     import matplotlib
 
@@ -102,13 +140,13 @@ def _pareto_plot(task: str, rows: list[Summary], x_key: str, x_label: str, path:
     metric = TASKS[task].metric
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     colors = {a: f"C{i}" for i, a in enumerate(["lora", "vera", "loretta", "trac", "tera", "tensorguide"])}
-    points = []
-    for i, s in enumerate(sorted(rows, key=lambda s: s.trainable)):
+    points, names = [], []
+    for s in sorted(rows, key=lambda s: s.trainable):
         x = s.trainable if x_key == "trainable" else s.first("adapter_file_bytes") / 1024
         y = 100 * s.mean(metric)
         points.append((x, y))
+        names.append(s.name)
         ax.errorbar(x, y, yerr=100 * s.std(metric), fmt="o", color=colors.get(s.adapter, "k"), capsize=3)
-        ax.annotate(s.name, (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11), fontsize=8)  # alternate: fewer overlaps
     frontier, best = [], -math.inf
     for x, y in sorted(points):
         if y > best:
@@ -123,6 +161,8 @@ def _pareto_plot(task: str, rows: list[Summary], x_key: str, x_label: str, path:
     else:
         ax.plot([], [], " ", label=f"base model: {100 * base:.1f} (below the axis)")
     ax.set_xscale("log")
+    _short_log_ticks(ax)
+    _place_labels(fig, ax, points, names)
     ax.set_xlabel(x_label)
     ax.set_ylabel(f"held-out {metric} (%), mean ± std over seeds")
     ax.set_title(f"{task}: {metric} against {x_label}")
@@ -273,8 +313,11 @@ def _guide(task: str, rows: list[Summary]) -> list[str]:
     ]
     if TASKS[task].forgetting:
         gentle = min(close, key=lambda s: s.mean("forgetting"))
+        gentlest = min(rows, key=lambda s: s.mean("forgetting"))
+        among = ("the best itself" if gentle is best else f"against {best.mean('forgetting'):+.2f} for the best")
         lines.append(f"- Least forgetting among those: `{gentle.name}` ({gentle.mean('forgetting'):+.2f} nats per token on Shakespeare, "
-                     f"against {best.mean('forgetting'):+.2f} for the best). The sweep picks the rate by {metric} alone; "
+                     f"{among}); of all experiments: `{gentlest.name}` ({gentlest.mean('forgetting'):+.2f}, at "
+                     f"{_pm(gentlest, metric, 100)}% {metric}). The sweep picks the rate by {metric} alone; "
                      "a lower rate usually forgets less for a few points less (the sweep table shows both).")
     return lines + [""]
 
