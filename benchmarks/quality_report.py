@@ -112,22 +112,24 @@ def _short_log_ticks(ax: Any) -> None:
 
 
 def _place_labels(fig: Any, ax: Any, points: list[tuple[float, float]], names: list[str]) -> None:
-    """Name each point, trying offsets around it until the label covers no other point or label."""
+    """Name each point at the first offset around it whose label covers no other point or label
+    (the first offset when none is clear)."""
     fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
     marks = [ax.transData.transform(p) for p in points]
+    offsets = ((5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"), (5, 12, "left"), (5, -19, "left"))
     taken = []
-    for (x, y), name in zip(points, names):
-        for dx, dy, ha in ((5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"), (5, 12, "left"), (5, -19, "left")):
-            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)
-            box = label.get_window_extent(fig.canvas.get_renderer()).expanded(1.05, 1.1)
-            clear = not any(box.overlaps(t) for t in taken) and not any(
-                box.contains(*m) for m in marks if not (m == ax.transData.transform((x, y))).all())
-            if clear:
+    for i, (point, name) in enumerate(zip(points, names)):
+        others = [m for j, m in enumerate(marks) if j != i]
+        for dx, dy, ha in offsets:
+            label = ax.annotate(name, point, textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(t) for t in taken) and not any(box.contains(*m) for m in others):
                 break
             label.remove()
-        else:  # nowhere clear: the first place, overlapping
-            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-            box = label.get_window_extent(fig.canvas.get_renderer())
+        else:  # nowhere clear: the first offset, overlapping
+            dx, dy, ha = offsets[0]
+            box = ax.annotate(name, point, textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8).get_window_extent(renderer)
         taken.append(box)
 
 
@@ -235,8 +237,8 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
         if refined:
             cells.append(", ".join(f"{lr:g}: {score(s, lr)}" for lr in plan[s.name][1]) or "-")
         lines.append(f"| `{s.name}` | " + " | ".join(cells) + " |")
-    moved = {s.name: s for s in rows if s.best_lr in plan[s.name][1]}
-    if refined and plan and all(p[2] for p in plan.values()):
+    if refined and all(p[2] for p in plan.values()):  # every midpoint done: how far they moved the optima
+        moved = {s.name: s for s in rows if s.best_lr in plan[s.name][1]}
         gains = {n: s.sweep[s.best_lr]["metrics"][metric] - max(r["metrics"][metric] for lr, r in s.sweep.items() if lr not in plan[n][1])
                  for n, s in moved.items()}
         top = max(gains, key=gains.get) if gains else None
