@@ -49,7 +49,7 @@ import json, resource, sys, time
 import datasets
 from tnlora_cli.data import prepare_data
 from tnlora_cli.embedded import smollm2_path
-from tnlora_cli.modeling import load_tokenizer
+from tnlora_cli.model.loading import load_tokenizer
 from tnlora_cli.recipe import DataConfig
 datasets.disable_progress_bars()
 tok = load_tokenizer(str(smollm2_path()))

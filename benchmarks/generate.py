@@ -40,10 +40,10 @@ PROMPTS = [
 
 
 def build_run(workdir: Path, name: str) -> Path:
-    from tnlora_cli.checkpoint import save_adapter
-    from tnlora_cli.inject import adapter_state_dict
-    from tnlora_cli.pipeline import adapter_metadata, prepare
-    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.model.build import adapter_metadata, prepare
+    from tnlora_cli.model.state import adapter_state_dict
+    from tnlora_cli.recipe.load import validate_recipe
+    from tnlora_cli.run.checkpoint import save_adapter
 
     run = workdir / name
     if (run / "adapter").is_dir():
@@ -95,9 +95,9 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from tnlora_cli.embedded import smollm2_path
-    from tnlora_cli.generation import SamplingSettings, load_generator
+    from tnlora_cli.generation.generator import SamplingSettings, load_generator
     from tnlora_cli.merge import merge_run
+    from tnlora_cli.model.embedded import smollm2_path
 
     transformers.logging.set_verbosity_error()
     workdir = Path(args.workdir)

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from tnlora_cli.generation import write_jsonl
+from tnlora_cli.run.atomic import write_jsonl
 
 NAMES = "Ana Ben Carla Dev Elif Femi Gus Hana Ivan Jade Kofi Lena Milo Nora Omar Pia Raj Sara Tom Uma Vera Wes Yara Zoe".split()
 SYSTEM = "Reply with the answer as a number only."

@@ -14,7 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
-from tnlora_cli.generation import write_jsonl
+from tnlora_cli.run.atomic import write_jsonl
 
 LABELS = ["trivia", "coding", "ai", "psychology", "emotion", "literature", "humor", "money", "science", "greetings"]
 SYSTEM = "Name the topic of this exchange with one word from: " + ", ".join(LABELS) + "."
@@ -29,7 +29,7 @@ def chat_row(row: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    from tnlora_cli.embedded import chatterbot_rows
+    from tnlora_cli.data.embedded import chatterbot_rows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)

@@ -29,11 +29,11 @@ import yaml
 def build(workdir: Path, layers: int, shard: str) -> tuple[Path, Path]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tnlora_cli.checkpoint import save_adapter
-    from tnlora_cli.embedded import smollm2_path
-    from tnlora_cli.inject import adapter_state_dict
-    from tnlora_cli.pipeline import adapter_metadata, prepare
-    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.model.build import adapter_metadata, prepare
+    from tnlora_cli.model.embedded import smollm2_path
+    from tnlora_cli.model.state import adapter_state_dict
+    from tnlora_cli.recipe.load import validate_recipe
+    from tnlora_cli.run.checkpoint import save_adapter
 
     base = workdir / "base"
     if not (base / "model.safetensors.index.json").is_file():

@@ -124,7 +124,7 @@ def run_cell(cell: Cell, threads: int, run_dir: Path | None = None) -> dict[str,
 
     torch.set_num_threads(threads)
     os.environ.setdefault("TNLORA_PROGRESS", "plain")
-    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.recipe.load import validate_recipe
     from tnlora_cli.train import train
 
     task = TASKS[cell.task]
@@ -140,7 +140,7 @@ def run_cell(cell: Cell, threads: int, run_dir: Path | None = None) -> dict[str,
     metrics = dict(result.evaluation["tuned"])
     base = dict(result.evaluation["base"])
     if task.generate:
-        from tnlora_cli.generation_eval import evaluate_generation
+        from tnlora_cli.evaluate import evaluate_generation
 
         generated = evaluate_generation(run_dir)["metrics"]
         metrics.update({k: v for k, v in generated["tuned"].items() if k not in metrics})
@@ -174,7 +174,7 @@ def run_cell(cell: Cell, threads: int, run_dir: Path | None = None) -> dict[str,
 def _adapter_counts(run_dir: Path) -> dict[str, int]:
     """Trainable and stored adapter parameters (the task head, trained in full, is not counted)."""
     from tnlora_cli.count import count_params
-    from tnlora_cli.recipe import load_recipe
+    from tnlora_cli.recipe.load import load_recipe
 
     total = count_params(load_recipe(run_dir / "recipe.yaml")).to_json()["adapter_total"]
     return {"trainable": total["trainable"], "stored": total["stored"]}
@@ -183,10 +183,10 @@ def _adapter_counts(run_dir: Path) -> dict[str, int]:
 def _forgetting(run_dir: Path, chunks: int = 16, length: int = 128) -> tuple[float, float]:
     """Held-out loss on Shakespeare (the first `chunks` x `length` tokens of Hamlet): tuned
     minus base, and the base loss. A general-text loss the task never trained on."""
-    from tnlora_cli.embedded import shakespeare_rows
-    from tnlora_cli.evaluate import evaluate_examples
-    from tnlora_cli.generation import load_generator
-    from tnlora_cli.inject import adapters_disabled
+    from tnlora_cli.data.embedded import shakespeare_rows
+    from tnlora_cli.evaluation.metrics import evaluate_examples
+    from tnlora_cli.generation.generator import load_generator
+    from tnlora_cli.model.inject import adapters_disabled
 
     gen = load_generator(run_dir, merge=False)
     text = next(r["text"] for r in shakespeare_rows() if r["title"] == "hamlet")
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from tnlora_cli.checkpoint import write_json
+    from tnlora_cli.run.atomic import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data)
@@ -350,7 +350,7 @@ def rerun(args: argparse.Namespace) -> None:
 
 def list_(args: argparse.Namespace) -> None:
     from tnlora_cli.count import count_params
-    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.recipe.load import validate_recipe
 
     for task in TASKS:
         for name, exp in experiments(task).items():
@@ -362,7 +362,8 @@ def list_(args: argparse.Namespace) -> None:
 
 def ranks(args: argparse.Namespace) -> None:
     """`tnlora inspect-rank` of each experiment's best seed-0 run, one PNG per task."""
-    from tnlora_cli.ranks import inspect_run, plot_ranks
+    from tnlora_cli.ranks import inspect_run
+    from tnlora_cli.report.plots import plot_ranks
 
     for task in [t for t in TASKS if not TASKS[t].stopped and len(experiments(t)) > 1]:  # the report shows ranks beside a comparison
         reports, summary = [], {}

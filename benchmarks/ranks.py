@@ -12,8 +12,8 @@ import time
 import torch
 
 from tnlora_cli.adapters import REGISTRY
-from tnlora_cli.inject import adapted_layers, inject_adapter
-from tnlora_cli.ranks import spectrum_dense, spectrum_from_factors, summarise
+from tnlora_cli.model.inject import adapted_layers, inject_adapter
+from tnlora_cli.tensor.spectrum import spectrum_dense, spectrum_from_factors, summarise
 
 SETTINGS = {
     "lora": {"r": 16},

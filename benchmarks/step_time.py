@@ -41,8 +41,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     from transformers import AutoModel
 
     from tnlora_cli.adapters import REGISTRY
-    from tnlora_cli.count import load_config
-    from tnlora_cli.inject import inject_adapter
+    from tnlora_cli.model.inject import inject_adapter
+    from tnlora_cli.model.meta import load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.manual_seed(0)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from tnlora_cli.adapters import REGISTRY
-from tnlora_cli.count import _unique
-from tnlora_cli.inject import SHARED_ATTR, adapted_layers, inject_adapter
+from tnlora_cli.model.accounting import unique_tensors
+from tnlora_cli.model.inject import adapted_layers, inject_adapter
+from tnlora_cli.model.state import SHARED_ATTR
 
 
 class Blocks(nn.Module):
@@ -63,7 +64,7 @@ def _build(kind: str, settings: dict) -> Blocks:
 
 def _counts(model: nn.Module) -> tuple[int, int]:
     tensors = [t for _, layer in adapted_layers(model) for t in [*layer.adapter.parameters(), *layer.adapter.buffers()]]
-    tensors = _unique(tensors + list(getattr(model, SHARED_ATTR).tensors.values()))
+    tensors = unique_tensors(tensors + list(getattr(model, SHARED_ATTR).tensors.values()))
     return sum(t.numel() for t in tensors if t.requires_grad), sum(t.numel() for t in tensors if not t.requires_grad)
 
 

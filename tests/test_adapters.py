@@ -11,8 +11,10 @@ from torch import nn
 
 from tnlora_cli.adapters import REGISTRY
 from tnlora_cli.errors import RecipeError
-from tnlora_cli.inject import SHARED_ATTR, adapted_layers, inject_adapter, merge_into_base
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.inject import adapted_layers, inject_adapter
+from tnlora_cli.model.merging import merge_into_base
+from tnlora_cli.model.state import SHARED_ATTR
+from tnlora_cli.recipe.load import validate_recipe
 
 #: Small settings per adapter for the tiny models (hidden 32 / MLP 10-20).
 SMALL = {
@@ -305,7 +307,7 @@ def test_train_save_load_and_merge_every_adapter(make_recipe, tmp_path, kind):
 def test_shared_tensors_are_saved_once_and_tied_again_on_load(make_recipe):
     from safetensors.torch import load_file
 
-    from tnlora_cli.pipeline import load_run
+    from tnlora_cli.model.build import load_run
     from tnlora_cli.train import train
 
     raw = _recipe(make_recipe, "trac", "llama", "causal-lm", target_modules=["q_proj", "v_proj", "up_proj"])
@@ -327,12 +329,12 @@ def test_shared_tensors_are_saved_once_and_tied_again_on_load(make_recipe):
 
 
 def test_trac_controllers_get_their_own_learning_rate(make_recipe):
-    from tnlora_cli.pipeline import prepare
-    from tnlora_cli.train import _param_groups
+    from tnlora_cli.model.build import prepare
+    from tnlora_cli.training.optim import param_groups
 
     recipe = validate_recipe(_recipe(make_recipe, "trac", controller_learning_rate=5e-3))
     model = prepare(recipe).model
-    groups = {g["lr"]: len(g["params"]) for g in _param_groups(model, recipe)}
+    groups = {g["lr"]: len(g["params"]) for g in param_groups(model, recipe)}
     assert set(groups) == {5e-3, recipe.training.learning_rate}
     assert groups[5e-3] == 4 * 2 * 2  # 4 layers x (A, B) x (rank, dim) controllers
 

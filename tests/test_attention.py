@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_recipe
+
 from tnlora_cli.errors import ModelError
-from tnlora_cli.pipeline import prepare
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.build import prepare
+from tnlora_cli.recipe.load import validate_recipe
 
 
 @pytest.mark.parametrize("kind", ["sdpa", "eager"])
@@ -39,8 +39,8 @@ def test_both_kernels_give_the_same_logits(make_recipe):
 def test_unavailable_flash_attention_is_one_message_exit_2_nothing_written(make_recipe, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from tnlora_cli import modeling
     from tnlora_cli.cli import app
+    from tnlora_cli.model import loading as modeling
 
     loads = []
     monkeypatch.setattr(modeling.AutoModelForSequenceClassification, "from_pretrained", lambda *a, **k: loads.append(a))

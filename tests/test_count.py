@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tnlora_cli.cli import app
-from tnlora_cli.count import count_params, shipped_configs
-from tnlora_cli.recipe import load_recipe, validate_recipe
+from tnlora_cli.count import count_params
+from tnlora_cli.model.meta import shipped_configs
+from tnlora_cli.recipe.load import load_recipe, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_tokenizer, write_recipe
 from typer.testing import CliRunner
 
-from conftest import make_tokenizer, write_recipe
 from tnlora_cli.cli import app
-from tnlora_cli.data import IGNORE_INDEX, prepare_data
-from tnlora_cli.recipe import DataConfig
+from tnlora_cli.data.chat import IGNORE_INDEX
+from tnlora_cli.data.prepare import prepare_data
+from tnlora_cli.recipe.sections import DataConfig
 
 GOOD = {"prompt": "what is the cat", "response": "the cat is good"}
 
@@ -127,7 +128,7 @@ def test_alpaca_rows_and_the_held_out_cap(tmp_path, cache):
 def test_length_grouped_batches_are_deterministic_and_pad_less():
     import torch
 
-    from tnlora_cli.train import BatchStream
+    from tnlora_cli.training.batches import BatchStream
 
     lengths = torch.randint(5, 200, (512,), generator=torch.Generator().manual_seed(0)).tolist()
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import write_recipe
 from typer.testing import CliRunner
 
-from conftest import write_recipe
 from tnlora_cli.cli import app
 from tnlora_cli.dryrun import dry_run
-from tnlora_cli.recipe import load_recipe, validate_recipe
+from tnlora_cli.recipe.load import load_recipe, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

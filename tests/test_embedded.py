@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tnlora_cli.embedded import chatterbot_rows, shakespeare_rows
-from tnlora_cli.recipe import load_recipe
+from tnlora_cli.data.embedded import chatterbot_rows, shakespeare_rows
+from tnlora_cli.recipe.load import load_recipe
 from tnlora_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
-from tnlora_cli.distributed import build_engine, resolve_engine
 from tnlora_cli.errors import RecipeError
-from tnlora_cli.recipe import TrainingConfig, validate_recipe
+from tnlora_cli.recipe.load import validate_recipe
+from tnlora_cli.recipe.sections import TrainingConfig
 from tnlora_cli.train import train
+from tnlora_cli.training.engines import build_engine, resolve_engine
 
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 ADAPTER = "adapter/adapter_model.safetensors"

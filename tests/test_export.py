@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_adapters import _recipe
-from tnlora_cli.data import collate
+
+from tnlora_cli.data.examples import collate
 from tnlora_cli.errors import RecipeError
 from tnlora_cli.export import export_as_lora
-from tnlora_cli.pipeline import load_run
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.build import load_run
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 peft = pytest.importorskip("peft")
@@ -30,7 +30,7 @@ def _adapter_logits_and_peft(run: Path, exported: Path):
     # peft on the plain base model, head initialised as tnlora's (same seed), then loaded.
     from accelerate.utils import set_seed
 
-    from tnlora_cli.modeling import load_model
+    from tnlora_cli.model.loading import load_model
 
     set_seed(prepared.recipe.training.seed)
     base = load_model(prepared.model_path, prepared.recipe.task, label_names=prepared.data.label_names, pad_token_id=prepared.tokenizer.pad_token_id)

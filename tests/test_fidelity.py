@@ -11,8 +11,9 @@ from torch import nn
 
 from tnlora_cli.adapters import REGISTRY
 from tnlora_cli.errors import RecipeError
-from tnlora_cli.inject import SHARED_ATTR, adapted_layers, inject_adapter
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.inject import adapted_layers, inject_adapter
+from tnlora_cli.model.state import SHARED_ATTR
+from tnlora_cli.recipe.load import validate_recipe
 
 
 class Mlp(nn.Module):
@@ -53,8 +54,9 @@ def _tiny_recipe(make_recipe, kind: str, targets, model: str = "bert", task: str
 def test_roles_are_paths_without_the_layer_index_and_trac_shares_per_role(make_recipe):
     """BERT's attention-output, FFN-up and FFN-down layers are all `dense`: three matrix
     types, so TRAC gives each its own shared cores (paper: one pair per type of matrix)."""
-    from tnlora_cli.count import build_on_meta, count_params
+    from tnlora_cli.count import count_params
     from tnlora_cli.dryrun import dry_run
+    from tnlora_cli.model.meta import build_on_meta
 
     recipe = validate_recipe(_tiny_recipe(make_recipe, "trac", ["dense"], r=4))
     model = build_on_meta(recipe)
@@ -76,8 +78,8 @@ def test_roles_are_paths_without_the_layer_index_and_trac_shares_per_role(make_r
 
 
 def test_roles_are_saved_and_older_adapters_keep_their_attribute_name_roles():
-    from tnlora_cli.inject import module_roles
-    from tnlora_cli.pipeline import saved_roles
+    from tnlora_cli.model.build import saved_roles
+    from tnlora_cli.model.targets import module_roles
 
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
     assert module_roles(names) == {names[0]: "self_attn.q_proj", names[1]: "self_attn.q_proj", "lm_head": "lm_head"}
@@ -140,7 +142,8 @@ def test_tensorguide_unequal_boundary_ranks_are_refused_at_validation():
 def test_modules_to_save_are_never_adapted_nor_counted_twice():
     """RoBERTa's head has its own `dense`: with targets [dense] it is trained in full, not
     adapted, and count-params counts it once, as the head."""
-    from tnlora_cli.count import build_on_meta, count_params
+    from tnlora_cli.count import count_params
+    from tnlora_cli.model.meta import build_on_meta
 
     raw = {"model": "roberta-base", "task": "classification", "adapter": {"type": "lora", "target_modules": ["dense"], "r": 4},
            "data": {"train": "-", "label_column": "label"}}
@@ -186,15 +189,14 @@ def test_trac_tt_normal_uses_the_layers_in_plus_out():
 def test_weight_decay_exempts_biases_and_norms_as_the_hf_trainer(make_recipe):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tnlora_cli.pipeline import prepare
-    from tnlora_cli.train import _param_groups
-    from tnlora_cli.weight_decay import decay_exempt_names
+    from tnlora_cli.model.build import prepare
+    from tnlora_cli.training.optim import decay_exempt_names, param_groups
 
     raw = _tiny_recipe(make_recipe, "trac", ["query", "value"], r=4)
     raw["training"]["weight_decay"] = 0.1
     recipe = validate_recipe(raw)
     model = prepare(recipe).model
-    decay_of = {id(p): g["weight_decay"] for g in _param_groups(model, recipe) for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in param_groups(model, recipe) for p in g["params"]}
     named = dict(model.named_parameters())
     assert decay_of[id(named["classifier.bias"])] == 0.0
     assert decay_of[id(named["classifier.weight"])] == 0.1
@@ -215,8 +217,8 @@ FROZEN = {"vera": {"r": 16}, "trac": {"r": 4}, "tera": {"outdim": 4}, "tensorgui
 
 
 def _logits(run_dir):
-    from tnlora_cli.data import collate
-    from tnlora_cli.pipeline import load_run
+    from tnlora_cli.data.examples import collate
+    from tnlora_cli.model.build import load_run
 
     run = load_run(run_dir)
     run.load_weights()
@@ -262,7 +264,7 @@ def test_tampered_seed_or_checksum_is_refused(make_recipe, tmp_path):
     import yaml
 
     from tnlora_cli.errors import CheckpointError
-    from tnlora_cli.pipeline import load_run
+    from tnlora_cli.model.build import load_run
     from tnlora_cli.train import train
 
     raw = _tiny_recipe(make_recipe, "vera", ["query", "value"], r=16, save_frozen=False)
@@ -293,7 +295,7 @@ def test_tampered_seed_or_checksum_is_refused(make_recipe, tmp_path):
 def test_seed_only_checkpoints_resume(make_recipe, tmp_path):
     import json
 
-    from tnlora_cli.checkpoint import checkpoint_dirs
+    from tnlora_cli.run.layout import checkpoint_dirs
     from tnlora_cli.train import train
 
     raw = _tiny_recipe(make_recipe, "trac", ["query", "value"], r=4, save_frozen=False)

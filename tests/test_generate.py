@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _tiny_configs, make_tokenizer, write_recipe
 from typer.testing import CliRunner
 
-from conftest import _tiny_configs, make_tokenizer, write_recipe
 from tnlora_cli.cli import app
-from tnlora_cli.generation import SamplingSettings, load_generator
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.generation.generator import SamplingSettings, load_generator
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 PAIRS = [
@@ -157,7 +157,7 @@ def test_chat_over_standard_input(memorised):
 
 
 def test_chat_conversation_grows_turn_by_turn(memorised):
-    from tnlora_cli.generation import chat_session
+    from tnlora_cli.generate import chat_session
 
     gen = load_generator(memorised)
     seen: list[list[int]] = []
@@ -225,9 +225,9 @@ def test_eval_generate_exact_match_rises_from_base_to_tuned(memorised):
 
 
 def test_eval_generate_reuses_training_losses_only_for_the_same_adapter_and_rows(memorised, tmp_path):
-    from tnlora_cli.checkpoint import adapter_digest
-    from tnlora_cli.evaluate import held_out_digest
-    from tnlora_cli.generation_eval import evaluate_generation
+    from tnlora_cli.evaluate import evaluate_generation
+    from tnlora_cli.evaluation.metrics import held_out_digest
+    from tnlora_cli.run.checkpoint import adapter_digest
 
     run = tmp_path / "run"
     shutil.copytree(memorised, run)
@@ -246,7 +246,7 @@ def test_eval_generate_reuses_training_losses_only_for_the_same_adapter_and_rows
 
 
 def test_generation_metrics():
-    from tnlora_cli.generation_eval import extract_answer, normalize, score_generations
+    from tnlora_cli.evaluation.text import extract_answer, normalize, score_generations
 
     assert normalize("  The Cat\n sat.  ") == "the cat sat"
     pattern = r"(-?[\d,]*\.?\d+)"

@@ -9,7 +9,9 @@ from transformers.pytorch_utils import Conv1D
 
 from tnlora_cli.adapters import REGISTRY, AdaptedLinear, LoraConfig
 from tnlora_cli.errors import TargetError
-from tnlora_cli.inject import adapted_layers, find_targets, inject_adapter, merge_into_base
+from tnlora_cli.model.inject import adapted_layers, inject_adapter
+from tnlora_cli.model.merging import merge_into_base
+from tnlora_cli.model.targets import find_targets
 
 
 class MLP(nn.Module):
@@ -119,7 +121,7 @@ def test_suffix_regex_and_exclude(tiny_models):
 def test_all_linear_skips_output_and_task_heads(tiny_models):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tnlora_cli.modeling import output_head_names
+    from tnlora_cli.model.loading import output_head_names
 
     lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     names = find_targets(lm, _cfg("all-linear"), excluded=output_head_names(lm))

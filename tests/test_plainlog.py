@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import write_recipe
-from tnlora_cli.plainlog import PlainProgress, use_plain_lines
+
+from tnlora_cli.report.plainlog import PlainProgress, use_plain_lines
 
 LINE = re.compile(
     r"^training step (\d+)/6  loss [0-9.e+-]+  lr [0-9.e+-]+  tok/s [0-9.e+-]+  elapsed \d+:\d\d:\d\d  remaining (\d+:\d\d:\d\d|\?)$"

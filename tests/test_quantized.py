@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_adapters import _recipe
-from tnlora_cli.inject import count_parameters
+
+from tnlora_cli.adapters.base import BaseWeight
 from tnlora_cli.merge import merge_run
-from tnlora_cli.pipeline import prepare
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.build import prepare
+from tnlora_cli.model.state import count_parameters
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -39,3 +40,24 @@ def test_quantized_layers_are_adapted_and_counted_in_full(make_recipe):
     # A 4-bit parameter stores two values per byte; the count is of the weights it stands for.
     assert count_parameters(prepared.model) == plain
     assert all(p.dtype == torch.float32 for n, p in prepared.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_adapters_see_the_dequantized_base_weight(make_recipe, bits):
+    """`BaseWeight.dense()` of a bitsandbytes layer is its dequantized weight: close to the
+    full-precision one (within the quantization error), never the packed bytes."""
+    raw = _recipe(make_recipe, "lora", "llama", "causal-lm")
+    plain = prepare(validate_recipe(raw))
+    raw["quantization"] = {"bits": bits}
+    quantized = prepare(validate_recipe(raw))
+    name = quantized.injection.targets[0]
+    layer = quantized.model.get_submodule(name).base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+    full = plain.model.get_submodule(name).base_layer.weight.detach()
+    dense = BaseWeight(layer, 0, full.shape[0]).dense()
+    assert dense.shape == full.shape and dense.dtype == torch.float32
+    error = ((dense - full).abs().max() / full.abs().max()).item()
+    assert 0 < error < (0.2 if bits == 4 else 0.02)
+    if bits == 4:  # the 4-bit forward multiplies by exactly this weight
+        x = torch.randn(3, full.shape[1])
+        torch.testing.assert_close(layer(x) - (0 if layer.bias is None else layer.bias), x @ dense.T, rtol=1e-4, atol=1e-4)

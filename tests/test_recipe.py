@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_recipe
+
 from tnlora_cli.errors import RecipeError
-from tnlora_cli.recipe import apply_overrides, load_recipe, validate_recipe
+from tnlora_cli.recipe.load import apply_overrides, load_recipe, validate_recipe
 
 
 def _errors_of(raw: dict) -> str:

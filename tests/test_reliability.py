@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tnlora_cli.checkpoint import checkpoint_dirs
 from tnlora_cli.errors import DivergenceError, RunInUseError
-from tnlora_cli.recipe import validate_recipe
-from tnlora_cli.runlock import RunLock
+from tnlora_cli.recipe.load import validate_recipe
+from tnlora_cli.run.layout import checkpoint_dirs
+from tnlora_cli.run.lock import RunLock
 from tnlora_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,10 @@ def test_a_second_run_in_a_locked_directory_is_refused_at_once(make_recipe, tmp_
 
 def test_a_killed_process_leaves_no_lock(make_recipe, tmp_path):
     run = tmp_path / "run"
-    code = f"from tnlora_cli.runlock import RunLock; RunLock({str(run)!r}).acquire(); import os; os.kill(os.getpid(), 9)"
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = f"from tnlora_cli.run.lock import RunLock; RunLock({str(run)!r}).acquire(); import os; os.kill(os.getpid(), 9)"
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr  # it took the lock and was killed holding it
+    assert (run / ".tnlora.lock").is_file()
     with RunLock(run):
         pass
 
@@ -75,7 +77,7 @@ def test_divergence_stops_the_run_and_publishes_nothing(make_recipe, tmp_path, l
 def test_divergence_message_names_step_last_loss_and_checkpoint(make_recipe, tmp_path):
     """A NaN loss at step 3 (inputs made non-finite from then on): the step, the last finite
     loss and the step-2 checkpoint are named."""
-    from tnlora_cli import train as train_module
+    from tnlora_cli.training import loop as train_module
 
     raw = _raw(make_recipe, tmp_path, save_every=2, max_steps=4)
     calls = {"n": 0}
@@ -175,7 +177,7 @@ def test_a_dead_runs_leftovers_are_cleaned_and_not_mixed_in(make_recipe, tmp_pat
     (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "train_loss": 9.0}) + "\n")  # a run killed before its first checkpoint
     train(validate_recipe(raw))
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".tnlora.lock"]
-    assert not list((run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else True
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
     assert [r["step"] for r in _records(run) if "train_loss" in r] == [1, 2]
 
 
@@ -184,7 +186,7 @@ def test_pruning_never_leaves_a_half_checkpoint(make_recipe, tmp_path, monkeypat
     dies): no checkpoint under its real name is incomplete."""
     import shutil
 
-    from tnlora_cli.resume import checkpoint_problem
+    from tnlora_cli.run.resume import checkpoint_problem
 
     real_rmtree, fired = shutil.rmtree, []
 
@@ -273,9 +275,9 @@ def test_disk_full_merge_fails_cleanly(make_recipe, tmp_path, small_tmpfs):
 
 
 def test_disk_full_checkpoint_keeps_earlier_checkpoints(make_recipe, tmp_path, small_tmpfs):
+    from conftest import write_recipe
     from typer.testing import CliRunner
 
-    from conftest import write_recipe
     from tnlora_cli.cli import app
 
     raw = _raw(make_recipe, tmp_path, max_steps=40, save_every=1, save_total_limit=100)
@@ -285,16 +287,16 @@ def test_disk_full_checkpoint_keeps_earlier_checkpoints(make_recipe, tmp_path, s
     assert "disk is full" in " ".join(result.output.split()) and "Traceback" not in result.output
     saved = checkpoint_dirs(small_tmpfs / "run")
     assert saved, "some checkpoints fit before the disk filled"
-    from tnlora_cli.resume import checkpoint_problem
+    from tnlora_cli.run.resume import checkpoint_problem
 
     assert all(checkpoint_problem(c) is None for c in saved)
     assert not list((small_tmpfs / "run" / "checkpoints").glob(".*"))
 
 
 def test_read_only_output_dir_is_one_message(make_recipe, tmp_path):
+    from conftest import write_recipe
     from typer.testing import CliRunner
 
-    from conftest import write_recipe
     from tnlora_cli.cli import app
 
     mount = tmp_path / "ro"

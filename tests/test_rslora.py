@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_adapters import _recipe
+
 from tnlora_cli.adapters import REGISTRY
 from tnlora_cli.adapters.base import SharedStore
-from tnlora_cli.inject import count_parameters
 from tnlora_cli.merge import merge_run
-from tnlora_cli.recipe import validate_recipe
+from tnlora_cli.model.state import count_parameters
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 KINDS = {"lora": {"r": 9, "alpha": 6.0}, "loretta": {"r": 9, "alpha": 6.0, "tt_rank": 3}, "trac": {"r": 9, "alpha": 6.0}}
@@ -47,7 +47,7 @@ def test_rslora_scales_the_update_by_sqrt_r_and_keeps_counts(kind):
 
 @pytest.mark.parametrize("kind, model", [("lora", "bert")])
 def test_rslora_merge_and_export_are_exact(make_recipe, tmp_path, kind, model):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from test_export import _adapter_logits_and_peft
 
     from tnlora_cli.export import export_as_lora
@@ -64,4 +64,3 @@ def test_rslora_merge_and_export_are_exact(make_recipe, tmp_path, kind, model):
     assert all(row["relative_error"] < 1e-6 for row in report.layers)
     expected, got = _adapter_logits_and_peft(run, tmp_path / "lora")
     assert (got - expected).abs().max().item() <= 1e-4
-    assert peft is not None

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_recipe
+
 from tnlora_cli.errors import RecipeError
-from tnlora_cli.recipe import load_recipe, validate_recipe
-from tnlora_cli.schedule import resolve_schedule
+from tnlora_cli.recipe.load import load_recipe, validate_recipe
 from tnlora_cli.train import train
+from tnlora_cli.training.schedule import resolve_schedule
 
 
 def _records(run: Path) -> list[dict]:
@@ -21,8 +21,8 @@ def _records(run: Path) -> list[dict]:
 
 
 def test_two_epochs_take_ceil_of_examples_over_the_global_batch(make_recipe, tiny_models):
-    from tnlora_cli.data import prepare_data
-    from tnlora_cli.modeling import load_tokenizer
+    from tnlora_cli.data.prepare import prepare_data
+    from tnlora_cli.model.loading import load_tokenizer
 
     raw = make_recipe("bert", "classification")
     del raw["training"]["max_steps"]
@@ -33,7 +33,7 @@ def test_two_epochs_take_ceil_of_examples_over_the_global_batch(make_recipe, tin
     expected = math.ceil(2 * n_train / (7 * 2))
     assert expected * 14 != 2 * n_train  # the rounding up is exercised
 
-    from tnlora_cli.reporting import Reporter
+    from tnlora_cli.report.reporter import Reporter
 
     class Notes(Reporter):
         def __init__(self) -> None:
@@ -110,9 +110,9 @@ def test_warmup_longer_than_the_resolved_run_is_refused(make_recipe):
 
 
 def test_dry_run_shows_the_resolved_step_count(make_recipe, tiny_models):
-    from tnlora_cli.data import prepare_data
+    from tnlora_cli.data.prepare import prepare_data
     from tnlora_cli.dryrun import dry_run
-    from tnlora_cli.modeling import load_tokenizer
+    from tnlora_cli.model.loading import load_tokenizer
 
     raw = make_recipe("bert", "classification")
     del raw["training"]["max_steps"]

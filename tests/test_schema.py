@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from tnlora_cli.adapters import REGISTRY
-from tnlora_cli.recipe import validate_recipe
-from tnlora_cli.schema import README, readme_with_reference, recipe_json_schema, reference_rows
+from tnlora_cli.recipe.load import validate_recipe
+from tnlora_cli.recipe.schema import README, readme_with_reference, recipe_json_schema, reference_rows
 
 jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_schema_rejects_what_tnlora_rejects(mutate):
 
 def test_readme_reference_is_generated_from_the_schema():
     text = README.read_text()
-    assert readme_with_reference(text) == text, "README recipe reference is out of date: run python -m tnlora_cli.schema --readme"
+    assert readme_with_reference(text) == text, "README recipe reference is out of date: run python -m tnlora_cli.recipe.schema --readme"
     keys = {row[0].strip("`") for row in reference_rows()}
     for name, cls in REGISTRY.items():
         for field in cls.config_class.model_fields:

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_recipe
-from tnlora_cli.recipe import validate_recipe
+
+from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
 
 pytest.importorskip("tensorboard")
@@ -53,7 +53,7 @@ def test_tensorboard_gets_the_loss_curve_of_a_run_and_its_resumed_continuation(m
 def _missing_tracker() -> str | None:
     from accelerate.tracking import get_available_trackers
 
-    from tnlora_cli.tracking import PACKAGES
+    from tnlora_cli.training.tracking import PACKAGES
 
     available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
     return next((name for name in PACKAGES if name not in available), None)
@@ -90,7 +90,7 @@ def test_a_resumed_run_reopens_the_same_wandb_run(make_recipe, tmp_path, monkeyp
 
     from accelerate import tracking as accelerate_tracking
 
-    from tnlora_cli.tracking import log_record, start_trackers
+    from tnlora_cli.training.tracking import log_record, start_trackers
 
     started: list[dict] = []
 

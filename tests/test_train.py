@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tnlora_cli.checkpoint import checkpoint_dirs
-from tnlora_cli.data import IGNORE_INDEX, prepare_data
+from tnlora_cli.data.chat import IGNORE_INDEX
+from tnlora_cli.data.prepare import prepare_data
 from tnlora_cli.errors import RecipeError
 from tnlora_cli.evaluate import evaluate_run
-from tnlora_cli.modeling import load_tokenizer
-from tnlora_cli.recipe import validate_recipe
-from tnlora_cli.train import BatchStream, train
+from tnlora_cli.model.loading import load_tokenizer
+from tnlora_cli.recipe.load import validate_recipe
+from tnlora_cli.run.layout import checkpoint_dirs
+from tnlora_cli.train import train
+from tnlora_cli.training.batches import BatchStream
 
 
 def _losses(run: Path) -> list[float]:
@@ -144,7 +146,7 @@ def test_split_is_deterministic_and_disjoint(make_recipe, tiny_models):
 def test_lr_schedules_equal_transformers(kind, hf_name, warmup, total):
     from transformers import get_scheduler
 
-    from tnlora_cli.train import lr_schedule
+    from tnlora_cli.training.schedule import lr_schedule
 
     ours_opt, theirs_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
     ours = torch.optim.lr_scheduler.LambdaLR(ours_opt, lr_schedule(kind, warmup, total))
@@ -158,10 +160,10 @@ def test_lr_schedules_equal_transformers(kind, hf_name, warmup, total):
 @pytest.mark.parametrize("task", ["classification", "causal-lm"])
 def test_held_out_metrics_do_not_depend_on_batching_or_order(task):
     """Length-sorted batches with padding give the metrics of one example at a time, in any order."""
+    from conftest import _tiny_configs
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from conftest import _tiny_configs
-    from tnlora_cli.evaluate import evaluate_examples
+    from tnlora_cli.evaluation.metrics import evaluate_examples
 
     config = _tiny_configs(64)["bert" if task == "classification" else "llama"]
     if task == "classification":

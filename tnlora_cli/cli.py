@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import TnloraError
-from .plainlog import PlainProgress, use_plain_lines
-from .reporting import Reporter
+from .report.plainlog import PlainProgress, use_plain_lines
+from .report.reporter import Reporter
 
 app = typer.Typer(
     name="tnlora",
@@ -29,7 +29,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
 console = Console(stderr=True)
+
+
 out_console = Console()
 
 
@@ -208,7 +212,7 @@ def train(
     Runs on one CPU or GPU, or data-parallel under `accelerate launch -m tnlora_cli train ...`.
     """
     _quiet_libraries()
-    from .recipe import load_recipe
+    from .recipe.load import load_recipe
     from .train import train as run_train
 
     spec = _run(load_recipe, recipe, set_ or [])
@@ -238,14 +242,14 @@ def prepare(
     location and whether it was a hit, and two samples with the trained tokens highlighted.
     """
     _quiet_libraries()
-    from .data_report import prepare_report
-    from .recipe import load_recipe
+    from .prepare import prepare_report
+    from .recipe.load import load_recipe
 
     spec = _run(load_recipe, recipe, set_ or [])
     report = _run(prepare_report, spec)
     _print_prepare(report)
     if json_out:
-        from .checkpoint import write_json
+        from .run.atomic import write_json
 
         write_json(json_out, report)
         out_console.print(f"report written to {json_out}")
@@ -307,7 +311,7 @@ def eval_(
 
 
 def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Optional[int], as_json: bool) -> None:
-    from .generation_eval import evaluate_generation
+    from .evaluate import evaluate_generation
 
     report = _run(evaluate_generation, run_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=Reporter() if as_json else RichReporter())
     if as_json:
@@ -327,7 +331,7 @@ def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Opt
 
 
 def _eval_harness(run_dir: Path, tasks: str, include: Optional[Path], limit: Optional[int], batch_size: Optional[int], as_json: bool) -> None:
-    from .harness import run_harness
+    from .evaluation.harness import run_harness
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     report = _run(run_harness, run_dir, names, include_path=include, limit=limit, batch_size=batch_size or 1, reporter=Reporter() if as_json else RichReporter())
@@ -408,16 +412,24 @@ def export(
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: Optional[int], batch_size: int) -> Any:
-    from .generation import SamplingSettings
+    from .generation.generator import SamplingSettings
 
     settings = SamplingSettings(max_new_tokens, temperature, top_p, seed, batch_size)
     return _run(settings.check)
 
 
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per prompt.")]
+
+
 TemperatureOpt = Annotated[float, typer.Option(help="0 (default): greedy decoding; above 0: sample at this temperature.")]
+
+
 TopPOpt = Annotated[float, typer.Option("--top-p", help="With sampling: keep the smallest token set holding this probability mass.")]
+
+
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same text.")]
+
+
 MergeOpt = Annotated[bool, typer.Option(help="Merge linear adapters into the weights in memory (exact, verified; fastest decoding).")]
 
 
@@ -442,7 +454,10 @@ def generate(
     Greedy by default. Example: tnlora generate runs/smollm2-chatterbot --prompt "Do you like music?"
     """
     _quiet_libraries()
-    from .generation import PromptRow, generate_rows, inspect_source, load_generator, read_prompt_file, write_jsonl
+    from .generate import generate_rows
+    from .generation.generator import inspect_source, load_generator
+    from .generation.prompts import PromptRow, read_prompt_file
+    from .run.atomic import write_jsonl
 
     settings = _sampling(max_new_tokens, temperature, top_p, seed, batch_size)
     if (prompt is None) == (input_ is None):
@@ -495,7 +510,8 @@ def chat(
     Reads standard input, so it also runs from a pipe: printf 'hi\\n/exit\\n' | tnlora chat RUN
     """
     _quiet_libraries()
-    from .generation import chat_session, inspect_source, load_generator
+    from .generate import chat_session
+    from .generation.generator import inspect_source, load_generator
 
     settings = _sampling(max_new_tokens, temperature, top_p, seed, 1)
     if base and _run(inspect_source, run_dir).kind != "run":
@@ -552,8 +568,9 @@ def count_params_(
     --set adapter.target_modules=\\[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8
     """  # \\[ : a literal bracket in Rich markup, which would otherwise swallow [q_proj,v_proj]
     _quiet_libraries()
-    from .count import count_params, shipped_configs
-    from .recipe import apply_overrides, load_recipe, validate_recipe
+    from .count import count_params
+    from .model.meta import shipped_configs
+    from .recipe.load import apply_overrides, load_recipe, validate_recipe
 
     overrides = list(set_ or [])
     if model:
@@ -585,7 +602,7 @@ def schema(
 
     Point an editor's YAML language server at it for completion and checking while writing recipes.
     """
-    from .schema import dump_schema
+    from .recipe.schema import dump_schema
 
     if fmt not in ("json", "yaml"):
         console.print(f"[bold red]error:[/bold red] --format {fmt}: expected json or yaml", highlight=False)
@@ -641,7 +658,8 @@ def inspect_rank(
 ) -> None:
     """Rank, effective rank and spectrum of every adapter's weight update ΔW, per layer."""
     _quiet_libraries()
-    from .ranks import inspect_run, plot_ranks, write_csv
+    from .ranks import inspect_run, write_csv
+    from .report.plots import plot_ranks
 
     for option, target in (("--plot", plot), ("--json", json_out), ("--csv", csv_out)):
         if target is not None and (target.is_dir() or not target.parent.is_dir()):
@@ -668,7 +686,9 @@ def inspect_rank(
         plot_ranks(reports, plot)
         out_console.print(f"plot written to {plot}")
     if json_out:
-        json_out.write_text(json.dumps(reports, indent=2))
+        from .run.atomic import write_json
+
+        write_json(json_out, reports)
     if csv_out:
         write_csv(reports, csv_out)
 

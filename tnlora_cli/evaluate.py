@@ -1,129 +1,21 @@
-"""Held-out metrics: accuracy and macro-F1 (classification), loss and perplexity (LM)."""
+"""`tnlora eval`: held-out metrics of a run against its base model, and with `--generate`
+evaluation by generated text (`evaluation.text`); `--harness` is in `evaluation.harness`."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from .data import IGNORE_INDEX, collate
-from .inject import adapters_disabled
-from .pipeline import load_run
-from .reporting import Reporter
-
-
-@torch.no_grad()
-def evaluate_examples(
-    model: nn.Module,
-    examples: list[dict],
-    task: str,
-    pad_token_id: int,
-    batch_size: int = 16,
-    device: torch.device | str | None = None,
-) -> dict[str, float]:
-    """Metrics of `model` on tokenized examples (no gradients, small batches)."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, count = 0.0, 0
-    preds: list[int] = []
-    golds: list[int] = []
-    # Batches of similar length pad less; every metric here is order-free (predictions and
-    # gold labels stay paired, the loss is a sum over tokens). Rows are read batch by batch.
-    lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    for i in range(0, len(order), batch_size):
-        rows = [examples[int(j)] for j in order[i : i + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if task == "classification":
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            count += labels.numel()
-            preds += logits.argmax(-1).tolist()
-            golds += labels.tolist()
-        else:
-            # Token-weighted: every predicted token counts once, whatever its batch.
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            loss_sum += F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            count += int((shift_labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    loss = loss_sum / max(count, 1)
-    if task == "classification":
-        return {"loss": loss, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "macro_f1": macro_f1(preds, golds)}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def macro_f1(preds: list[int], golds: list[int]) -> float:
-    """Unweighted mean F1 over the classes that occur in the gold labels or predictions."""
-    scores = []
-    for c in sorted(set(golds) | set(preds)):
-        tp = sum(p == c and g == c for p, g in zip(preds, golds))
-        fp = sum(p == c and g != c for p, g in zip(preds, golds))
-        fn = sum(p != c and g == c for p, g in zip(preds, golds))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores)
-
-
-@contextlib.contextmanager
-def _swapped_head(model: nn.Module, head_state: dict[str, torch.Tensor]):
-    if not head_state:
-        yield
-        return
-    current = {k: v.detach().clone() for k, v in model.state_dict().items() if k in head_state}
-    model.load_state_dict(head_state, strict=False)
-    try:
-        yield
-    finally:
-        model.load_state_dict(current, strict=False)
-
-
-def compare_with_base(
-    model: nn.Module,
-    initial_head: dict[str, torch.Tensor] | None,
-    examples: list[dict],
-    task: str,
-    pad_token_id: int,
-    batch_size: int = 16,
-) -> dict[str, dict[str, float]]:
-    """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
-    adapters off, trained head) and 'tuned'. `initial_head=None`: the trained head cannot be
-    swapped out (it is sharded), so there is no 'base' row."""
-    rows: dict[str, dict[str, float]] = {}
-    if initial_head is not None:
-        with adapters_disabled(model), _swapped_head(model, initial_head):
-            rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    if initial_head is None or initial_head:
-        with adapters_disabled(model):
-            rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    return rows
-
-
-def held_out_digest(examples: list[dict]) -> str:
-    """SHA-256 of tokenized examples (input ids and labels): says whether metrics recorded
-    for a held-out set are of these very rows."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
-    return digest.hexdigest()
-
-
-def majority_rate(examples: list[dict]) -> float | None:
-    labels = [e["labels"] for e in examples]
-    if not labels or not isinstance(labels[0], int):
-        return None
-    return max(labels.count(c) for c in set(labels)) / len(labels)
+from .errors import InputError
+from .evaluation.metrics import compare_with_base, held_out_digest, majority_rate
+from .evaluation.text import score_generations, split_prompt_reference
+from .generation.generator import SamplingSettings, inspect_source, load_generator
+from .model.build import load_run
+from .report.reporter import Reporter
+from .run.atomic import write_json, write_jsonl
+from .run.checkpoint import adapter_digest
+from .run.layout import find_recipe_file, resolve_adapter_dir
 
 
 def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -145,3 +37,93 @@ def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Repo
         "majority_rate": majority_rate(prepared.data.eval),
         "metrics": rows,
     }
+
+
+def evaluate_generation(
+    path: str | Path,
+    *,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Loss, perplexity and generation metrics of base and tuned on the run's held-out split.
+
+    Writes `generations.jsonl` (prompt, reference, base, tuned per example) beside the run's
+    recipe and adds a `generate` entry to its `eval.json`, keeping what else is there.
+    """
+    reporter = reporter or Reporter()
+    source = inspect_source(path)
+    if source.kind != "run" or source.task not in ("instruction", "chat"):
+        raise InputError(
+            f"{path}: eval --generate scores replies to held-out prompts, so it needs an instruction run (this is a {source.task} {source.kind})",
+            hint="train an instruction recipe; for a causal-lm run use `tnlora eval` (loss, perplexity) or `tnlora generate`",
+        )
+    cfg = source.recipe.eval_generate
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+        batch_size=batch_size or cfg.batch_size or source.recipe.training.eval_batch_size or source.recipe.training.batch_size,
+    ).check()
+    adapter_dir = resolve_adapter_dir(Path(path))
+    run_dir = find_recipe_file(adapter_dir).parent
+    eval_json = _read_eval_json(run_dir / "eval.json")  # refuse a broken file before the long part
+    gen = load_generator(path, reporter=reporter)
+    prepared = gen.run.prepared
+    examples = prepared.data.eval[: cfg.max_examples] if cfg.max_examples else prepared.data.eval
+    rows = _training_losses(eval_json, adapter_dir, examples)
+    if rows is None:
+        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples")
+        rows = compare_with_base(prepared.model, prepared.initial_head, examples, source.task, prepared.tokenizer.pad_token_id, settings.batch_size)
+    else:
+        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples: from training's eval.json (same adapter, same rows)")
+    split = [split_prompt_reference(e) for e in examples]
+    prompts = [p for p, _ in split]
+    references = [gen.decode(r) for _, r in split]
+    outputs: dict[str, list[str]] = {}
+    for name, adapters in (("base", False), ("tuned", True)):  # base first: the tuned model merges the adapters
+        reporter.start(len(prompts), f"generating ({name})")
+        try:
+            outputs[name] = gen.generate(prompts, settings, adapters=adapters, progress=reporter.advance)
+        finally:
+            reporter.finish()
+        rows[name].update(score_generations(outputs[name], references, cfg.answer_pattern))
+    records = [
+        {"prompt": prepared.tokenizer.decode(p), "reference": r, "base": b, "tuned": t}
+        for p, r, b, t in zip(prompts, references, outputs["base"], outputs["tuned"])
+    ]
+    write_jsonl(run_dir / "generations.jsonl", records)
+    settings_json = {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "decoding": "greedy",
+                     "answer_pattern": cfg.answer_pattern, "tuned_model": gen.mode}
+    report = {
+        "run": str(path),
+        "task": source.task,
+        "n_examples": len(examples),
+        "settings": settings_json,
+        "metrics": rows,
+        "examples": records[: cfg.show],
+        "generations": str(run_dir / "generations.jsonl"),
+    }
+    # Training's metrics in eval.json stay; the `generate` entry is added (or replaced).
+    write_json(run_dir / "eval.json", {**eval_json, "generate": {k: v for k, v in report.items() if k != "examples"}})
+    return report
+
+
+def _training_losses(eval_json: dict[str, Any], adapter_dir: Path, examples: list[dict]) -> dict[str, dict[str, float]] | None:
+    """Base and tuned loss and perplexity as training recorded them, when they are of this
+    adapter on these rows (their digests match); otherwise None, and they are computed."""
+    metrics = eval_json.get("metrics", {})
+    if not all(isinstance(metrics.get(row), dict) and "loss" in metrics[row] for row in ("base", "tuned")):
+        return None
+    if eval_json.get("adapter_sha256") != adapter_digest(adapter_dir) or eval_json.get("held_out_sha256") != held_out_digest(examples):
+        return None
+    return {row: {k: metrics[row][k] for k in ("loss", "perplexity")} for row in ("base", "tuned")}
+
+
+def _read_eval_json(path: Path) -> dict[str, Any]:
+
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg}), so the generation metrics cannot be added to it",
+                         hint="move the file away or repair it, then run again") from None

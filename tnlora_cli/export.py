@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_directory
-from .outputs import protected_paths, refuse_overlap, require_finite
+from .adapters.layers import AdaptedLinear
 from .errors import MergeError, RecipeError
-from .inject import AdaptedLinear, is_adapter_tensor, merge_units, require_linear
-from .modeling import base_model_reference, resolve_model
-from .pipeline import load_adapters_on_meta
-from .reporting import Reporter
+from .model.build import load_adapters_on_meta
+from .model.inject import merge_units, require_linear
+from .model.loading import base_model_reference, resolve_model
+from .model.state import is_adapter_tensor
+from .report.reporter import Reporter
+from .run.atomic import atomic_directory
+from .run.outputs import protected_paths, refuse_overlap, require_finite
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import AdaptedLinear, Adapter, AdapterConfig, LowRankAdapter, SharedStore
+from .base import Adapter, AdapterConfig, LowRankAdapter, SharedStore
+from .layers import AdaptedLinear
 from .lora import LoraAdapter, LoraConfig
 from .loretta import LorettaAdapter, LorettaConfig
 from .tensorguide import TensorGuideAdapter, TensorGuideConfig
@@ -18,6 +19,7 @@ REGISTRY: dict[str, type[Adapter]] = {
     "trac": TracAdapter,
     "tera": TeraAdapter,
 }
+
 
 __all__ = [
     "REGISTRY", "AdaptedLinear", "Adapter", "AdapterConfig", "LowRankAdapter", "SharedStore",

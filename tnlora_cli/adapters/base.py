@@ -1,13 +1,15 @@
-"""The adapter contract and the wrapper that attaches an adapter to a frozen linear layer.
+"""The adapter contract: what every method implements, and the config keys they share.
 
-An adapter is an `nn.Module` that computes only the update branch:
+An adapter is an `nn.Module` that computes only the update branch of one linear layer:
 
     y = base(x) + adapter(x),   adapter(x) == x @ adapter.delta_weight().T   (when linear)
 
 Each method lives in its own module (`lora.py`, ...) with a strict config class and an
-`Adapter` subclass. The injector (`tnlora_cli.inject`) builds one adapter per matched layer
-and hands every adapter the same `SharedStore`, where tensors shared across layers are
-registered exactly once.
+`Adapter` subclass. The injector (`tnlora_cli.model.inject`) builds one adapter per matched
+layer and hands every adapter the same `SharedStore`, where tensors shared across layers are
+registered exactly once. The wrappers that put an adapter on a layer live in `layers.py`.
+Optional hooks (`bind_base`, `combine`, `merge_weight`) let a method see the base weight and
+define how it joins the base output and the merged weight; their defaults are additive.
 """
 
 from __future__ import annotations
@@ -147,6 +149,25 @@ class Adapter(nn.Module):
         """The update as a dense (out, in) matrix in at least fp32, scaling included."""
         raise NotImplementedError
 
+    # The three hooks below are how an adapter may go beyond y = base(x) + branch(x). Their
+    # defaults are that additive rule, which every adapter shipped today follows; a
+    # weight-decomposed method (DoRA) overrides all three.
+
+    def bind_base(self, base: BaseWeight) -> None:
+        """Called once, right after construction, with the frozen weight this adapter updates
+        (`base.dense()`: (out, in), at least fp32, dequantized when quantized; on the meta
+        device for counting). Additive adapters never need it."""
+
+    def combine(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapted layer's output (..., out) from its input x (..., in) and the frozen
+        layer's output `base_out` (..., out): base_out + branch(x) by default."""
+        return base_out + self(x.to(self.compute_dtype)).to(base_out.dtype)
+
+    def merge_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight (out, in) given W0 (out, in, at least fp32): W0 + ΔW by default.
+        Must agree with `combine`: base(x) combined with the branch == x @ merged.T + bias."""
+        return base_weight + self.delta_weight().to(base_weight.device)
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A (in, k), B (out, k)) with ΔW = B Aᵀ when the update is a product of thin
         factors (exact rank and spectrum come cheap from them); None for other updates."""
@@ -186,55 +207,6 @@ class LowRankAdapter(Adapter):
         return at_least_fp32(b) @ at_least_fp32(a).T * self.scaling
 
 
-class WrapsBaseLayer(nn.Module):
-    """A module standing in for its frozen `base_layer`. Some model code reads `layer.weight`
-    or `layer.bias` (dtype and device probes, tied weights); they keep answering."""
-
-    base_layer: nn.Module
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-
-class AdaptedLinear(WrapsBaseLayer):
-    """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus an adapter branch."""
-
-    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter = adapter
-        # GPT-2's Conv1D stores its weight as (in, out): the transpose of nn.Linear.
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.adapter_enabled = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if not self.adapter_enabled:
-            return out
-        return out + self.adapter(x.to(self.adapter.compute_dtype)).to(out.dtype)
-
-    @torch.no_grad()
-    def merged_weight(self, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Base weight + ΔW, added in at least fp32 and cast once to `dtype` (default: the
-        base's). `weight` replaces the layer's own base weight (streaming merge reads the
-        original checkpoint tensor, e.g. when the layer itself is quantized or on meta)."""
-        base = self.base_layer.weight if weight is None else weight
-        delta = self.adapter.delta_weight().to(base.device)
-        if self.fan_in_fan_out:
-            delta = delta.T
-        merged = at_least_fp32(base) + delta
-        if not torch.isfinite(merged).all():
-            from ..errors import MergeError
-
-            raise MergeError("a merged weight has non-finite values", hint="the adapter has diverged; merge an earlier checkpoint")
-        return merged.to(dtype or base.dtype)
-
-
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Upcast half-precision tensors to fp32 (fp64 stays fp64) for building ΔW."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -247,6 +219,47 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
         in_features, out_features = getattr(layer.weight, "ds_shape", layer.weight.shape)
         return int(in_features), int(out_features)
     return int(layer.in_features), int(layer.out_features)
+
+
+@dataclass(frozen=True, eq=False)
+class BaseWeight:
+    """The frozen weight one adapter updates: output rows [start, stop) of `layer`.
+
+    Handed to `Adapter.bind_base` at construction. Not a module: an adapter that keeps it
+    does not register the base layer a second time.
+    """
+
+    layer: nn.Module
+    start: int
+    stop: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of this adapter's part of the weight."""
+        return self.stop - self.start, layer_dims(self.layer)[0]
+
+    def dense(self) -> torch.Tensor:
+        """The rows as a dense (out, in) matrix in at least fp32, nn.Linear orientation,
+        dequantized when the layer is a bitsandbytes 4-bit or 8-bit layer."""
+        weight = dequantized_weight(self.layer)
+        if isinstance(self.layer, Conv1D):
+            weight = weight.T
+        return weight[self.start : self.stop]
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """A linear layer's weight in at least fp32, as stored (Conv1D: (in, out)); bitsandbytes
+    4-bit and 8-bit weights are dequantized, never returned packed."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bnb Params4bit: packed uint8 with absmax blocks
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).float()
+    scales = getattr(weight, "SCB", None)
+    if weight.dtype == torch.int8 and scales is not None:  # bnb Int8Params: per-row absmax / 127
+        return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
+    return at_least_fp32(weight.detach())
 
 
 class ScaledLowRankConfig(AdapterConfig):

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..tensor.tt import tt_normal, tt_to_matrix
 from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
-from .tt_common import check_ranks, dim_modes
+from .shapes import check_ranks, dim_modes
 
 
 class LorettaConfig(ScaledLowRankConfig):
@@ -103,4 +103,3 @@ class LorettaAdapter(LowRankAdapter):
             # The official layout: A's elements are (in, r) row-major, B's are (r, out).
             return tt_to_matrix(list(self.cores_a), self.in_features), tt_to_matrix(list(self.cores_b), self.r).T
         return tt_to_matrix(list(self.cores_a), self.in_features), tt_to_matrix(list(self.cores_b), self.out_features)
-

@@ -1,0 +1,66 @@
+"""Prepared examples as training reads them: memory-mapped rows of the cache (`Examples`)
+and `collate`, which pads a list of examples into one batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .chat import (
+    IGNORE_INDEX,
+)
+
+
+class Examples(Sequence):
+    """Tokenized examples backed by a memory-mapped Arrow table: `len()` is free, items are
+    {'input_ids', 'labels'} dicts read on demand."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        row = self.dataset[int(i)]
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+    def take(self, indices: list[int]) -> list[dict]:
+        """Several examples in one read (a batch)."""
+        cols = self.dataset[list(indices)]
+        return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded label positions are ignored by the loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if isinstance(examples[0]["labels"], int):
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    else:
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+    return batch

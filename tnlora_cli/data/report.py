@@ -1,0 +1,17 @@
+"""The one-line summary of prepared data in the training log (counts, truncation, drops, cache)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def data_summary(report: dict[str, Any]) -> str:
+    """One line for the training log."""
+    dropped = sum(report.get("dropped", {}).values())
+    cache = report.get("cache", {})
+    return (
+        f"data: {report.get('train_examples', 0):,} training / {report.get('eval_examples', 0):,} held-out examples, "
+        f"{report.get('train_tokens', 0):,} training tokens; {report.get('truncated', 0):,} truncated at {report.get('max_length')} tokens, "
+        f"{dropped:,} rows dropped; cache {'hit' if cache.get('hit') else 'miss'} ({cache.get('path')})"
+        + "".join(f"; {note}" for note in report.get("notes", []))
+    )

@@ -1,0 +1,123 @@
+"""Held-out metrics: accuracy and macro-F1 (classification), loss and perplexity (LM)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.chat import IGNORE_INDEX
+from ..data.examples import collate
+from ..model.inject import adapters_disabled
+
+
+@torch.no_grad()
+def evaluate_examples(
+    model: nn.Module,
+    examples: list[dict],
+    task: str,
+    pad_token_id: int,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Metrics of `model` on tokenized examples (no gradients, small batches)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    preds: list[int] = []
+    golds: list[int] = []
+    # Batches of similar length pad less; every metric here is order-free (predictions and
+    # gold labels stay paired, the loss is a sum over tokens). Rows are read batch by batch.
+    lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    for i in range(0, len(order), batch_size):
+        rows = [examples[int(j)] for j in order[i : i + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if task == "classification":
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+            preds += logits.argmax(-1).tolist()
+            golds += labels.tolist()
+        else:
+            # Token-weighted: every predicted token counts once, whatever its batch.
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            loss_sum += F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    if task == "classification":
+        return {"loss": loss, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "macro_f1": macro_f1(preds, golds)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def macro_f1(preds: list[int], golds: list[int]) -> float:
+    """Unweighted mean F1 over the classes that occur in the gold labels or predictions."""
+    scores = []
+    for c in sorted(set(golds) | set(preds)):
+        tp = sum(p == c and g == c for p, g in zip(preds, golds))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+@contextlib.contextmanager
+def _swapped_head(model: nn.Module, head_state: dict[str, torch.Tensor]):
+    if not head_state:
+        yield
+        return
+    current = {k: v.detach().clone() for k, v in model.state_dict().items() if k in head_state}
+    model.load_state_dict(head_state, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(current, strict=False)
+
+
+def compare_with_base(
+    model: nn.Module,
+    initial_head: dict[str, torch.Tensor] | None,
+    examples: list[dict],
+    task: str,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
+    """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
+    adapters off, trained head) and 'tuned'. `initial_head=None`: the trained head cannot be
+    swapped out (it is sharded), so there is no 'base' row."""
+    rows: dict[str, dict[str, float]] = {}
+    if initial_head is not None:
+        with adapters_disabled(model), _swapped_head(model, initial_head):
+            rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    if initial_head is None or initial_head:
+        with adapters_disabled(model):
+            rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    return rows
+
+
+def held_out_digest(examples: list[dict]) -> str:
+    """SHA-256 of tokenized examples (input ids and labels): says whether metrics recorded
+    for a held-out set are of these very rows."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    return digest.hexdigest()
+
+
+def majority_rate(examples: list[dict]) -> float | None:
+    labels = [e["labels"] for e in examples]
+    if not labels or not isinstance(labels[0], int):
+        return None
+    return max(labels.count(c) for c in set(labels)) / len(labels)

@@ -1,0 +1,43 @@
+"""Prompt files for `tnlora generate --input`: JSONL rows with a prompt and an optional
+reference, checked line by line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+
+@dataclass
+class PromptRow:
+    prompt: str
+    reference: str | None = None
+
+
+def read_prompt_file(path: str | Path, prompt_field: str = "prompt", reference_field: str | None = "response") -> list[PromptRow]:
+    """Rows of a JSONL file; each must have `prompt_field` (a string). A `reference` field,
+    or `reference_field`, is kept as the reference."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--input: {path} does not exist", hint="give a JSONL file with one {\"prompt\": ...} object per line")
+    rows: list[PromptRow] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--input: {path} line {number} is not valid JSON ({exc.msg})", hint="one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str):
+            got = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise InputError(
+                f"--input: {path} line {number} has no '{prompt_field}' text field (it has: {got or 'nothing'})",
+                hint=f"every row needs \"{prompt_field}\": the prompt text (the run's data.prompt_column)",
+            )
+        reference = row.get("reference", row.get(reference_field) if reference_field else None)
+        rows.append(PromptRow(row[prompt_field], None if reference is None else str(reference)))
+    if not rows:
+        raise InputError(f"--input: {path} has no rows", hint="write one {\"prompt\": ...} object per line")
+    return rows

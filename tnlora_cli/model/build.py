@@ -1,0 +1,190 @@
+"""From a recipe (or a saved run) to a model with its adapter attached.
+
+Validation order is deliberate: recipe, model path, data and columns, then the model and
+its targets. Only after all of that has passed does anything get written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from transformers import PreTrainedModel
+
+from ..data.prepare import TaskData, prepare_data
+from ..errors import CheckpointError, RecipeError
+from ..recipe.load import load_recipe
+from ..recipe.sections import Recipe
+from ..run.checkpoint import load_adapter
+from ..run.layout import find_recipe_file, resolve_adapter_dir
+from .checks import check_max_length
+from .frozen import verify as verify_frozen
+from .inject import InjectionReport, inject_adapter
+from .loading import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
+from .meta import build_on_meta
+from .state import adapter_state_dict, frozen_record, is_adapter_tensor, load_adapter_state_dict
+from .targets import legacy_module_roles
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    model_path: str
+    tokenizer: Any
+    data: TaskData
+    model: PreTrainedModel
+    injection: InjectionReport
+    #: Task-head weights as created before training (the "base" of a classification run).
+    initial_head: dict[str, torch.Tensor]
+
+
+@dataclass
+class Inputs:
+    """What a model is built for: the resolved model path, its tokenizer and the prepared data."""
+
+    model_path: str
+    tokenizer: Any
+    data: TaskData
+
+
+def resolve_checked(recipe: Recipe) -> str:
+    """The recipe's model resolved (alias, directory or hub id) and its positions checked
+    against `data.max_length`: the errors that are certain, before any estimate or load."""
+    model_path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
+    check_max_length(model_path, recipe.data.max_length)
+    return model_path
+
+
+def load_inputs(recipe: Recipe, model_path: str | None = None) -> Inputs:
+    """Tokenizer and prepared data (resolving the model unless `model_path` is given)."""
+    model_path = model_path or resolve_checked(recipe)
+    tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer))
+
+
+def prepare(
+    recipe: Recipe,
+    *,
+    inputs: Inputs | None = None,
+    targets: list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+    dtype: str | None = None,
+    quantize: bool = True,
+    empty: bool = False,
+    roles: dict[str, str] | None = None,
+) -> Prepared:
+    """Load tokenizer, data (unless `inputs` has them) and base model, and attach a fresh
+    adapter. `quantize=False` loads the base unquantized even when the recipe quantizes it
+    (merge reference); `empty=True` builds model and adapter on the meta device (weights
+    come later)."""
+    inputs = inputs or load_inputs(recipe)
+    model_path, tokenizer, data = inputs.model_path, inputs.tokenizer, inputs.data
+    # The task head is drawn from the global RNG: seeding here makes it the same in
+    # train, eval and merge.
+    set_seed(recipe.training.seed)
+    model = load_model(
+        model_path,
+        recipe.task,
+        dtype=dtype or recipe.model_dtype,
+        label_names=data.label_names,
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=recipe.trust_remote_code,
+        quantization=recipe.quantization if quantize else None,
+        keep_full=list(modules_to_save or recipe.adapter.modules_to_save or []),
+        empty=empty,
+        attn_implementation=recipe.model_attn_implementation,
+    )
+    if modules_to_save is None:
+        modules_to_save = recipe.adapter.modules_to_save
+        if modules_to_save is None:
+            modules_to_save = head_module_names(model, recipe.task)
+    names = {n for n, _ in model.named_modules()}
+    for name in modules_to_save:
+        if name not in names:
+            raise RecipeError(f"adapter.modules_to_save: the model has no module '{name}'", hint="use top-level module names such as classifier or score")
+    initial_head = {k: v.detach().clone() for k, v in model.state_dict().items() if any(k.startswith(m + ".") for m in modules_to_save)}
+    injection = inject_adapter(
+        model, recipe.adapter, targets=targets, modules_to_save=modules_to_save, excluded=output_head_names(model), roles=roles
+    )
+    return Prepared(recipe, model_path, tokenizer, data, model, injection, initial_head)
+
+
+def adapter_metadata(prepared: Prepared) -> dict[str, Any]:
+    """What `load_run` needs to rebuild the adapter exactly (with the recipe beside it)."""
+    recipe = prepared.recipe
+    return {
+        "adapter": recipe.adapter.model_dump(mode="json"),
+        "task": recipe.task,
+        "base_model": recipe.model,
+        **base_model_reference(recipe.model, prepared.model_path),
+        "targets": prepared.injection.targets,
+        # Roles key shared tensors: stored so that a reload never depends on the naming rule.
+        "roles": {name: role for role, names in prepared.injection.roles.items() for name in names},
+        "modules_to_save": prepared.injection.modules_to_save,
+        "label_names": prepared.data.label_names,
+        # Seed and checksum of the frozen random tensors; whether the file stores them.
+        "frozen": frozen_record(prepared.model),
+    }
+
+
+@dataclass
+class LoadedRun:
+    prepared: Prepared
+    adapter_dir: Path
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+    def load_weights(self) -> None:
+        load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save, self.config.get("frozen"))
+
+
+def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True) -> LoadedRun:
+    """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
+
+    The adapter weights are returned, not yet loaded, so the caller can first measure the
+    base model.
+    """
+    adapter_dir = resolve_adapter_dir(Path(path))
+    recipe = load_recipe(find_recipe_file(adapter_dir))
+    state, config = load_adapter(adapter_dir)
+    prepared = prepare(
+        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config)
+    )
+    if prepared.data.label_names != config.get("label_names"):
+        raise CheckpointError(
+            f"the labels of the data ({prepared.data.label_names}) differ from the adapter's ({config.get('label_names')})",
+            hint="evaluate with the data the adapter was trained on",
+        )
+    return LoadedRun(prepared, adapter_dir, state, config)
+
+
+def saved_roles(config: dict[str, Any]) -> dict[str, str]:
+    """The roles an adapter was built with; files written before roles were saved used the
+    layers' attribute names."""
+    return config.get("roles") or legacy_module_roles(config["targets"])
+
+
+def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's adapters on a meta-device base: real adapter tensors, no base weights.
+
+    Enough for everything that needs ΔW but not the base (rank inspection, streaming
+    merge, export). Task-head weights stay in the returned state, not in the model.
+    """
+    adapter_dir = resolve_adapter_dir(Path(path))
+    recipe = load_recipe(find_recipe_file(adapter_dir))
+    state, config = load_adapter(adapter_dir)
+    model = build_on_meta(recipe, label_names=config.get("label_names"))
+    inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
+    adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}
+    record = config.get("frozen") or {}
+    if not record.get("saved", True):
+        drawn = frozen_record(model)
+        verify_frozen(record, drawn.get("seed"), drawn.get("checksum"), str(adapter_dir))
+    missing = set(adapter_state) ^ set(adapter_state_dict(model, [], include_frozen=record.get("saved", True)))
+    if missing:
+        raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
+    model.load_state_dict(adapter_state, strict=False)
+    return model, {"adapter_dir": str(adapter_dir), "recipe": recipe, "config": config, "state": state}

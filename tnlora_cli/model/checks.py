@@ -1,0 +1,79 @@
+"""Check a local model directory before anything loads it: one message per problem.
+
+A corrupt `config.json`, an unknown `model_type`, custom code without `trust_remote_code`,
+truncated or garbage safetensors and pickled weights would otherwise end deep inside
+transformers with a traceback. Pickled weights (`pytorch_model.bin`, `.pt`, `.pth`) can run
+code when loaded: they are refused unless the recipe sets `allow_pickle: true`, and even
+then transformers reads them with torch's restricted (weights-only) loader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ModelError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_max_length(model_path: str, max_length: int) -> None:
+    """data.max_length must fit the model's learned positions (an index error otherwise)."""
+    config_path = Path(model_path) / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("max_position_embeddings", "n_positions"):
+        limit = config.get(key)
+        if isinstance(limit, int) and limit > 0:
+            if max_length > limit:
+                raise ModelError(
+                    f"data.max_length: {max_length} tokens exceed the {limit} positions the model has ({key} in config.json)",
+                    hint=f"set data.max_length to at most {limit}",
+                )
+            return
+
+
+def check_model_dir(path: Path, trust_remote_code: bool = False, allow_pickle: bool = False, weights: bool = True) -> None:
+    """Refuse a directory that would fail to load; `weights=False` checks the config alone."""
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"model: {config_path} is not valid JSON ({str(exc).splitlines()[0][:80]})", hint="restore config.json from the model's source") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model: {config_path} is not a JSON object", hint="restore config.json from the model's source")
+    if "auto_map" in config and not trust_remote_code:
+        raise ModelError(
+            f"model: {path} needs its own Python code (config.json has auto_map), which tnlora does not run by default",
+            hint="set trust_remote_code: true in the recipe only if you trust this model's code",
+        )
+    if "auto_map" not in config:
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ModelError(
+                f"model: {config_path} has model_type {model_type!r}, which this transformers version does not know",
+                hint="upgrade transformers, or check the model directory",
+            )
+    if not weights:
+        return
+    safetensors = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not safetensors and pickles and not allow_pickle:
+        raise ModelError(
+            f"model: {path} holds only pickled weights ({', '.join(p.name for p in pickles[:3])}); pickles can run code when loaded",
+            hint="convert the model to safetensors, or set allow_pickle: true in the recipe (loaded with torch's weights-only loader)",
+        )
+    from safetensors import safe_open
+
+    for file in safetensors:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike
+            raise ModelError(
+                f"model: {file} is damaged or not a safetensors file ({str(exc).splitlines()[0][:100]})",
+                hint="download or copy the model again",
+            ) from None

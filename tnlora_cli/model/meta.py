@@ -1,0 +1,57 @@
+"""Models on the meta device: built from a config alone (a shipped paper config, an
+embedded model's, a local `config.json` or a hub id), no weight read. What counting, the
+dry run, the memory check and the streaming merge work on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from ..errors import ModelError
+from ..recipe.sections import Recipe
+from .embedded import minilm_path
+from .loading import label_config, model_class
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A shipped paper config, an embedded model's config, a directory, or a hub id."""
+    shipped = CONFIG_DIR / f"{name}.json"
+    if shipped.is_file():
+        data = json.loads(shipped.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    if name == "minilm":
+        return AutoConfig.from_pretrained(minilm_path())
+    path = Path(name).expanduser()
+    if path.is_dir() or (path.parent.is_dir() and path.name == "config.json"):
+        if (path if path.is_dir() else path.parent).joinpath("config.json").is_file():
+            from .checks import check_model_dir
+
+            check_model_dir(path if path.is_dir() else path.parent, trust_remote_code, weights=False)
+        return AutoConfig.from_pretrained(path if path.is_dir() else path.parent, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - network and format errors alike
+        raise ModelError(
+            f"model: no config for '{name}'",
+            hint=f"use one of the shipped configs ({', '.join(shipped_configs())}), minilm, or a directory with config.json",
+        ) from None
+
+
+def build_on_meta(recipe: Recipe, label_names: list[str] | None = None, config_source: str | None = None) -> torch.nn.Module:
+    """The recipe's task model on the meta device. Without `label_names`, a classification
+    head has the recipe's `data.labels` (or 2) classes. `config_source` is where the config
+    comes from when the recipe's model was resolved already (default: the recipe's model)."""
+    config = load_config(config_source or recipe.model, recipe.trust_remote_code)
+    if recipe.task == "classification":
+        config.update(label_config(label_names or recipe.data.labels or ["LABEL_0", "LABEL_1"]))
+    with torch.device("meta"):
+        return model_class(recipe.task, config).from_config(config, trust_remote_code=recipe.trust_remote_code)

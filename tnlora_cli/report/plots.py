@@ -1,0 +1,93 @@
+"""PNG figures (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..run.atomic import atomic_file
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
+    """Training loss (and held-out loss where evaluated) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, held_out = [], []
+    for line in Path(metrics_path).read_text().splitlines():
+        rec = json.loads(line)
+        if "train_loss" in rec:
+            train.append((rec["step"], rec["train_loss"]))
+        if "eval_loss" in rec:
+            held_out.append((rec["step"], rec["eval_loss"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(out_path, keep_suffix=True) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
+    """One panel per module role: rank against layer index, one line per run, max rank dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, ScalarFormatter
+
+    roles = sorted({layer["role"] for report in reports for layer in report["layers"]})
+    fig, axes = plt.subplots(1, len(roles), figsize=(5.6 * len(roles), 4.2), dpi=120, squeeze=False)
+    markers = "osD^vP*X"
+    styles = ["-", "--", "-.", ":"]
+    for ax, role in zip(axes[0], roles):
+        max_drawn = set()
+        for k, report in enumerate(reports):
+            rows = [layer for layer in report["layers"] if layer["role"] == role]
+            if not rows:
+                continue
+            xs = [r["layer"] if r["layer"] is not None else j for j, r in enumerate(rows)]
+            if all(r["rank"] is None for r in rows):
+                ax.plot([], [], label=f"{report['label']}: nonlinear, no rank")
+                continue
+            ys = [r["rank"] for r in rows]
+            # Equal ranks (LoRA and TRAC both at r) must stay visible: hollow markers of
+            # shrinking size nest inside each other, and line styles differ.
+            ax.plot(xs, ys, marker=markers[k % len(markers)], markersize=11 - 2 * (k % 4), markerfacecolor="none",
+                    markeredgewidth=1.6, linestyle=styles[k % len(styles)], label=report["label"])
+            cap = rows[0]["max_rank"]
+            if cap not in max_drawn:
+                ax.axhline(cap, color="gray", linestyle="--", linewidth=1)
+                ax.annotate(f"max rank {cap}", (0.01, cap), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="gray")
+                max_drawn.add(cap)
+        ax.set_title(role)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("rank of ΔW")
+        # Ranks span 1 to thousands: a base-2 log axis with plain-number ticks.
+        ax.set_yscale("symlog", base=2, linthresh=1)
+        top = max([1] + [layer["max_rank"] for report in reports for layer in report["layers"] if layer["role"] == role])
+        ax.set_ylim(0, top * 1.6)
+        ax.yaxis.set_major_locator(FixedLocator([0] + [2**i for i in range(int(math.log2(top)) + 1)]))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.grid(alpha=0.3)
+    handles: dict = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.suptitle("Rank of each adapter's weight update per layer (dashed: largest possible)")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(handles) - 1) // 4), 1, 1))
+    with atomic_file(out_path, keep_suffix=True) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)

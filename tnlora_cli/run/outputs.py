@@ -1,0 +1,52 @@
+"""Guards for commands that write a new directory from a run (merge, export).
+
+`--out --force` replaces its destination, so the destination must not be, contain or lie
+inside anything the command reads: the run, its adapter, or the base model (overwriting the
+base with a merged model would make a later `eval` apply the adapter twice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, MergeError
+
+
+def protected_paths(given: str | Path, adapter_dir: str | Path, model_path: str | Path) -> dict[str, Path]:
+    """What a merge or export of `given` reads: the path given, its run, adapter and base model."""
+    adapter = Path(adapter_dir)
+    paths = {"the run": adapter.parent, "its adapter": adapter, "the path given": Path(given)}
+    if adapter.parent.parent.name == "checkpoints":
+        paths["the checkpoint"] = adapter.parent
+        paths["the run"] = adapter.parent.parent.parent
+    if Path(model_path).exists():
+        paths["the base model"] = Path(model_path)
+    return paths
+
+
+def refuse_overlap(out: str | Path, protected: dict[str, Path]) -> None:
+    target = Path(out).expanduser().resolve()
+    resolved = {label: path.expanduser().resolve() for label, path in protected.items()}
+    tests = (("is", lambda p: target == p), ("contains", lambda p: target in p.parents), ("lies inside", lambda p: p in target.parents))
+    for relation, holds in tests:  # the most telling relation first: `--out RUN` "is the run"
+        for label, p in resolved.items():
+            if not holds(p):
+                continue
+            path = protected[label]
+            raise MergeError(
+                f"--out {out} {relation} {label} ({path}); writing there would destroy what is being read",
+                hint="choose an --out outside the run directory and the base model",
+                exit_code=2,
+            )
+
+
+def require_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """An adapter with NaN or infinite values has no meaningful ΔW (and SVDs of it fail)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{where}: the adapter holds non-finite values ({len(bad)} tensors, e.g. {bad[0]}); the training run diverged",
+            hint="use an earlier checkpoint, or train again with a lower learning rate",
+        )
