@@ -61,3 +61,24 @@ def test_adapters_see_the_dequantized_base_weight(make_recipe, bits):
     if bits == 4:  # the 4-bit forward multiplies by exactly this weight
         x = torch.randn(3, full.shape[1])
         torch.testing.assert_close(layer(x) - (0 if layer.bias is None else layer.bias), x @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_dequantized_weight_reads_the_avx512_bf16_packed_layout():
+    """bitsandbytes repacks 4-bit codes for its AVX512-BF16 CPU kernel (absmax kept in bf16);
+    the layout is produced here on any CPU, and `dense()` reads it without changing the layer."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    full = torch.nn.Linear(128, 64)
+    layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(full.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")
+    unpacked = BaseWeight(layer, 0, 64).dense()
+    layer.weight.data, layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+    packed = BaseWeight(layer, 16, 48).dense()
+    assert packed.shape == (32, 128)
+    # the same codes; absmax differs only by its bf16 rounding in the packed layout
+    torch.testing.assert_close(packed, unpacked[16:48], rtol=0, atol=unpacked.abs().max().item() / 128)
+    assert layer.weight.quant_state.packing_format_for_cpu  # the layer is left as bitsandbytes packed it

@@ -29,11 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
 console = Console(stderr=True)
-
-
 out_console = Console()
 
 
@@ -419,17 +415,9 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: Optio
 
 
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per prompt.")]
-
-
 TemperatureOpt = Annotated[float, typer.Option(help="0 (default): greedy decoding; above 0: sample at this temperature.")]
-
-
 TopPOpt = Annotated[float, typer.Option("--top-p", help="With sampling: keep the smallest token set holding this probability mass.")]
-
-
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same text.")]
-
-
 MergeOpt = Annotated[bool, typer.Option(help="Merge linear adapters into the weights in memory (exact, verified; fastest decoding).")]
 
 

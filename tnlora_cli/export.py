@@ -125,7 +125,7 @@ def export_as_lora(
         "use_rslora": False,
         "use_dora": False,
     }
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, on_exists="replace" if force else "error") as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / "tnlora_export.json").write_text(json.dumps({"source": str(path), "adapter": recipe.adapter.type, **base, "layers": report.layers}, indent=2) + "\n")

@@ -95,7 +95,7 @@ def merge_run(
     target_name = dtype or checkpoint_dtype(model_path)
     target = DTYPES[target_name]
     shards = safetensors_shards(model_path) if streaming else None
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, on_exists="replace" if force else "error") as tmp:
         report = None
         if shards is not None:
             report = _merge_streaming(model, meta, model_path, shards, tmp, target_name, dtype is not None, max_bytes, reporter)

@@ -20,7 +20,6 @@ REGISTRY: dict[str, type[Adapter]] = {
     "tera": TeraAdapter,
 }
 
-
 __all__ = [
     "REGISTRY", "AdaptedLinear", "Adapter", "AdapterConfig", "LowRankAdapter", "SharedStore",
     "LoraAdapter", "LoraConfig", "LorettaAdapter", "LorettaConfig", "TensorGuideAdapter", "TensorGuideConfig",

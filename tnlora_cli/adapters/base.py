@@ -14,6 +14,7 @@ define how it joins the base output and the merged weight; their defaults are ad
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -252,10 +253,21 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     4-bit and 8-bit weights are dequantized, never returned packed."""
     weight = layer.weight
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bnb Params4bit: packed uint8 with absmax blocks
+    if quant_state is not None:  # bnb Params4bit: 4-bit codes in uint8 with absmax blocks
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, quant_state).float()
+        codes = weight.data
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks an inference layer's codes for its
+            # kernel and keeps absmax per block, unquantized, as (in / blocksize, out). Unpack the
+            # codes (the inverse rebinds fields of the state it is given: hand it a copy) and use
+            # that absmax, which is what the kernel multiplies by.
+            codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(codes, copy.copy(quant_state))
+            quant_state = bnbf.QuantState(
+                absmax=quant_state.absmax.T.reshape(-1).float(), shape=quant_state.shape, code=quant_state.code,
+                blocksize=quant_state.blocksize, quant_type=quant_state.quant_type, dtype=torch.float32,
+            )
+        return bnbf.dequantize_4bit(codes, quant_state).float()
     scales = getattr(weight, "SCB", None)
     if weight.dtype == torch.int8 and scales is not None:  # bnb Int8Params: per-row absmax / 127
         return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)

@@ -38,20 +38,11 @@ from .shapes import check_ranks, dim_modes
 
 #: Paper defaults by hidden size (TRAC's tensor_cfg): modes, A ranks, B ranks (r appended).
 DEFAULT_MODES = {768: [8, 8, 12], 1024: [8, 8, 16], 1280: [8, 8, 20], 4096: [16, 16, 16], 5120: [16, 16, 20]}
-
-
 DEFAULT_RANKS_A = {768: [1, 8, 12], 1024: [1, 8, 12], 1280: [1, 12, 24], 4096: [1, 12, 24], 5120: [1, 15, 30]}
-
-
 DEFAULT_RANKS_B = {768: [1, 24, 36], 1024: [1, 24, 36], 1280: [1, 36, 72], 4096: [1, 36, 72], 5120: [1, 45, 90]}
 
-
 RankSpec = list[int] | dict[int, list[int]] | None
-
-
 CoreKind = Literal["trained", "frozen", "shared_trained", "shared_frozen"]
-
-
 #: The official code's default parameter structure: core 1 per layer, trained; core 2 shared,
 #: frozen random; core 3 shared, trained (gated per layer by the controllers).
 DEFAULT_STRUCTURE: list[str] = ["trained", "shared_frozen", "shared_trained"]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import cache_dir
-from ..run.atomic import atomic_directory
 
 #: Bump when preparation changes what it produces for the same inputs.
 PREP_VERSION = "2"
@@ -63,14 +62,6 @@ def locked(key: str) -> Iterator[Path]:
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{key}.lock")):
         yield root / key
-
-
-@contextlib.contextmanager
-def building(dest: Path) -> Iterator[Path]:
-    """A temporary sibling directory, renamed to `dest` only when the block succeeds (an
-    incomplete entry left there by an older version is replaced)."""
-    with atomic_directory(dest, on_exists="replace") as tmp:
-        yield tmp
 
 
 def is_complete(path: Path) -> bool:

@@ -16,17 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 IGNORE_INDEX = -100
-
-
 TRAIN_ON = ("assistant", "last", "all")
-
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
     "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
 }
-
-
 OPENAI_ROLES = ("system", "user", "assistant", "tool")
 
 

@@ -29,7 +29,8 @@ import torch
 
 from ..errors import DataError
 from ..recipe.sections import DataConfig
-from .cache import building, cache_key, is_complete, locked, tokenizer_fingerprint
+from ..run.atomic import atomic_directory
+from .cache import cache_key, is_complete, locked, tokenizer_fingerprint
 from .chat import (
     IGNORE_INDEX,
     RowError,
@@ -43,8 +44,6 @@ from .sources import SourceFile, load_source, resolve_sources
 
 #: Held-out split made from `data.train`: `eval_fraction` of the examples, at most this many.
 DEFAULT_MAX_HELD_OUT = 1000
-
-
 #: Data-section keys that do not change what is prepared (not part of the cache key).
 _NOT_IN_KEY = {"group_by_length", "num_proc"}
 
@@ -100,7 +99,7 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer) -> TaskData:
     with locked(key) as path:
         hit = is_complete(path)
         if not hit:
-            with building(path) as tmp:
+            with atomic_directory(path, on_exists="replace") as tmp:  # an incomplete entry of an older version is replaced
                 report = _build(cfg, task, tokenizer, train_sources, eval_sources, tmp)
                 (tmp / "report.json").write_text(json.dumps(report, indent=2))
     report = json.loads((path / "report.json").read_text())

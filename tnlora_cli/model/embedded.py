@@ -60,8 +60,6 @@ def smollm2_path() -> Path:
 
 
 MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_path, "smollm2-135m": smollm2_path}
-
-
 #: Where each embedded model is published on the Hugging Face hub: saved and exported
 #: adapters name these, so they load on other machines (with peft too).
 HUB_IDS: dict[str, str] = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}

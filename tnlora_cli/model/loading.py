@@ -26,8 +26,6 @@ from .checks import check_model_dir
 from .embedded import HUB_IDS, MODELS, embedded_hub_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 #: Top-level modules that hold a task head created fresh for fine-tuning.
 HEAD_NAMES = ("classifier", "score")
 

@@ -16,8 +16,6 @@ from ..report.reporter import Reporter
 from .loading import DTYPES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
-
-
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -82,8 +80,6 @@ SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
-
-
 SAFETENSORS_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 

@@ -17,7 +17,6 @@ from ..adapters.base import StrictModel
 
 Task = Literal["classification", "causal-lm", "instruction", "chat"]
 
-
 # Discriminated on `type`: each adapter module contributes its own strict config class.
 AdapterSection = Annotated[
     Union[tuple(cls.config_class for cls in REGISTRY.values())],  # type: ignore[valid-type]

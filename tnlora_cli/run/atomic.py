@@ -20,8 +20,7 @@ from typing import Any, Literal
 
 from ..errors import CheckpointError
 
-#: What a write does when its destination exists: refuse, replace it, or keep it (another
-#: process produced the same thing first).
+#: What a directory write does when its destination exists by the end.
 OnExists = Literal["error", "replace", "keep"]
 
 
@@ -87,21 +86,11 @@ def publish_directory(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _should_publish(dest: Path, on_exists: OnExists) -> bool:
-    """Whether the finished temporary replaces `dest`: refuses, or keeps what is there."""
-    if not dest.exists() or on_exists == "replace":
-        return True
-    if on_exists == "keep":
-        return False
-    raise CheckpointError(f"{dest} already exists", hint="choose another path or allow overwriting")
-
-
 @contextlib.contextmanager
-def atomic_directory(dest: Path, overwrite: bool = False, on_exists: OnExists | None = None) -> Iterator[Path]:
+def atomic_directory(dest: Path, on_exists: OnExists = "error") -> Iterator[Path]:
     """Yield a new temporary sibling directory of `dest`; it becomes `dest` (every file in it
-    flushed) only if the block succeeds. `on_exists` (default: "replace" with `overwrite`,
-    else "error") says what happens when `dest` exists by then."""
-    on_exists = on_exists or ("replace" if overwrite else "error")
+    flushed) only if the block succeeds. `on_exists` says what happens when `dest` exists by
+    then: refuse ("error"), replace it, or keep it (another process produced it first)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(dest)
@@ -109,8 +98,10 @@ def atomic_directory(dest: Path, overwrite: bool = False, on_exists: OnExists | 
     tmp.mkdir()
     try:
         yield tmp
-        if not _should_publish(dest, on_exists):
+        if dest.exists() and on_exists == "keep":
             return
+        if dest.exists() and on_exists == "error":
+            raise CheckpointError(f"{dest} already exists", hint="choose another path or allow overwriting")
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync(path)
@@ -121,7 +112,7 @@ def atomic_directory(dest: Path, overwrite: bool = False, on_exists: OnExists | 
 
 
 @contextlib.contextmanager
-def atomic_file(dest: Path, on_exists: OnExists = "replace", keep_suffix: bool = False) -> Iterator[Path]:
+def atomic_file(dest: Path, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `dest` to write; it replaces `dest` (flushed) only if
     the block succeeds. `keep_suffix` ends the temporary name with dest's extension, for
     writers that choose the format by it (matplotlib's savefig)."""
@@ -131,8 +122,6 @@ def atomic_file(dest: Path, on_exists: OnExists = "replace", keep_suffix: bool =
     tmp = _temporary_name(dest, dest.suffix if keep_suffix else "")
     try:
         yield tmp
-        if not _should_publish(dest, on_exists):
-            return
         _fsync(tmp)
         os.replace(tmp, dest)
         _fsync(dest.parent)

@@ -19,8 +19,6 @@ from .atomic import write_json
 from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 FORMAT = "tnlora-adapter"
-
-
 FORMAT_VERSION = 1
 
 

@@ -14,8 +14,6 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
 ADAPTER_CONFIG = "adapter_config.json"
 
 

@@ -22,11 +22,7 @@ from ..errors import RunInUseError
 from .atomic import remove_path, write_text
 
 LOCK_NAME = ".tnlora.lock"
-
-
 PREVIOUS = ".previous-run"
-
-
 #: Everything a training run writes at the top of its output_dir.
 RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "eval.json", "recipe.yaml", "tensorboard", "trackers.json", "generations.jsonl")
 

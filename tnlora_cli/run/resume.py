@@ -26,7 +26,6 @@ from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checkpoint_dirs
 
 MANIFEST = "manifest.json"
 
-
 #: Recipe keys a resumed run may change: how long to train, how often to log, evaluate and
 #: save, how many checkpoints to keep, the evaluation batch size, where the run is, and the
 #: engine (checkpoints hold full tensors under every engine). A new `training.max_steps`
@@ -42,8 +41,6 @@ SAFE_ON_RESUME = (
     "training.distributed",
     "output_dir",
 )
-
-
 #: May change together as long as the global batch (x processes) stays the same: the same
 #: examples then make each optimizer step, e.g. a 2-process checkpoint resumed in one process.
 BATCH_SPLIT_KEYS = ("training.batch_size", "training.gradient_accumulation_steps")

@@ -286,7 +286,7 @@ class _TrainingRun:
         optimizer_state = self.engine.optimizer_state(self.optimizer)
         dest = self.out / "checkpoints" / f"step-{step:06d}"
         with contextlib.ExitStack() as publish_on_exit:
-            tmp = publish_on_exit.enter_context(atomic_directory(dest, overwrite=True)) if self.is_main else None
+            tmp = publish_on_exit.enter_context(atomic_directory(dest, on_exists="replace")) if self.is_main else None
             tmp = Path(broadcast_object_list([str(tmp)])[0])  # the main rank's temporary directory, for every rank's RNG file
             if self.is_main:
                 (tmp / "adapter").mkdir()
@@ -321,7 +321,7 @@ class _TrainingRun:
 
         self.guard.check_state(self.step, final_state, "final adapter")
         if self.is_main:
-            with atomic_directory(out / "adapter", overwrite=True) as tmp:
+            with atomic_directory(out / "adapter", on_exists="replace") as tmp:
                 save_adapter(tmp, final_state, adapter_metadata(prepared))
         evaluation = None
         held_out = prepared.data.eval

@@ -37,11 +37,7 @@ PACKAGES = {
     "dvclive": "dvclive",
     "swanlab": "swanlab",
 }
-
-
 TENSORBOARD_DIR = "tensorboard"
-
-
 IDS_FILE = "trackers.json"
 
 
