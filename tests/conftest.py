@@ -6,9 +6,14 @@ session temp directory, the tokenizer is built with `tokenizers` from a fixed wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +78,16 @@ def _tiny_configs(vocab_size: int) -> dict:
         ),
         # GPT-2 uses Conv1D (weights stored as (in, out)).
         "gpt2": GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128, eos_token_id=4, bos_token_id=2),
+        # Widths bitsandbytes' CPU 4-bit kernels accept on every CPU (in_features a multiple of 64,
+        # out_features of 32; see `model.checks.check_cpu_4bit_layers`): the 4-bit tests' models.
+        "bert-wide": BertConfig(
+            vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=128, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        ),
+        "llama-wide": LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0, eos_token_id=4, bos_token_id=2,
+        ),
     }
 
 
@@ -88,7 +103,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         model = AutoModel.from_config(config)
         # Save as the task's base model (a causal LM keeps its head); heads are added on load.
-        if name in ("llama", "gpt2"):
+        if config.model_type in ("llama", "gpt2"):
             from transformers import AutoModelForCausalLM
 
             torch.manual_seed(0)
@@ -130,7 +145,7 @@ def make_recipe(tiny_models, data_files, tmp_path):
     """Recipe dict for a tiny model; tests tweak it and write it with `write_recipe`."""
 
     def _make(model: str = "bert", task: str = "classification", **adapter) -> dict:
-        targets = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[model]
+        targets = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[model.removesuffix("-wide")]
         recipe = {
             "model": str(tiny_models[model]),
             "task": task,
@@ -157,3 +172,47 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+
+
+def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch FLAGS --num_processes 2 ... -m tnlora_cli TNLORA_ARGS`, one torch thread
+    per process. A launch that outlives `timeout` fails the test with the Python stacks of every
+    process in it (faulthandler prints them on SIGABRT), so a hang says where it hangs."""
+    args = [ACCELERATE, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "tnlora_cli", *tnlora_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError, PermissionError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError, FileNotFoundError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"the launch did not end within {timeout:.0f} s; stdout:\n{out[-2000:]}\nstderr (with every process's stacks):\n{err[-12000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError, PermissionError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+

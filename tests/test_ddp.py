@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import ACCELERATE, accelerate_launch, write_recipe
 from safetensors.torch import load_file
 
 from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
-
-ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
@@ -33,12 +27,7 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, 
     recipe = write_recipe(tmp_path / "ddp.yaml", raw)
     # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on a CPU-only
     # machine starts 2 gloo processes through torchrun.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(29517 + len(kind) + 10 * checkpointing), "-m", "tnlora_cli", "train", str(recipe)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    result = accelerate_launch(["--multi_gpu"], 29517 + len(kind) + 10 * checkpointing, "train", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     final = records[-1]

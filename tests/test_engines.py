@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import ACCELERATE, accelerate_launch, write_recipe
 from safetensors.torch import load_file
 
 from tnlora_cli.errors import RecipeError
@@ -26,7 +23,6 @@ from tnlora_cli.recipe.sections import TrainingConfig
 from tnlora_cli.train import train
 from tnlora_cli.training.engines import build_engine, resolve_engine
 
-ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 ADAPTER = "adapter/adapter_model.safetensors"
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -65,12 +61,7 @@ SHARED_SETTINGS = {"vera": {"r": 16}, "tera": {"outdim": 4}, "tensorguide": {}}
 
 
 def _launch(flags: list[str], recipe: Path, port: int, *extra: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [ACCELERATE, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "tnlora_cli", "train", str(recipe), *extra],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    result = accelerate_launch(flags, port, "train", str(recipe), *extra)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

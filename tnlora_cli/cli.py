@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -91,6 +92,9 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that it could not fetch an optional
+    # kernel from the hub (`pip install kernels`): noise on every 4-bit run, and offline anyway.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -4,17 +4,25 @@ A corrupt `config.json`, an unknown `model_type`, custom code without `trust_rem
 truncated or garbage safetensors and pickled weights would otherwise end deep inside
 transformers with a traceback. Pickled weights (`pytorch_model.bin`, `.pt`, `.pth`) can run
 code when loaded: they are refused unless the recipe sets `allow_pickle: true`, and even
-then transformers reads them with torch's restricted (weights-only) loader.
+then transformers reads them with torch's restricted (weights-only) loader. Once a model is
+loaded, `check_cpu_4bit_layers` refuses 4-bit layers that bitsandbytes' CPU kernels mishandle.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError
 
+if TYPE_CHECKING:
+    from torch import nn
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: bitsandbytes' CPU 4-bit kernels: absmax blocks of 64 weights must not cross a row (its
+#: dequantization is wrong otherwise) and its AVX512-BF16 repacking works on blocks of 32 rows.
+CPU_4BIT_IN_MULTIPLE, CPU_4BIT_OUT_MULTIPLE = 64, 32
 
 
 def check_max_length(model_path: str, max_length: int) -> None:
@@ -77,3 +85,25 @@ def check_model_dir(path: Path, trust_remote_code: bool = False, allow_pickle: b
                 f"model: {file} is damaged or not a safetensors file ({str(exc).splitlines()[0][:100]})",
                 hint="download or copy the model again",
             ) from None
+
+
+def check_cpu_4bit_layers(model: nn.Module) -> None:
+    """Refuse 4-bit layers on the CPU whose shapes bitsandbytes' CPU kernels mishandle: an
+    in_features not a multiple of 64 dequantizes wrongly on some CPUs, and an out_features not
+    a multiple of 32 fails on CPUs with AVX512-BF16 once the layer runs for evaluation. Real
+    models' widths are multiples of both; checked on every CPU so no run depends on which one."""
+    from bitsandbytes.nn import Linear4bit
+
+    bad = [
+        f"{name} ({module.in_features} -> {module.out_features})"
+        for name, module in model.named_modules()
+        if isinstance(module, Linear4bit) and module.weight.device.type == "cpu"
+        and (module.in_features % CPU_4BIT_IN_MULTIPLE or module.out_features % CPU_4BIT_OUT_MULTIPLE)
+    ]
+    if bad:
+        raise ModelError(
+            f"quantization.bits: 4 on the CPU needs every quantized layer's in_features to be a multiple of "
+            f"{CPU_4BIT_IN_MULTIPLE} and its out_features of {CPU_4BIT_OUT_MULTIPLE} (bitsandbytes' CPU kernels); "
+            f"{len(bad)} layers are not: {', '.join(bad[:4])}" + (", ..." if len(bad) > 4 else ""),
+            hint="use quantization.bits: 8, train on a GPU, or remove the quantization section",
+        )

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from ..errors import ModelError
-from .checks import check_model_dir
+from .checks import check_cpu_4bit_layers, check_model_dir
 from .embedded import HUB_IDS, MODELS, embedded_hub_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -158,6 +158,8 @@ def load_model(
         kwargs["device_map"] = {"": device}
     with _attn_errors(attn_implementation):
         model = model_class(task).from_pretrained(path, **kwargs, **attn)
+    if quantization is not None and quantization.bits == 4:
+        check_cpu_4bit_layers(model)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
