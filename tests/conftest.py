@@ -188,31 +188,30 @@ def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: f
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [*_descendants(proc.pid), proc.pid]:
-            with contextlib.suppress(ProcessLookupError, FileNotFoundError, PermissionError):
-                os.kill(pid, signal.SIGABRT)
+        _signal_tree(proc.pid, signal.SIGABRT)
         try:
             out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            for pid in [*_descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(ProcessLookupError, FileNotFoundError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            _signal_tree(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         pytest.fail(f"the launch did not end within {timeout:.0f} s; stdout:\n{out[-2000:]}\nstderr (with every process's stacks):\n{err[-12000:]}")
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Child processes of `pid`, recursively (Linux /proc)."""
+def _signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to `pid` and all its descendants (Linux /proc); processes gone meanwhile are skipped."""
+    gone = (ProcessLookupError, FileNotFoundError, PermissionError)
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError, PermissionError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
+        with contextlib.suppress(*gone):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [pid], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+        found = children.get(todo.pop(), [])
+        tree += found
+        todo += found
+    for member in tree:
+        with contextlib.suppress(*gone):
+            os.kill(member, sig)
 
