@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,8 +22,43 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import TnloraError
-from .report.plainlog import PlainProgress, use_plain_lines
+from .report.plainlog import HELP_LOG_WIDTH, TRAINED_CLOSE, TRAINED_OPEN, PlainProgress, fit_console, use_plain_lines
 from .report.reporter import Reporter
+
+
+
+class _Commands(TyperGroup):
+    """The command group, with command-line mistakes (a value out of range, an unknown option or
+    command, a missing argument) said like every other user error: one line and a hint, exit 2,
+    instead of click's boxed usage panel."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH"):
+            import typer.rich_utils
+
+            typer.rich_utils.MAX_WIDTH = HELP_LOG_WIDTH  # help in a file: option names whole
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:  # end of input at a prompt
+            console.print("aborted", highlight=False)
+            sys.exit(1)
+        except TyperException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # the help is already printed
+                _print_usage_error(exc)
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_usage_error(exc: TyperException) -> None:
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    console.print(f"[bold red]error:[/bold red] {escape(where + message[:1].lower() + message[1:])}", highlight=False, soft_wrap=True)
+    if ctx is not None:
+        console.print(f"  [yellow]hint:[/yellow] run '{escape(ctx.command_path)} --help' to see what it accepts", highlight=False, soft_wrap=True)
+
 
 app = typer.Typer(
     name="tnlora",
@@ -29,6 +66,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 console = Console(stderr=True)
 out_console = Console()
@@ -180,21 +218,41 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Fine-tune Hugging Face models with tensor-network adapters."""
+    fit_console(console)
+    fit_console(out_console)
 
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=50 (repeatable).")]
 
 
-def _sample_text(i: int, sample: dict) -> Text:
-    """A tokenized example: trained tokens bold green, masked ones dim; a class label after the text."""
+def _sample_text(i: int, sample: dict, colour: bool) -> Text:
+    """A tokenized example: trained tokens bold green, masked ones dim; a class label after the text.
+
+    Without colour (a log file, NO_COLOR) each run of trained tokens is put in [[ ]] instead.
+    """
     text = Text(f"sample {i}: ")
     if sample.get("trained") is None:
         text.append("".join(sample["tokens"]))
         text.append(f"  -> label {sample['label']}", style="bold green")
-    else:
-        for token, trained in zip(sample["tokens"], sample["trained"]):
-            text.append(token, style="bold green" if trained else "dim")
+        return text
+    previous = False
+    for token, trained in zip(sample["tokens"], sample["trained"]):
+        if not colour and trained != previous:
+            text.append(TRAINED_OPEN if trained else TRAINED_CLOSE)
+        text.append(token, style="bold green" if trained else "dim")
+        previous = bool(trained)
+    if not colour and previous:
+        text.append(TRAINED_CLOSE)
     return text
+
+
+def _print_samples(samples: list[dict]) -> None:
+    colour = out_console.color_system is not None
+    for i, sample in enumerate(samples):
+        out_console.print(_sample_text(i, sample, colour))
+    if samples and samples[0].get("trained") is not None:
+        marked = "green" if colour else f"{TRAINED_OPEN}...{TRAINED_CLOSE}"
+        out_console.print(f"[dim]{escape(marked)}: tokens in the loss; the rest is masked[/dim]")
 
 
 @app.command()
@@ -211,11 +269,12 @@ def train(
 
     Runs on one CPU or GPU, or data-parallel under `accelerate launch -m tnlora_cli train ...`.
     """
-    _quiet_libraries()
     from .recipe.load import load_recipe
+
+    spec = _run(load_recipe, recipe, set_ or [])  # before torch loads: a recipe error is refused at once
+    _quiet_libraries()
     from .train import train as run_train
 
-    spec = _run(load_recipe, recipe, set_ or [])
     if dry_run:
         from .dryrun import dry_run as run_dry
 
@@ -241,11 +300,12 @@ def prepare(
     Prints rows read, examples, tokens, truncated and dropped rows with reasons, the cache
     location and whether it was a hit, and two samples with the trained tokens highlighted.
     """
-    _quiet_libraries()
-    from .prepare import prepare_report
     from .recipe.load import load_recipe
 
     spec = _run(load_recipe, recipe, set_ or [])
+    _quiet_libraries()
+    from .prepare import prepare_report
+
     report = _run(prepare_report, spec)
     _print_prepare(report)
     if json_out:
@@ -273,10 +333,7 @@ def _print_prepare(report: dict[str, Any]) -> None:
     for note in report.get("notes", []):
         out_console.print(f"[dim]{note}[/dim]")
     out_console.print(f"cache {report['cache']}: {report['cache_path']}")
-    for i, sample in enumerate(report["samples"]):
-        out_console.print(_sample_text(i, sample))
-    if report["samples"] and "trained" in report["samples"][0]:
-        out_console.print("[dim]green: tokens in the loss; dim: masked[/dim]")
+    _print_samples(report["samples"])
 
 
 @app.command("eval")
@@ -401,14 +458,33 @@ def export(
     from .export import export_as_lora
 
     report = _run(export_as_lora, run_dir, out, rank=rank, energy=energy, force=force, reporter=RichReporter())
+    _print_export(report.layers, out)
+
+
+#: Tables longer than this show their first and last `TABLE_ENDS` rows and a summary.
+TABLE_ROWS = 24
+TABLE_ENDS = 5
+
+
+def _print_export(layers: list[dict], out: Path) -> None:
+    """The per-layer table, cut to its ends when long (every row is in tnlora_export.json), and a summary."""
     table = Table(title=f"LoRA export to {out}")
     for column in ("layer", "rank", "relative error"):
         table.add_column(column, justify="left" if column == "layer" else "right")
-    for row in report.layers:
-        table.add_row(row["name"], str(row["rank"]), f"{row['relative_error']:.2e}")
+    shown = layers if len(layers) <= TABLE_ROWS else layers[:TABLE_ENDS] + [None] + layers[-TABLE_ENDS:]
+    for row in shown:
+        if row is None:
+            table.add_row(f"... {len(layers) - 2 * TABLE_ENDS} more layers (all in {out / 'tnlora_export.json'})", "", "")
+        else:
+            table.add_row(row["name"], str(row["rank"]), f"{row['relative_error']:.2e}")
     out_console.print(table)
-    worst = max(row["relative_error"] for row in report.layers)
-    out_console.print(f"{len(report.layers)} layers; largest relative error (Frobenius) {worst:.2e}")
+    errors = sorted(row["relative_error"] for row in layers)
+    ranks = [row["rank"] for row in layers]
+    worst = max(layers, key=lambda row: row["relative_error"])
+    out_console.print(
+        f"{len(layers)} layers; rank {min(ranks)}" + (f"-{max(ranks)}" if max(ranks) != min(ranks) else "")
+        + f"; relative error (Frobenius) median {errors[len(errors) // 2]:.2e}, largest {worst['relative_error']:.2e} ({worst['name']})"
+    )
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: Optional[int], batch_size: int) -> Any:
@@ -559,9 +635,6 @@ def count_params_(
     Example: tnlora count-params --model llama-2-7b --set adapter.type=tera
     --set adapter.target_modules=\\[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8
     """  # \\[ : a literal bracket in Rich markup, which would otherwise swallow [q_proj,v_proj]
-    _quiet_libraries()
-    from .count import count_params
-    from .model.meta import shipped_configs
     from .recipe.load import apply_overrides, load_recipe, validate_recipe
 
     overrides = list(set_ or [])
@@ -573,12 +646,17 @@ def count_params_(
         spec = _run(load_recipe, recipe, overrides)
     else:
         if not model:
+            from .model.meta import shipped_configs
+
             console.print(f"[bold red]error:[/bold red] give a RECIPE or --model (shipped configs: {', '.join(shipped_configs())})")
             raise typer.Exit(2)
         # Data is not read when counting; placeholders satisfy the schema.
         raw: dict[str, Any] = {"task": "causal-lm", "adapter": {}, "data": {"train": "-", "label_column": "label"}}
         _run(apply_overrides, raw, overrides)
         spec = _run(validate_recipe, raw, "command line")
+    _quiet_libraries()
+    from .count import count_params
+
     report = _run(count_params, spec)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
@@ -618,10 +696,7 @@ def _print_dry_run(report: Any) -> None:
     out_console.print(memory)
     for note in report.notes:
         out_console.print(f"[dim]{note}[/dim]")
-    for i, sample in enumerate(report.samples):
-        out_console.print(_sample_text(i, sample))
-    if report.samples and report.samples[0]["trained"] is not None:
-        out_console.print("[dim]green: tokens in the loss; dim: masked (prompt)[/dim]")
+    _print_samples(report.samples)
 
 
 def _print_counts(report: Any) -> None:

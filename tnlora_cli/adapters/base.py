@@ -19,45 +19,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
-class StrictModel(BaseModel):
-    """Recipe section: unknown keys are errors (a typo must never be ignored)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class AdapterConfig(StrictModel):
-    """Keys every adapter shares. Each method extends this with its own fields."""
-
-    type: str
-    target_modules: list[str] | str = Field(
-        description="Exact module names or name suffixes (a list), a regex matched against the "
-        "full module name (a string), or 'all-linear' (every linear layer but the output head). Slices of fused "
-        "layers are targets too: c_attn.q|k|v (GPT-2), qkv_proj.q|k|v, gate_up_proj.gate|up, or those of adapter.fused_splits. "
-        "Layers inside modules_to_save are never adapted."
-    )
-    exclude_modules: list[str] | str | None = Field(None, description="Same forms as target_modules; matches are skipped.")
-    modules_to_save: list[str] | None = Field(
-        None,
-        description="Modules trained in full and saved with the adapter. Default: the task head "
-        "(classifier/score) for classification, nothing otherwise.",
-    )
-    seed: int = Field(0, description="Seed of the generator that initialises the adapter tensors.")
-    save_frozen: bool = Field(
-        True,
-        description="Store frozen random tensors (VeRA, TRAC, TeRA, TensorGuide) in the adapter file; false stores only "
-        "their seed and checksum and regenerates them on load (refused if the checksum differs).",
-    )
-    fused_splits: dict[str, dict[str, int]] | None = Field(
-        None,
-        description="Slices of fused layers as output sizes in order, e.g. {query_key_value: {q: 4096, k: 4096, v: 4096}}; "
-        "targets then name them like layers (query_key_value.q). GPT-2's c_attn (q, k, v), qkv_proj (q, k, v) and "
-        "gate_up_proj (gate, up) are known without this.",
-    )
+from .configs import AdapterConfig, ScaledLowRankConfig, StrictModel  # noqa: F401 - re-exported
 
 
 class SharedStore(nn.Module):
@@ -272,21 +237,3 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if weight.dtype == torch.int8 and scales is not None:  # bnb Int8Params: per-row absmax / 127
         return weight.data.float() * (scales.float().unsqueeze(1) / 127.0)
     return at_least_fp32(weight.detach())
-
-
-class ScaledLowRankConfig(AdapterConfig):
-    """Keys of the adapters whose update is a rank-r product scaled by alpha / r (lora, loretta, trac)."""
-
-    r: int = Field(8, gt=0, description="Rank of the update.")
-    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).")
-    use_rslora: bool = Field(
-        False,
-        description="Rank-stabilised scaling (rsLoRA): multiply the update by alpha / sqrt(r) instead of alpha / r, "
-        "so raising r does not shrink the update. Parameter counts are unchanged.",
-    )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
-
-    @property
-    def scaling(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)

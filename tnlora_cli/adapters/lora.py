@@ -6,17 +6,12 @@ adapted model starts exactly at the base model. Dropout acts on the branch input
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from ..tensor.init import kaiming_uniform
-from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
-
-
-class LoraConfig(ScaledLowRankConfig):
-    type: Literal["lora"] = "lora"
+from .base import LowRankAdapter, SharedStore
+from .configs import LoraConfig
 
 
 class LoraAdapter(LowRankAdapter):

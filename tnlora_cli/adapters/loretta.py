@@ -12,42 +12,15 @@ A and the other B cores stay random and the zero core gets a non-zero gradient a
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import tt_normal, tt_to_matrix
-from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
+from .base import LowRankAdapter, SharedStore
+from .configs import LorettaConfig
 from .shapes import check_ranks, dim_modes
-
-
-class LorettaConfig(ScaledLowRankConfig):
-    type: Literal["loretta"] = "loretta"
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    tt_rank: int = Field(5, gt=0, description="TT rank t: ranks [1, t, ..., t, 1] over the dimension's modes and r.")
-    n_modes: int = Field(3, ge=1, le=8, description="Modes a layer dimension is factorised into when `modes` does not list it.")
-    modes: dict[int, list[int]] | None = Field(None, description="Modes per dimension, e.g. {768: [8, 8, 12]}.")
-    ranks_a: list[int] | None = Field(None, description="Explicit TT ranks of A (overrides tt_rank).")
-    ranks_b: list[int] | None = Field(None, description="Explicit TT ranks of B (overrides tt_rank).")
-    fold_rank: bool = Field(
-        False,
-        description="The official code's form: r folded into the modes of each factor's train (its shape tables), "
-        "A = reshape(in, r), B = reshape(r, out)ᵀ, TT ranks [1, t, ..., t, 1].",
-    )
-    folded_modes: dict[int, list[int]] | None = Field(None, description="fold_rank: modes per dimension, product dim·r (default: the official table).")
-
-    @model_validator(mode="after")
-    def _one_form(self) -> LorettaConfig:
-        # Settings of the other TT form would be silently ignored: refuse them.
-        if self.fold_rank and (self.ranks_a or self.ranks_b or self.modes):
-            raise RecipeError("adapter.fold_rank: the folded form takes folded_modes and tt_rank, not modes/ranks_a/ranks_b", hint="remove modes, ranks_a and ranks_b, or fold_rank")
-        if self.folded_modes and not self.fold_rank:
-            raise RecipeError("adapter.folded_modes: only used with fold_rank: true", hint="set fold_rank: true, or use modes")
-        return self
-
 
 #: The official shape tables (rank -> dimension -> modes of the dim·r elements), entries checked.
 OFFICIAL_SHAPES = {

@@ -19,60 +19,17 @@ gets gradients from step 1. `start: paper` follows the official code instead: co
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import factorize_dim, tt_matrix_apply
-from .base import Adapter, AdapterConfig, SharedStore, at_least_fp32
+from .base import Adapter, SharedStore, at_least_fp32
+from .configs import TensorGuideConfig
 
 ACTIVATIONS = {"none": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-
-
-class TensorGuideConfig(AdapterConfig):
-    type: Literal["tensorguide"] = "tensorguide"
-    hidden: int = Field(8, gt=0, description="Hidden width M of the generated pair W1 (in, M), W2 (M, out).")
-    in_modes: list[int] = Field([2, 2, 2, 2, 2], min_length=1, description="Modes of the latent z (its size is their product).")
-    out_modes: list[int] | None = Field(None, description="Output modes; product M·(in+out). Default: factorised per layer.")
-    ranks: list[int] | int = Field(2, description="TT ranks, [1, r, ..., r, 1] from one number, or the full list.")
-    scale: float = Field(1.0, gt=0, description="s in y = W0x + s·σ(xW1)W2.")
-    activation: Literal["none", "relu", "gelu", "tanh", "sigmoid"] = Field(
-        "none", description="σ on the hidden layer; none keeps the update linear (mergeable), the paper uses relu."
-    )
-    start: Literal["zero", "paper"] = Field(
-        "zero", description="zero: the branch at the initial cores is subtracted, so training starts at the base model; "
-        "paper: the official code's start, cores ~ N(0, 0.1²) and no subtraction (pair it with scale: 0.01 as that code does)."
-    )
-    init: Literal["default", "xavier_uniform"] = Field(
-        "default", description="default: as `start` says; xavier_uniform: the paper's Algorithm 1 (fan-in r_k n_k, fan-out m_k r_k+1 per core)."
-    )
-    latent: Literal["fixed", "resampled"] = Field(
-        "fixed",
-        description="fixed: z drawn once and saved (the official code); resampled: a fresh z ~ N(0, I) at every training "
-        "forward (the paper's Algorithm 1), the saved z at evaluation, merge and export.",
-    )
-
-    @model_validator(mode="after")
-    def _ranks_fit(self) -> TensorGuideConfig:
-        # Checked here, not when building a layer: count-params must never count a train
-        # that cannot be contracted.
-        d = len(self.in_modes)
-        if isinstance(self.ranks, int):
-            if self.ranks < 1:
-                raise RecipeError(f"adapter.ranks: {self.ranks} must be at least 1")
-            return self
-        if len(self.ranks) != d + 1 or min(self.ranks) < 1:
-            raise RecipeError(f"adapter.ranks: {self.ranks} needs {d + 1} positive entries for {d} modes", hint="give one rank per core boundary, or a single number")
-        if self.ranks[0] != self.ranks[-1]:
-            raise RecipeError(
-                f"adapter.ranks: boundary ranks {self.ranks[0]} and {self.ranks[-1]} differ",
-                hint="use boundary ranks of 1, or equal ones (a ring, contracted as a trace over the boundary rank)",
-            )
-        return self
 
 
 class TensorGuideAdapter(Adapter):

@@ -20,30 +20,15 @@ linear layer. The paper says "Kaiming" without the exact distribution.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import fold_dim
 from ..tensor.tucker import mode_dot_cost, multi_mode_dot, tucker_to_tensor
-from .base import Adapter, AdapterConfig, SharedStore, at_least_fp32
-
-
-class TeraConfig(AdapterConfig):
-    type: Literal["tera"] = "tera"
-    indim: int | None = Field(None, gt=1, description="Mode size folding the input dimension (null: unfolded).")
-    outdim: int | None = Field(8, gt=1, description="Mode size folding the output dimension (null: unfolded).")
-    path: Literal["auto", "input", "dense"] = Field(
-        "auto", description="auto: per call, contract the input through the network or build ΔW, whichever costs less."
-    )
-    variant: Literal["shared", "iden", "unique"] = Field(
-        "shared",
-        description="shared: TeRA (frozen core and factors shared per folding); iden: TeRA_iden (factors are identities, "
-        "only the core is random); unique: TeRA_unique (each layer its own frozen core and factors).",
-    )
+from .base import Adapter, SharedStore, at_least_fp32
+from .configs import TeraConfig
 
 
 def _fold(dim: int, mode_size: int | None, key: str) -> list[int]:

@@ -25,68 +25,19 @@ in the official code.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import tt_random, tt_to_matrix
-from .base import LowRankAdapter, ScaledLowRankConfig, SharedStore
+from .base import LowRankAdapter, SharedStore
+from .configs import RankSpec, TracConfig
 from .shapes import check_ranks, dim_modes
 
 #: Paper defaults by hidden size (TRAC's tensor_cfg): modes, A ranks, B ranks (r appended).
 DEFAULT_MODES = {768: [8, 8, 12], 1024: [8, 8, 16], 1280: [8, 8, 20], 4096: [16, 16, 16], 5120: [16, 16, 20]}
 DEFAULT_RANKS_A = {768: [1, 8, 12], 1024: [1, 8, 12], 1280: [1, 12, 24], 4096: [1, 12, 24], 5120: [1, 15, 30]}
 DEFAULT_RANKS_B = {768: [1, 24, 36], 1024: [1, 24, 36], 1280: [1, 36, 72], 4096: [1, 36, 72], 5120: [1, 45, 90]}
-
-RankSpec = list[int] | dict[int, list[int]] | None
-CoreKind = Literal["trained", "frozen", "shared_trained", "shared_frozen"]
-#: The official code's default parameter structure: core 1 per layer, trained; core 2 shared,
-#: frozen random; core 3 shared, trained (gated per layer by the controllers).
-DEFAULT_STRUCTURE: list[str] = ["trained", "shared_frozen", "shared_trained"]
-
-
-class TracConfig(ScaledLowRankConfig):
-    type: Literal["trac"] = "trac"
-    r: int = Field(8, gt=0, description="LoRA rank (the open last TT rank).")
-    modes: dict[int, list[int]] | None = Field(None, description="3 modes per dimension, e.g. {768: [8, 8, 12]}; default: paper table, else factorised.")
-    ranks_a: RankSpec = Field(None, description="[1, r1, r2] for A (one list, or per dimension); default: paper table.")
-    ranks_b: RankSpec = Field(None, description="[1, s1, s2] for B; default: paper table.")
-    activation: Literal["none", "softmax"] = Field("none", description="Controller activation (softmax = length x softmax).")
-    controller_init: Literal["ones", "zeros"] = Field(
-        "ones", description="Initial controller vectors: ones (the paper's identity gate); zeros needs activation softmax."
-    )
-    controller_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the controllers (default: training.learning_rate).")
-    controllers: bool = Field(True, description="Gate each shared trained core per layer; false is the paper's 'Shared TT' ablation.")
-    cores_a: list[CoreKind] = Field(
-        DEFAULT_STRUCTURE, min_length=3, max_length=3,
-        description="Per core of A: trained | frozen (per layer) or shared_trained | shared_frozen (once per role): the official code's parameter structure.",
-    )
-    cores_b: list[CoreKind] = Field(DEFAULT_STRUCTURE, min_length=3, max_length=3, description="Per core of B, as cores_a; its last core starts at zero, so it must be trained.")
-    init: Literal["tt_normal", "tt_uniform", "kaiming_normal", "kaiming_uniform"] = Field(
-        "tt_normal",
-        description="tt_*: factor entries of std sqrt(1/(in+out)) (official TTNorm/TTUnif); kaiming_*: std sqrt(2/fan_in), fan_in = in for A, r for B.",
-    )
-
-    @model_validator(mode="after")
-    def _controllers_can_train(self) -> TracConfig:
-        # Zero gates with the identity activation zero every shared core: the update and all
-        # of its gradients are exactly zero, forever. (softmax maps zeros to ones.)
-        if self.controller_init == "zeros" and self.activation == "none":
-            raise RecipeError(
-                "adapter.controller_init: zeros with activation none makes every controller gate zero, so the update and every gradient stay exactly zero",
-                hint="use controller_init: ones (the paper's identity start), or activation: softmax",
-            )
-        if not self.controllers and self.controller_learning_rate is not None:
-            raise RecipeError("adapter.controller_learning_rate: set, but controllers: false leaves no controllers to train", hint="remove one of the two")
-        if not self.cores_b[-1].endswith("trained"):
-            raise RecipeError(
-                f"adapter.cores_b: the last core of B starts at zero (so the update starts at zero) and must be trained, got {self.cores_b[-1]}",
-                hint="make it trained or shared_trained",
-            )
-        return self
 
 
 def _ranks_for(spec: RankSpec, table: dict[int, list[int]], dim: int, modes: list[int], r: int) -> list[int]:

@@ -11,21 +11,12 @@ Trainable per layer: out + r.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..tensor.init import kaiming_uniform, make_generator
-from .base import Adapter, AdapterConfig, LayerSpec, SharedStore, at_least_fp32
-
-
-class VeraConfig(AdapterConfig):
-    type: Literal["vera"] = "vera"
-    r: int = Field(256, gt=0, description="Rank of the shared random projections.")
-    d_initial: float = Field(0.1, description="Initial value of every λ_d.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the branch input.")
+from .base import Adapter, LayerSpec, SharedStore, at_least_fp32
+from .configs import VeraConfig
 
 
 class VeraAdapter(Adapter):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..adapters import REGISTRY
+from ..adapters.configs import CONFIGS
 from ..errors import RecipeError
 from .sections import Recipe
 
@@ -207,14 +207,14 @@ def _adapter_config_class(raw: Any, loc: tuple) -> type[BaseModel]:
     if not isinstance(raw, dict):
         raise RecipeError(f"{_path(loc)}: must be a mapping with at least 'type' and 'target_modules'", hint="e.g. adapter: {type: lora, target_modules: [query, value]}")
     kind = raw.get("type")
-    names = list(REGISTRY)
+    names = list(CONFIGS)
     if kind is None:
         raise RecipeError(f"{_path(loc + ('type',))}: missing", hint=f"set the adapter type, one of: {', '.join(names)}")
-    if kind not in REGISTRY:
+    if kind not in CONFIGS:
         close = difflib.get_close_matches(str(kind), names, n=1, cutoff=0.5)
         hint = (f"did you mean '{close[0]}'? " if close else "") + f"available adapters: {', '.join(names)}"
         raise RecipeError(f"{_path(loc + ('type',))}: unknown adapter type '{kind}'", hint=hint)
-    return REGISTRY[kind].config_class
+    return CONFIGS[kind]
 
 
 def _format_validation_error(exc: ValidationError, raw: dict, source: str) -> str:
@@ -231,7 +231,7 @@ def _format_validation_error(exc: ValidationError, raw: dict, source: str) -> st
             elif isinstance(node, list) and isinstance(part, int) and part < len(node):
                 kept.append(part)
                 node = node[part]
-            elif err["type"] == "missing" and isinstance(node, dict) and isinstance(part, str) and part not in REGISTRY:
+            elif err["type"] == "missing" and isinstance(node, dict) and isinstance(part, str) and part not in CONFIGS:
                 kept.append(part)
                 break
         path = _path(tuple(kept))

@@ -12,14 +12,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..adapters import REGISTRY
-from ..adapters.base import StrictModel
+from ..adapters.configs import CONFIGS, StrictModel
 
 Task = Literal["classification", "causal-lm", "instruction", "chat"]
 
 # Discriminated on `type`: each adapter module contributes its own strict config class.
 AdapterSection = Annotated[
-    Union[tuple(cls.config_class for cls in REGISTRY.values())],  # type: ignore[valid-type]
+    Union[tuple(CONFIGS.values())],  # type: ignore[valid-type]
     Field(discriminator="type"),
 ]
 

@@ -9,6 +9,9 @@ until the end. Where the bar's stream is not a terminal, each step that carries 
 Steps without values (merging layers, factorising updates, training between log steps)
 print a line at a tenth of the total only when no line came for `QUIET_S` seconds, so slow
 work still shows it is alive and fast work does not flood the log. `TNLORA_PROGRESS=plain` or `=bar` overrides the choice.
+
+Tables and messages are not cut to 80 columns either (`fit_console`): a log keeps every
+module name and option whole, and trained tokens are marked with brackets, not colour alone.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 QUIET_S = 30.0
+#: Width a console renders at when it writes to a file or pipe: wide enough that no table is
+#: cut or squeezed (rich sizes tables to their content; this is only the ceiling).
+LOG_WIDTH = 10_000
+#: Width of `--help` written to a file or pipe: help panels fill their width, so a ceiling as
+#: above would pad every line; at this width the longest option name and its type fit.
+HELP_LOG_WIDTH = 120
+#: Around the trained tokens of a sample when colour is off.
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 
 
 def use_plain_lines(is_terminal: bool) -> bool:
@@ -28,6 +39,14 @@ def use_plain_lines(is_terminal: bool) -> bool:
     if choice in ("plain", "bar"):
         return choice == "plain"
     return not is_terminal
+
+
+def fit_console(console: Any) -> None:
+    """A rich console writing to a file or pipe renders at full width without wrapping (a
+    terminal keeps its own width); called before each command, so a console follows its stream."""
+    logged = not console.is_terminal
+    console.width = LOG_WIDTH if logged else None  # None: ask the terminal
+    console.soft_wrap = logged
 
 
 def _clock(seconds: float) -> str:
