@@ -149,6 +149,10 @@ RECIPE_CASES = [
     R("output_dir list", _set("output_dir", ["a", "b"]), r"output_dir"),
     R("trust_remote_code text", _set("trust_remote_code", "maybe"), r"trust_remote_code"),
     R("allow_pickle text", _set("allow_pickle", "sometimes"), r"allow_pickle"),
+    # output:
+    R("adapter type switched, other type's keys left", _set("adapter.type", "tera"),
+      r"adapter\.(r|alpha), adapter\.(r|alpha): unknown keys for adapter type tera .*--set 'adapter=\{type: tera, target_modules: \[query, value\]\}'"),
+    R("adapter key of another type", _set("adapter.indim", 4), r"adapter.indim: unknown key for adapter type lora \(keys of tera\).*--unset adapter.indim"),
 ]
 
 # ----------------------------------------------------------------- recipe files
@@ -265,6 +269,15 @@ COMMAND_CASES = [
     C("count-params nothing", ["count-params"], 2, r"give a RECIPE or --model"),
     C("count-params unknown model", ["count-params", "--model", "no-such-model", "-s", "adapter.type=lora", "-s", "adapter.target_modules=[q]"], 2,
       r"no config for 'no-such-model'"),
+    # output:
+    C("eval batch-size 0 in one line", ["eval", "{run}", "--batch-size", "0"], 2, r"^error: .*eval: invalid value for '--batch-size'.* hint: run '.*eval --help'"),
+    C("unknown option", ["eval", "{run}", "--batchsize", "4"], 2, r"^error: .*eval: no such option: --batchsize"),
+    C("unknown command", ["evaluate", "{run}"], 2, r"^error: .*no such command 'evaluate'"),
+    C("missing argument", ["merge"], 2, r"^error: .*merge: missing argument"),
+    C("option of the wrong type", ["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "many"], 2, r"^error: .*invalid value for '--max-new-tokens'"),
+    C("unset a key the recipe lacks", ["train", "{recipe}", "--unset", "adapter.dropout"], 2, r"--unset adapter.dropout: adapter has no key 'dropout'"),
+    C("unset into a value", ["train", "{recipe}", "--unset", "model.name"], 2, r"--unset model.name: model has no key 'name'"),
+    C("switch adapter by replacing the section", ["train", "{recipe}", "--dry-run", "--set", "adapter={{type: tera, target_modules: [query, value]}}"], 0, r"tera on"),
 ]
 
 # ----------------------------------------------------------------- runs and checkpoints (need a private copy)
@@ -367,7 +380,8 @@ def _assert_one_message(result, exit_code: int, message: str) -> None:
     assert "Traceback" not in output, output
     flat = " ".join(output.split())  # rich wraps long lines
     assert re.search(message, flat), f"{message!r} not in:\n{output}"
-    assert len(re.findall(r"^error:|─ Error ", output, re.M)) == 1, f"expected one message:\n{output}"
+    if exit_code:
+        assert len(re.findall(r"^error:", output, re.M)) == 1 and "╭" not in output, f"expected one message, no box:\n{output}"
 
 
 # ====================================================================== tests

@@ -222,7 +222,9 @@ def _main(
     fit_console(out_console)
 
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=50 (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=50 (repeatable). "
+                    "Another adapter type: replace the section, --set 'adapter={type: tera, target_modules: [q_proj, v_proj]}'.")]
+UnsetOpt = Annotated[Optional[list[str]], typer.Option("--unset", help="Remove a recipe key before the --set overrides, e.g. --unset adapter.dropout (repeatable).")]
 
 
 def _sample_text(i: int, sample: dict, colour: bool) -> Text:
@@ -259,6 +261,7 @@ def _print_samples(samples: list[dict]) -> None:
 def train(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml.")],
     set_: SetOpt = None,
+    unset: UnsetOpt = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (latest checkpoint in output_dir) or a checkpoint directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start again in an output_dir that already holds a run.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show matched modules, exact counts, a memory estimate and tokenized samples; load no weights, write nothing.")] = False,
@@ -271,7 +274,7 @@ def train(
     """
     from .recipe.load import load_recipe
 
-    spec = _run(load_recipe, recipe, set_ or [])  # before torch loads: a recipe error is refused at once
+    spec = _run(load_recipe, recipe, set_ or [], unset or [])  # before torch loads: a recipe error is refused at once
     _quiet_libraries()
     from .train import train as run_train
 
@@ -293,6 +296,7 @@ def train(
 def prepare(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe whose data section to prepare.")],
     set_: SetOpt = None,
+    unset: UnsetOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (counts, cache, samples with input_ids and labels) as JSON.")] = None,
 ) -> None:
     """Read, check and tokenize the recipe's data into the cache that training opens.
@@ -302,7 +306,7 @@ def prepare(
     """
     from .recipe.load import load_recipe
 
-    spec = _run(load_recipe, recipe, set_ or [])
+    spec = _run(load_recipe, recipe, set_ or [], unset or [])
     _quiet_libraries()
     from .prepare import prepare_report
 
@@ -626,6 +630,7 @@ def count_params_(
     model: Annotated[Optional[str], typer.Option(help="Model: a shipped config (llama-2-7b, roberta-base, ...), minilm, or a directory.")] = None,
     task: Annotated[Optional[str], typer.Option(help="classification, causal-lm or instruction (without a recipe: causal-lm).")] = None,
     set_: SetOpt = None,
+    unset: UnsetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Exact trainable, frozen and stored parameters per module role, from the config alone.
@@ -643,7 +648,7 @@ def count_params_(
     if task:
         overrides.append(f"task={task}")
     if recipe is not None:
-        spec = _run(load_recipe, recipe, overrides)
+        spec = _run(load_recipe, recipe, overrides, unset or [])
     else:
         if not model:
             from .model.meta import shipped_configs

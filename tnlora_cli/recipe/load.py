@@ -20,8 +20,9 @@ from ..errors import RecipeError
 from .sections import Recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override (`--set a.b=v`) and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, unset: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file: keys in `unset` (`--unset a.b`) are removed
+    first, then `overrides` (`--set a.b=v`) applied in order."""
     path = Path(path)
     if path.is_dir():
         raise RecipeError(f"recipe file {path} is a directory", hint="pass the path of a YAML recipe inside it, e.g. recipes/quickstart.yaml")
@@ -42,8 +43,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    remove_keys(raw, unset or [])
     apply_overrides(raw, overrides or [])
     return validate_recipe(raw, source=str(path))
+
+
+def remove_keys(raw: dict, keys: list[str]) -> None:
+    """Remove `key.path` entries in place (`--unset`); a key the recipe does not have is refused,
+    so a typo is never ignored."""
+    for key in keys:
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i]) or "the recipe"
+                raise RecipeError(f"--unset {key}: {where} has no key '{part}'", hint="give the dotted path of a key the recipe sets, e.g. --unset adapter.dropout")
+            if i == len(parts) - 1:
+                del node[part]
+            else:
+                node = node[part]
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
@@ -174,6 +192,8 @@ def _check_keys(raw: Any, model: type[BaseModel], loc: tuple) -> None:
     if not isinstance(raw, dict):
         return
     fields = model.model_fields
+    if loc == ("adapter",):
+        _check_other_adapter_keys(raw, fields)
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
@@ -191,6 +211,26 @@ def _check_keys(raw: Any, model: type[BaseModel], loc: tuple) -> None:
             _check_keys(value, _adapter_config_class(value, loc + (key,)), loc + (key,))
         elif len(classes) == 1:
             _check_keys(value, classes[0], loc + (key,))
+
+
+def _check_other_adapter_keys(section: dict, fields: dict) -> None:
+    """Keys of other adapter types: most often a recipe written for one type whose `type` was
+    changed with --set. Refused (they would be settings silently dropped), all of them at once,
+    with how to replace the whole section."""
+    foreign = {key: [kind for kind, config in CONFIGS.items() if key in config.model_fields] for key in section if key not in fields}
+    foreign = {key: kinds for key, kinds in foreign.items() if kinds}
+    if not foreign:
+        return
+    kind = section.get("type")
+    targets = section.get("target_modules", ["q_proj", "v_proj"])
+    targets = "[" + ", ".join(map(str, targets)) + "]" if isinstance(targets, list) else str(targets)
+    owners = sorted({k for kinds in foreign.values() for k in kinds}, key=list(CONFIGS).index)
+    keys = ", ".join(f"adapter.{key}" for key in foreign)
+    raise RecipeError(
+        f"{keys}: unknown key{'s' if len(foreign) > 1 else ''} for adapter type {kind} (keys of {', '.join(owners)})",
+        hint=f"to switch adapter type, replace the whole section: --set 'adapter={{type: {kind}, target_modules: {targets}}}' "
+        f"(add {kind}'s own keys inside the braces); or remove them: " + " ".join(f"--unset adapter.{key}" for key in foreign),
+    )
 
 
 def _wants_int(annotation: Any) -> bool:
