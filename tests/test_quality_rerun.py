@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality import RERUN_RTOL, compare_rerun  # noqa: E402
+from quality import RERUN_RTOL, compare_rerun
 
 
 def test_a_loss_a_millionth_apart_with_equal_accuracy_repeats():

@@ -26,8 +26,8 @@ with contextlib.redirect_stderr(err):
         code = 0
     except SystemExit as exc:
         code = exc.code
-print(json.dumps({"code": code, "stderr": err.getvalue(), "loaded": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"code": code, "stderr": err.getvalue(), "loaded": [m for m in HEAVY if m in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def _probe(*argv: str) -> dict:
@@ -38,6 +38,16 @@ def _probe(*argv: str) -> dict:
 
 def test_importing_the_cli_loads_no_heavy_library():
     code = f"import sys, tnlora_cli.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_checking_a_recipe_in_python_loads_no_heavy_library():
+    code = (
+        "import sys; from tnlora_cli import TeraConfig, load_recipe; from tnlora_cli.adapters import CONFIGS; "
+        "r = load_recipe('recipes/minilm_tera.yaml'); assert isinstance(r.adapter, TeraConfig) and CONFIGS['tera'] is TeraConfig; "
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

@@ -13,18 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from .errors import TnloraError
 from .report.plainlog import HELP_LOG_WIDTH, TRAINED_CLOSE, TRAINED_OPEN, PlainProgress, fit_console, use_plain_lines
 from .report.reporter import Reporter
-
 
 
 class _Commands(TyperGroup):
@@ -249,7 +248,7 @@ def _sample_text(i: int, sample: dict, colour: bool) -> Text:
 
 
 def _print_samples(samples: list[dict]) -> None:
-    colour = out_console.color_system is not None
+    colour = out_console.color_system is not None and not out_console.no_color  # NO_COLOR: brackets too
     for i, sample in enumerate(samples):
         out_console.print(_sample_text(i, sample, colour))
     if samples and samples[0].get("trained") is not None:
@@ -640,7 +639,7 @@ def count_params_(
     Example: tnlora count-params --model llama-2-7b --set adapter.type=tera
     --set adapter.target_modules=\\[q_proj,v_proj] --set adapter.indim=4096 --set adapter.outdim=8
     """  # \\[ : a literal bracket in Rich markup, which would otherwise swallow [q_proj,v_proj]
-    from .recipe.load import apply_overrides, load_recipe, validate_recipe
+    from .recipe.load import apply_overrides, load_recipe, remove_keys, validate_recipe
 
     overrides = list(set_ or [])
     if model:
@@ -657,6 +656,7 @@ def count_params_(
             raise typer.Exit(2)
         # Data is not read when counting; placeholders satisfy the schema.
         raw: dict[str, Any] = {"task": "causal-lm", "adapter": {}, "data": {"train": "-", "label_column": "label"}}
+        _run(remove_keys, raw, unset or [])
         _run(apply_overrides, raw, overrides)
         spec = _run(validate_recipe, raw, "command line")
     _quiet_libraries()

@@ -9,16 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .configs import (
-    CONFIGS,
-    AdapterConfig,
-    LoraConfig,
-    LorettaConfig,
-    TensorGuideConfig,
-    TeraConfig,
-    TracConfig,
-    VeraConfig,
-)
+from .configs import CONFIGS, AdapterConfig, LoraConfig, LorettaConfig, TensorGuideConfig, TeraConfig, TracConfig, VeraConfig
 
 #: `adapter.type` -> the class of its adapter, in its module of the same name (imported on first use)
 _ADAPTER_CLASSES = {

@@ -4,10 +4,11 @@ An adapter is an `nn.Module` that computes only the update branch of one linear 
 
     y = base(x) + adapter(x),   adapter(x) == x @ adapter.delta_weight().T   (when linear)
 
-Each method lives in its own module (`lora.py`, ...) with a strict config class and an
-`Adapter` subclass. The injector (`tnlora_cli.model.inject`) builds one adapter per matched
-layer and hands every adapter the same `SharedStore`, where tensors shared across layers are
-registered exactly once. The wrappers that put an adapter on a layer live in `layers.py`.
+Each method lives in its own module (`lora.py`, ...) with an `Adapter` subclass; its strict
+config class is in `configs.py`, which imports no torch, so recipes are checked before torch
+loads. The injector (`tnlora_cli.model.inject`) builds one adapter per matched layer and hands
+every adapter the same `SharedStore`, where tensors shared across layers are registered exactly
+once. The wrappers that put an adapter on a layer live in `layers.py`.
 Optional hooks (`bind_base`, `combine`, `merge_weight`) let a method see the base weight and
 define how it joins the base output and the merged weight; their defaults are additive.
 """
