@@ -253,7 +253,7 @@ def _print_samples(samples: list[dict]) -> None:
         out_console.print(_sample_text(i, sample, colour))
     if samples and samples[0].get("trained") is not None:
         marked = "green" if colour else f"{TRAINED_OPEN}...{TRAINED_CLOSE}"
-        out_console.print(f"[dim]{escape(marked)}: tokens in the loss; the rest is masked[/dim]")
+        out_console.print(f"[dim]{escape(marked)}: tokens in the loss; the rest is masked[/dim]", highlight=False)
 
 
 @app.command()
