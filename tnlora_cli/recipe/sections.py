@@ -16,7 +16,7 @@ from ..adapters.configs import CONFIGS, StrictModel
 
 Task = Literal["classification", "causal-lm", "instruction", "chat"]
 
-# Discriminated on `type`: each adapter module contributes its own strict config class.
+# Discriminated on `type`: one strict config class per adapter (adapters/configs.py, no torch).
 AdapterSection = Annotated[
     Union[tuple(CONFIGS.values())],  # type: ignore[valid-type]
     Field(discriminator="type"),
