@@ -230,3 +230,12 @@ def test_eval_generate_scores_every_assistant_turn_of_a_chat_run(make_recipe, tm
     assert all(r["prompt"].endswith("user: why") for r in rows[1::2])
     table = CliRunner().invoke(app, ["eval", raw["output_dir"], "--generate", "--max-new-tokens", "2"])
     assert table.exit_code == 0 and "scored: every assistant turn" in table.output and "8 greedy replies in 4 held-out examples" in " ".join(table.output.split())
+
+
+def test_a_prompt_file_row_with_a_number_says_it_is_not_text(tmp_path):
+    from tnlora_cli.errors import InputError
+    from tnlora_cli.generation.prompts import read_prompt_file
+
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "what is the cat"}, {"prompt": 5}])
+    with pytest.raises(InputError, match=r"line 2: 'prompt' is not text \(got int '5'\)"):
+        read_prompt_file(prompts)

@@ -81,7 +81,7 @@ def _split_indices(n: int, fraction: float, seed: int, cap: int | None, report: 
         n_eval = min(n_eval, cap)
     if n_eval >= n:
         drops, hint = _drops(report or {})
-        raise DataError(f"data: {drops}{n:,} examples {'are' if n != 1 else 'is'} too few to hold out {fraction:.0%}", hint=hint or "add data or give data.eval")
+        raise DataError(f"data: {drops}{n:,} example{'s are' if n != 1 else ' is'} too few to hold out {fraction:.0%}", hint=hint or "add data or give data.eval")
     return order[n_eval:], order[:n_eval]
 
 
