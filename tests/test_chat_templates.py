@@ -236,6 +236,7 @@ def test_a_row_in_the_other_style_says_where_the_style_came_from():
 
 def test_prepare_counts_trained_tool_calls_and_reads_the_tools_column(tmp_path):
     from tnlora_cli.data.prepare import prepare_data
+    from tnlora_cli.data.report import data_summary
     from tnlora_cli.recipe.sections import DataConfig
 
     rows = [{"messages": [{"role": "user", "content": f"Weather {i}?"},
@@ -246,6 +247,7 @@ def test_prepare_counts_trained_tool_calls_and_reads_the_tools_column(tmp_path):
     tok = _tokenizer("chars", "qwen")
     prepared = prepare_data(DataConfig(train=str(data), max_length=1024), "chat", tok)
     assert prepared.report["train_tool_calls"] == len(prepared.train) == 18
+    assert "18 tool calls trained" in data_summary(prepared.report)
     assert any("column 'tools'" in n for n in prepared.report["notes"])
     held_out = prepared.eval[0]
     assert json.loads(held_out["turns"])[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}

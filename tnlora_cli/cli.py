@@ -266,6 +266,8 @@ def _print_prepare(report: dict[str, Any]) -> None:
     table.add_row("training tokens", f"{report['train_tokens']:,}")
     if report.get("train_trained_tokens") is not None:
         table.add_row("  of which trained (in the loss)", f"{report['train_trained_tokens']:,}")
+    if report.get("train_tool_calls"):
+        table.add_row("  tool calls trained", f"{report['train_tool_calls']:,}")
     table.add_row(f"truncated at {report['max_length']} tokens", f"{report['truncated']:,}")
     for reason, n in report["dropped"].items():
         table.add_row(f"dropped: {reason}", f"{n:,}")
