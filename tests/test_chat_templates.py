@@ -251,3 +251,35 @@ def test_prepare_counts_trained_tool_calls_and_reads_the_tools_column(tmp_path):
     assert any("column 'tools'" in n for n in prepared.report["notes"])
     held_out = prepared.eval[0]
     assert json.loads(held_out["turns"])[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+# Qwen-3 style: the last assistant turn's reasoning in a <think> block (an empty one without
+# reasoning), earlier turns' reasoning stripped.
+THINKING = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{%- set content = message.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.last %}{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("reply", ["a", "<think>Easy.</think>a", "<think>\nim\n</think>\n\nd"])
+def test_templates_that_rewrite_a_turn_train_what_they_wrote_for_it(reply):
+    tok = _tokenizer("chars", "chatml")
+    tok.chat_template = THINKING
+    messages = [{"role": "user", "content": "Pick one."}, {"role": "assistant", "content": "<think>Hmm.</think>b"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": reply}]
+    reasoning = reply.split("</think>")[0].split("<think>")[-1].strip("\n") if "</think>" in reply else ""
+    last = f"<think>\n{reasoning}\n</think>\n\n{reply.split('</think>')[-1].lstrip()}<|im_end|>"
+    # The earlier turn keeps only its answer; the last one its think block, opened by the model.
+    assert trained_runs(tok, tokenize_conversation(tok, messages, "assistant", 512)) == ["b<|im_end|>", last]
+    text, spans = render(tok, messages)
+    assert format_prompt(tok, messages[:-1]) == text[: spans[-1][0]]
+    # Llama-3 and Gemma trim each turn: a padded reply trains its trimmed text.
+    for name in ("llama3", "gemma"):
+        trimmed = _tokenizer("chars", name)
+        example = tokenize_conversation(trimmed, instruction_messages("Pick one.", f"  {reply}\n"), "assistant", 512)
+        assert trained_runs(trimmed, example) == [reply.strip() + TEMPLATES[name][1]], name
