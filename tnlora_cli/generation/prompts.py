@@ -33,7 +33,7 @@ def read_prompt_file(path: str | Path, prompt_field: str = "prompt", reference_f
         if isinstance(row, dict) and row.get(prompt_field) is not None and not isinstance(row[prompt_field], str):
             value = row[prompt_field]
             raise InputError(f"--input: {path} line {number}: '{prompt_field}' is not text (got {type(value).__name__} {str(value)[:40]!r})",
-                             hint=f"write the prompt as a JSON string, e.g. {{\"{prompt_field}\": \"{value}\"}}")
+                             hint=f"write the prompt as a JSON string: {{\"{prompt_field}\": \"...\"}}")
         if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str):
             got = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
             raise InputError(
