@@ -64,6 +64,22 @@ def _drop(path: str) -> Callable[[dict], None]:
     return mutate
 
 
+def _rows(task: str, rows: list, **data: Any) -> Callable[[dict], None]:
+    """Train the tiny Llama on these rows (written beside the recipe) for a chat or instruction task."""
+
+    def mutate(raw: dict) -> None:
+        path = Path(raw["output_dir"]).parent / "rows.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        raw.update(task=task, model=str(Path(raw["model"]).parent / "llama"), data={"train": str(path), "max_length": 32, **data})
+        raw["adapter"]["target_modules"] = ["q_proj", "v_proj"]
+
+    return mutate
+
+
+_HI = {"role": "user", "content": "what is the cat"}
+_CALL = {"type": "function", "function": {"name": "find", "arguments": '{"q": "cat"}'}}
+
+
 class R(NamedTuple):
     id: str
     mutate: Callable[[dict], None]
@@ -153,6 +169,24 @@ RECIPE_CASES = [
     R("adapter type switched, other type's keys left", _set("adapter.type", "tera"),
       r"adapter\.(r|alpha), adapter\.(r|alpha): unknown keys for adapter type tera .*--set 'adapter=\{type: tera, target_modules: \[query, value\]\}'"),
     R("adapter key of another type", _set("adapter.indim", 4), r"adapter.indim: unknown key for adapter type lora \(keys of tera\).*--unset adapter.indim"),
+    # chat:
+    R("chat ShareGPT row in an OpenAI file", _rows("chat", [{"messages": [_HI, {"role": "assistant", "content": "the cat"}]},
+                                                            {"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "the"}]}]),
+      r"row 2: turn 1 is ShareGPT style \(from/value\), but the turns are read as OpenAI style \(role/content\), as detected from the file's first conversation"),
+    R("chat tool call arguments not JSON", _rows("chat", [{"messages": [_HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "find", "arguments": "{q: cat"}}]}]}]), r"row 1: turn 2's tool_calls\[0\] \(find\): arguments are not valid JSON"),
+    R("chat tool calls on a user turn", _rows("chat", [{"messages": [{**_HI, "tool_calls": [_CALL]}]}]), r"row 1: turn 1 has tool_calls but role 'user'"),
+    R("chat tool calls the template cannot render", _rows("chat", [{"messages": [_HI, {"role": "assistant", "content": "let me see", "tool_calls": [_CALL]}]}]),
+      r"row 1: the chat template does not render tool calls \(turn 2 has 1\)"),
+    R("chat content null and a template without tools", _rows("chat", [{"messages": [_HI, {"role": "assistant", "content": None, "tool_calls": [_CALL]}]}]),
+      r"row 1: the chat template cannot render this conversation"),
+    R("chat tools column not a list", _rows("chat", [{"messages": [_HI, {"role": "assistant", "content": "the cat"}], "tools": "find"}]),
+      r"row 1: field 'tools' is not a list of tool schemas"),
+    R("chat assistant turn only spaces", _rows("chat", [{"messages": [_HI, {"role": "assistant", "content": "  "}]}]), r"row 1: assistant turn 2 is empty"),
+    R("every row dropped for max_length", _rows("instruction", [{"prompt": "what is the cat " * 20, "response": "the cat"}] * 30),
+      r"data: 30 of 30 rows read were dropped \(30: no trained token within data.max_length=32 \(the prompt fills it\)\), so 0 examples are too few to hold out"),
+    R("bad rows dropped before the split", _rows("instruction", [{"prompt": "what", "response": None}] * 5 + [{"prompt": "what", "response": "the"}], on_bad_rows="drop"),
+      r"data: 5 of 6 rows read were dropped \(5: field 'response' is missing or null\), so 1 example is too few"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -184,3 +184,58 @@ def test_chat_on_the_embedded_smollm2(smol_tokenizer, tmp_path):
     ])
     result = train(recipe)
     assert result.evaluation["tuned"]["loss"] < result.evaluation["base"]["loss"]
+
+
+@pytest.mark.parametrize("train_on, scored_turns", [("assistant", [2, 4]), ("last", [4]), ("all", [2, 4])])
+def test_held_out_replies_are_the_trained_turns_with_the_conversation_before_them(train_on, scored_turns):
+    from tnlora_cli.evaluation.text import held_out_replies
+
+    tok = make_tokenizer()
+    messages = _conversations(1)[0]
+    example = tokenize_conversation(tok, messages, train_on, 128)
+    example["turns"] = json.dumps(messages)
+    replies = held_out_replies([example], tok.decode)
+    assert [r.turn + 1 for r in replies] == [t + 1 for t in scored_turns]
+    for r, t in zip(replies, scored_turns):
+        assert tok.decode(r.reference_ids) == messages[t]["content"] + " <eos>"
+        # The prompt is the conversation before the reply, tokenized as training tokenized it ...
+        assert r.prompt_ids == example["input_ids"][: len(r.prompt_ids)]
+        assert tok.decode(r.prompt_ids + r.reference_ids) == tok.decode(tok(tok.apply_chat_template(messages[: t + 1], tokenize=False), add_special_tokens=False)["input_ids"])
+        # ... and shown as text, not as template tokens.
+        assert "<user>" not in r.prompt_text and r.prompt_text.endswith(f"user: {messages[t - 1]['content']}")
+    cut = tokenize_conversation(tok, messages, "assistant", 30)  # the second reply is cut at max_length: not scored
+    assert [r.turn for r in held_out_replies([cut], tok.decode)] == [2]
+
+
+def test_eval_generate_scores_every_assistant_turn_of_a_chat_run(make_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+    from tnlora_cli.recipe.load import validate_recipe
+    from tnlora_cli.train import train
+
+    data = _write(tmp_path / "chat.jsonl", [{"messages": c} for c in _conversations(40)])
+    raw = make_recipe("llama", "instruction")
+    raw["task"] = "chat"
+    raw["data"] = {"train": str(data), "max_length": 64, "eval_fraction": 0.1}
+    raw["training"].update(max_steps=2, batch_size=4)
+    train(validate_recipe(raw))
+    result = CliRunner().invoke(app, ["eval", raw["output_dir"], "--generate", "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_examples"] == 4 and report["n_replies"] == 8 and report["scored"].startswith("every assistant turn (data.train_on: assistant)")
+    rows = [json.loads(line) for line in (Path(raw["output_dir"]) / "generations.jsonl").read_text().splitlines()]
+    assert [r["turn"] for r in rows] == [3, 5] * 4
+    assert all("<" not in r["prompt"] and r["prompt"].startswith("system: you like to play\nuser: what is the") for r in rows)
+    assert all(r["prompt"].endswith("user: why") for r in rows[1::2])
+    table = CliRunner().invoke(app, ["eval", raw["output_dir"], "--generate", "--max-new-tokens", "2"])
+    assert table.exit_code == 0 and "scored: every assistant turn" in table.output and "8 greedy replies in 4 held-out examples" in " ".join(table.output.split())
+
+
+def test_a_prompt_file_row_with_a_number_says_it_is_not_text(tmp_path):
+    from tnlora_cli.errors import InputError
+    from tnlora_cli.generation.prompts import read_prompt_file
+
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "what is the cat"}, {"prompt": 5}])
+    with pytest.raises(InputError, match=r"line 2: 'prompt' is not text \(got int '5'\)"):
+        read_prompt_file(prompts)

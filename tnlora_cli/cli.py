@@ -329,6 +329,8 @@ def _print_prepare(report: dict[str, Any]) -> None:
     table.add_row("training tokens", f"{report['train_tokens']:,}")
     if report.get("train_trained_tokens") is not None:
         table.add_row("  of which trained (in the loss)", f"{report['train_trained_tokens']:,}")
+    if report.get("train_tool_calls"):
+        table.add_row("  tool calls trained", f"{report['train_tool_calls']:,}")
     table.add_row(f"truncated at {report['max_length']} tokens", f"{report['truncated']:,}")
     for reason, n in report["dropped"].items():
         table.add_row(f"dropped: {reason}", f"{n:,}")
@@ -377,13 +379,14 @@ def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Opt
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples, greedy replies", report["metrics"]))
+    out_console.print(_metrics_table(f"{run_dir}: {report['n_replies']} greedy replies in {report['n_examples']} held-out examples", report["metrics"]))
+    out_console.print(f"scored: {report['scored']}")
     if report["examples"]:
         table = Table(title="examples", show_lines=True)
         for column in ("prompt", "reference", "base", "tuned"):
             table.add_column(column, overflow="fold")
         for r in report["examples"]:
-            # The prompt as the model read it (template and all); its end is the part that differs.
+            # The conversation before the reply, as text; its end is the part that differs.
             prompt = r["prompt"] if len(r["prompt"]) <= 120 else "…" + r["prompt"][-120:]
             table.add_row(prompt, r["reference"], r["base"], r["tuned"])
         out_console.print(table)

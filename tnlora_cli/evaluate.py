@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import InputError
 from .evaluation.metrics import compare_with_base, held_out_digest, majority_rate
-from .evaluation.text import score_generations, split_prompt_reference
+from .evaluation.text import SCORED_REPLIES, held_out_replies, score_generations
 from .generation.generator import SamplingSettings, inspect_source, load_generator
 from .model.build import load_run
 from .report.reporter import Reporter
@@ -48,7 +48,9 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """Loss, perplexity and generation metrics of base and tuned on the run's held-out split.
 
-    Writes `generations.jsonl` (prompt, reference, base, tuned per example) beside the run's
+    Scores the replies `evaluation.text.held_out_replies` picks (the assistant turns the loss
+    covers, each prompted with the conversation before it). Writes `generations.jsonl`
+    (example, turn, the prompt as text, reference, base, tuned per reply) beside the run's
     recipe and adds a `generate` entry to its `eval.json`, keeping what else is there.
     """
     reporter = reporter or Reporter()
@@ -75,9 +77,12 @@ def evaluate_generation(
         rows = compare_with_base(prepared.model, prepared.initial_head, examples, source.task, prepared.tokenizer.pad_token_id, settings.batch_size)
     else:
         reporter.status(f"loss of base and tuned on {len(examples)} held-out examples: from training's eval.json (same adapter, same rows)")
-    split = [split_prompt_reference(e) for e in examples]
-    prompts = [p for p, _ in split]
-    references = [gen.decode(r) for _, r in split]
+    replies = held_out_replies(examples, gen.decode)
+    if not replies:
+        raise InputError(f"{path}: no held-out reply lies wholly within data.max_length, so there is nothing to score",
+                         hint="raise data.max_length (and prepare again), or give data.eval with shorter conversations")
+    prompts = [r.prompt_ids for r in replies]
+    references = [gen.decode(r.reference_ids) for r in replies]
     outputs: dict[str, list[str]] = {}
     for name, adapters in (("base", False), ("tuned", True)):  # base first: the tuned model merges the adapters
         reporter.start(len(prompts), f"generating ({name})")
@@ -87,8 +92,9 @@ def evaluate_generation(
             reporter.finish()
         rows[name].update(score_generations(outputs[name], references, cfg.answer_pattern))
     records = [
-        {"prompt": prepared.tokenizer.decode(p), "reference": r, "base": b, "tuned": t}
-        for p, r, b, t in zip(prompts, references, outputs["base"], outputs["tuned"])
+        {"example": reply.example + 1, **({"turn": reply.turn + 1} if reply.turn is not None else {}), "prompt": reply.prompt_text,
+         "reference": r, "base": b, "tuned": t}
+        for reply, r, b, t in zip(replies, references, outputs["base"], outputs["tuned"])
     ]
     write_jsonl(run_dir / "generations.jsonl", records)
     settings_json = {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "decoding": "greedy",
@@ -97,6 +103,8 @@ def evaluate_generation(
         "run": str(path),
         "task": source.task,
         "n_examples": len(examples),
+        "n_replies": len(replies),
+        "scored": SCORED_REPLIES[source.recipe.data.train_on],
         "settings": settings_json,
         "metrics": rows,
         "examples": records[: cfg.show],

@@ -19,7 +19,7 @@ from typing import Any
 from ..paths import cache_dir
 
 #: Bump when preparation changes what it produces for the same inputs.
-PREP_VERSION = "2"
+PREP_VERSION = "3"
 
 
 def data_cache_root() -> Path:

@@ -1,8 +1,20 @@
-"""Conversations: normalise OpenAI / ShareGPT turns, render them, and find what the loss covers.
+"""Chat and instruction examples: render a conversation with the chat template, find what the
+loss covers, tokenize.
 
-The loss mask is derived from the rendered text itself: each assistant turn's content is
-located in the string the chat template produced (or taken from `{% generation %}` markers
-when the template has them), and tokens are marked through the tokenizer's offset mapping.
+The loss mask is located structurally, never by searching the rendered text for a reply (a
+reply `a` would be found in `<|im_start|>`). The conversation is rendered a second time with
+each turn's content replaced by a unique marker: the template puts every marker exactly where it
+puts that turn's text. When substituting the real texts back gives the real rendering, each
+assistant turn is where its marker was. Otherwise (a template that trims, rewrites or drops
+parts of a turn, e.g. earlier reasoning) and for turns with tool calls, each assistant turn is
+rendered with a marker in place of its content and calls, and its span is the part of the real
+rendering that differs: what the template wrote for that turn and nothing else. A span starts
+earlier where the template's generation prompt ends before it (what a template writes between
+the two is the model's to generate). Templates with `{% generation %}` markers give their
+spans directly. The span is extended over the end-of-turn token that closes it, so the model
+learns to stop. A template that leaves a turn
+out, or does not render a row's tool calls or tools, is refused for that row.
+
 Nothing assumes that rendering a prefix of a conversation gives a prefix of its tokens, so
 templates that rewrite earlier turns (default system prompts, date headers, stripped
 reasoning) are masked correctly.
@@ -13,68 +25,28 @@ renders it.
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from typing import Any
+
+from .turns import (  # noqa: F401 - re-exported: the chat task's public names live here
+    OPENAI_ROLES,
+    SHAREGPT_ROLES,
+    RowError,
+    conversation_style,
+    instruction_messages,
+    normalize_messages,
+)
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "last", "all")
 
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
-}
-OPENAI_ROLES = ("system", "user", "assistant", "tool")
 
-
-class RowError(ValueError):
-    """One row is unusable; the caller adds file and row number."""
-
-
-def _text(value: Any, what: str) -> str:
-    """A turn's text: a string, or OpenAI content parts of type text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    if value is None:
-        raise RowError(f"{what} is missing or null")
-    raise RowError(f"{what} is not text (got {type(value).__name__})")
-
-
-def conversation_style(turns: Any) -> str | None:
-    """'openai' (role/content), 'sharegpt' (from/value) or None, from the first turn."""
-    if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
-        return None
-    first = {k for k, v in turns[0].items() if v is not None}
-    if {"role", "content"} <= first or ("role" in first and "tool_calls" in first):
-        return "openai"
-    if {"from", "value"} <= first:
-        return "sharegpt"
-    return None
-
-
-def normalize_messages(turns: Any, style: str | None = None) -> list[dict[str, str]]:
-    """OpenAI or ShareGPT turns as [{'role', 'content'}] with OpenAI role names."""
-    if not isinstance(turns, list) or not turns:
-        raise RowError("the conversation is missing, null or empty" if not turns else f"the conversation is not a list of turns (got {type(turns).__name__})")
-    style = style or conversation_style(turns)
-    if style is None:
-        raise RowError("turns are neither OpenAI style (role/content) nor ShareGPT style (from/value)")
-    role_key, text_key = ("role", "content") if style == "openai" else ("from", "value")
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(f"turn {i + 1} is not a mapping")
-        raw_role = turn.get(role_key)
-        role = raw_role if style == "openai" and raw_role in OPENAI_ROLES else SHAREGPT_ROLES.get(str(raw_role).lower()) if style == "sharegpt" else None
-        if role is None:
-            known = ", ".join(OPENAI_ROLES if style == "openai" else ("human", "gpt", "system", "tool"))
-            raise RowError(f"turn {i + 1} has {role_key} {raw_role!r}; expected one of {known}")
-        out.append({"role": role, "content": _text(turn.get(text_key), f"turn {i + 1}'s {text_key}")})
-    return out
-
-
-def _plain_render(messages: list[dict[str, str]], eos: str) -> tuple[str, list[tuple[int, int]]]:
+def _plain_render(messages: list[dict[str, Any]], eos: str) -> tuple[str, list[tuple[int, int]]]:
     """Without a chat template: user/system/tool text and a newline, assistant text and EOS."""
+    if any(m.get("tool_calls") for m in messages):
+        raise RowError("the conversation has tool calls and the tokenizer has no chat template to render them")
     text, spans = "", []
     for m in messages:
         if m["role"] == "assistant":
@@ -88,7 +60,7 @@ def _plain_render(messages: list[dict[str, str]], eos: str) -> tuple[str, list[t
 
 def _end_of_turn(text: str, pos: int, specials: list[str]) -> int:
     """Extend an assistant span over the end-of-turn token that closes it, so the model
-    learns to stop: the first special token after `pos`, past whitespace only."""
+    learns to stop: a special token right after `pos`, past spaces and tabs only."""
     i = pos
     while i < len(text) and text[i] in " \t":
         i += 1
@@ -98,60 +70,168 @@ def _end_of_turn(text: str, pos: int, specials: list[str]) -> int:
     return pos
 
 
-def render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def render(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Rendered conversation and the character span of every assistant turn in it."""
+    text, turns = render_turns(tokenizer, messages, tools)
+    return text, [(a, b) for _, a, b in turns]
+
+
+def render_turns(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int, int]]]:
+    """Rendered conversation and (turn index, start, end) of every assistant turn in it, in
+    characters, the end-of-turn token included."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        return _plain_render(messages, tokenizer.eos_token or "")
+        if tools:
+            raise RowError("the row has tools and the tokenizer has no chat template to render them")
+        text, spans = _plain_render(messages, tokenizer.eos_token or "")
+        return text, [(i, a, b) for i, (a, b) in zip(_assistant_turns(messages), spans)]
     if _has_generation_markers(tokenizer):
         # The template marks what the assistant generates: take its character spans.
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, indices = render_jinja_template(conversations=[messages], chat_template=template, return_assistant_tokens_mask=True,
-                                                  **tokenizer.special_tokens_map)
-        return rendered[0], [(a, b) for a, b in indices[0]]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+        plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            rendered, indices = render_jinja_template(conversations=[plain], tools=tools, chat_template=template,
+                                                      return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+        except Exception as exc:  # noqa: BLE001 - a template raises what its author chose (raise_exception, TypeError, ...)
+            raise _template_error(exc) from None
+        turns = _assistant_turns(messages)
+        if len(indices[0]) != len(turns):
+            raise RowError(f"the chat template's {{% generation %}} blocks ({len(indices[0])}) do not match the assistant turns ({len(turns)})")
+        return rendered[0], [(i, a, b) for i, (a, b) in zip(turns, indices[0])]
+    text = _apply(tokenizer, messages, tools)
+    if tools and _apply(tokenizer, messages, None) == text:
+        raise RowError("the chat template does not render the row's tools (the rendering is the same without them)")
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
-    spans, cursor = [], 0
-    for m in messages:
-        # Every turn moves the cursor, so an assistant reply that repeats the user's words
-        # is found in its own turn. A turn the template rewrote (not found) leaves it.
-        content = m["content"].strip()
-        start = text.find(content, cursor) if content else -1
-        if m["role"] != "assistant":
-            if start >= 0:
-                cursor = start + len(content)
-            continue
-        if not content:
-            raise RowError("an assistant turn is empty")
-        if start < 0 and "</think>" in content:
-            # Templates that strip the reasoning of earlier turns keep only the answer.
-            content = content.rsplit("</think>", 1)[1].strip()
-            start = text.find(content, cursor) if content else -1
-        if start < 0:
-            raise RowError("the chat template changed an assistant turn's text, so its tokens cannot be located; "
-                           "add {% generation %} markers to the template")
-        end = _end_of_turn(text, start + len(content), specials)
-        spans.append((start, end))
-        cursor = end
-    return text, spans
+    spans = _locate(tokenizer, messages, tools, text)
+    return text, [(i, a, _end_of_turn(text, b, specials)) for i, a, b in spans]
+
+
+def _assistant_turns(messages: list[dict[str, Any]]) -> list[int]:
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def _apply(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a template raises what its author chose (raise_exception, TypeError, ...)
+        raise _template_error(exc) from None
+
+
+def _template_error(exc: Exception) -> RowError:
+    detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return RowError(f"the chat template cannot render this conversation ({detail})")
+
+
+def _marker_nonce(messages: list[dict[str, Any]], tools: Any) -> str:
+    """A marker prefix that occurs nowhere in the row (letters and digits only, so templates
+    that JSON-encode a turn keep it intact)."""
+    blob = json.dumps([messages, tools], default=str)
+    k = 0
+    while f"TNLORA{k}Q" in blob:
+        k += 1
+    return f"TNLORA{k}Q"
+
+
+def _locate(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str) -> list[tuple[int, int, int]]:
+    """(turn, start, end) of each assistant turn's rendered text in `text` (see the module docstring)."""
+    nonce = _marker_nonce(messages, tools)
+    marker = [f"{nonce}{i}E" for i in range(len(messages))]
+    has_text = [isinstance(m.get("content"), str) and m["content"] != "" for m in messages]
+    marked = [{**m, "content": marker[i]} if has_text[i] else m for i, m in enumerate(messages)]
+    shape = _apply(tokenizer, marked, tools)
+    pieces = re.split(f"({nonce}\\d+E)", shape)
+    seen = Counter(int(p[len(nonce):-1]) for p in pieces[1::2])
+    for i, m in enumerate(messages):
+        if has_text[i] and not seen[i]:
+            raise RowError(f"the chat template leaves out turn {i + 1} (role {m['role']}); its text would be lost")
+    # Quick path: the real texts in the markers' places give the real rendering.
+    rebuilt, where, pos = [], {}, 0
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            i = int(piece[len(nonce):-1])
+            piece = messages[i]["content"]
+            where.setdefault(i, []).append((pos, pos + len(piece)))
+        rebuilt.append(piece)
+        pos += len(piece)
+    exact = "".join(rebuilt) == text
+    out = []
+    for i in _assistant_turns(messages):
+        m = messages[i]
+        if exact and not m.get("tool_calls") and len(where.get(i, ())) == 1:
+            start, end = where[i][0]
+        else:
+            start, end = _differing_span(tokenizer, messages, tools, text, i, marker[i])
+        out.append((i, _output_start(tokenizer, messages, tools, text, i, start), end))
+    return out
+
+
+def _output_start(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str, i: int, start: int) -> int:
+    """Where the model's own output for turn `i` begins: the end of the generation prompt that
+    precedes it, when that prompt is a prefix of the rendering ending before `start`. What a
+    template writes between its generation prompt and the turn's text (Qwen-3's `<think>`
+    block) is generated by the model at inference, so it is trained too."""
+    prompt = _apply(tokenizer, messages[:i], tools, add_generation_prompt=True)
+    return len(prompt) if len(prompt) < start and text.startswith(prompt) else start
+
+
+def _differing_span(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str, i: int, marker: str) -> tuple[int, int]:
+    """The characters of `text` that the template wrote for assistant turn `i`: the part that
+    changes when the turn's content and tool calls are replaced by a marker."""
+    m = messages[i]
+    if m.get("tool_calls"):
+        without = [*messages[:i], {"role": "assistant", "content": m.get("content") or ""}, *messages[i + 1:]]
+        if _apply(tokenizer, without, tools) == text:
+            raise RowError(f"the chat template does not render tool calls (turn {i + 1} has {len(m['tool_calls'])})")
+    other = _apply(tokenizer, [*messages[:i], {"role": "assistant", "content": marker}, *messages[i + 1:]], tools)
+    if other.count(marker) != 1:
+        raise RowError(f"the chat template renders assistant turn {i + 1} {'more than once' if other.count(marker) else 'not at all'}, "
+                       "so its tokens cannot be located; add {% generation %} markers to the template")
+    p = other.index(marker)
+    # Both renderings agree before the turn and after it; the cap keeps a reply that begins
+    # (ends) with the marker's first (last) character from shifting the span.
+    start = min(p, _common_prefix(text, other))
+    end = len(text) - min(len(other) - p - len(marker), _common_prefix(text[::-1], other[::-1]))
+    if end <= start:
+        raise RowError(f"assistant turn {i + 1} is empty in the rendered conversation")
+    return start, end
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix (a binary search over slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _has_generation_markers(tokenizer) -> bool:
     template = getattr(tokenizer, "chat_template", None) or ""
-    return "{% generation %}" in template or "{%- generation %}" in template or "generation -%}" in template
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
-def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]], train_on: str, max_length: int) -> list[dict[str, Any] | RowError]:
-    """For each conversation: input_ids, labels (IGNORE_INDEX where masked) and whether it was
-    truncated, or the RowError that makes it unusable. Rendered texts are tokenized in one call."""
+def tokenize_conversations(tokenizer, conversations: list[list[dict[str, Any]]], train_on: str, max_length: int,
+                           tools: list[list[dict[str, Any]] | None] | None = None) -> list[dict[str, Any] | RowError]:
+    """For each conversation: input_ids, labels (IGNORE_INDEX where masked), whether it was
+    truncated, the trained token count, and `replies`: [turn, first token, end token] of each
+    assistant turn the loss covers (every one with `train_on: all`) that lies wholly within
+    `max_length`, flattened; or the RowError that makes it unusable. `tools[k]` are the tool
+    schemas of conversation k. Rendered texts are tokenized in one call."""
     results: list[dict[str, Any] | RowError] = []
-    rendered: list[tuple[str, list[tuple[int, int]]] | RowError] = []
-    for messages in conversations:
+    rendered: list[tuple[str, list[tuple[int, int, int]]] | RowError] = []
+    for k, messages in enumerate(conversations):
         if train_on != "all" and not any(m["role"] == "assistant" for m in messages):
             rendered.append(RowError("the conversation has no assistant turn to train on"))
             continue
-        rendered.append(_guard(render, tokenizer, messages))
+        empty = next((i for i in _assistant_turns(messages) if not _message_text(messages[i]).strip() and not messages[i].get("tool_calls")), None)
+        if empty is not None:
+            rendered.append(RowError(f"assistant turn {empty + 1} is empty"))
+            continue
+        rendered.append(_guard(render_turns, tokenizer, messages, tools[k] if tools else None))
     texts = [r[0] for r in rendered if not isinstance(r, RowError)]
     enc = tokenizer(texts, add_special_tokens=False) if texts else None
     k = 0
@@ -160,11 +240,21 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, str]]],
             results.append(r)
             continue
         ids = enc["input_ids"][k]
-        spans = r[1][-1:] if train_on == "last" else r[1]
-        ranges = [] if train_on == "all" else [_token_range(enc, k, len(ids), start, end) for start, end in spans]
+        turns = [(i, *_token_range(enc, k, len(ids), a, b)) for i, a, b in r[1]]
         k += 1
-        results.append(_finish(ids, ranges, train_on, max_length))
+        scored = turns[-1:] if train_on == "last" else turns
+        ranges = [] if train_on == "all" else [(a, b) for _, a, b in scored]
+        result = _finish(ids, ranges, train_on, max_length)
+        if not isinstance(result, RowError):
+            result["replies"] = [x for i, a, b in scored if a < b <= max_length for x in (i, a, b)]
+        results.append(result)
     return results
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A message's text ('' when it has none, e.g. an assistant turn of tool calls only)."""
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
 
 
 def _token_range(enc, row: int, n_tokens: int, start: int, end: int) -> tuple[int, int]:
@@ -185,9 +275,10 @@ def _token_range(enc, row: int, n_tokens: int, start: int, end: int) -> tuple[in
     return (first, min(last + 1, n_tokens))
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], train_on: str, max_length: int) -> dict[str, Any]:
+def tokenize_conversation(tokenizer, messages: list[dict[str, Any]], train_on: str, max_length: int,
+                          tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One conversation (see `tokenize_conversations`); raises RowError."""
-    out = tokenize_conversations(tokenizer, [messages], train_on, max_length)[0]
+    out = tokenize_conversations(tokenizer, [messages], train_on, max_length, [tools])[0]
     if isinstance(out, RowError):
         raise out
     return out
@@ -218,15 +309,8 @@ def _finish(ids: list[int], ranges: list[tuple[int, int]], train_on: str, max_le
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_trained": n_trained}
 
 
-def instruction_messages(prompt: str, response: str | None = None, system: str | None = None) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    if response is not None:
-        messages.append({"role": "assistant", "content": response})
-    return messages
-
-
-def format_prompt(tokenizer, messages_or_prompt: str | list[dict[str, Any]], system: str | None = None) -> str:
+def format_prompt(tokenizer, messages_or_prompt: str | list[dict[str, Any]], system: str | None = None,
+                  tools: list[dict[str, Any]] | None = None) -> str:
     """The text a model is given to generate its next assistant turn, formatted exactly as
     training formats it: a prompt string (instruction task) or a conversation of OpenAI or
     ShareGPT turns ending in a user turn (chat task). Tokenize it with add_special_tokens=False."""
@@ -237,5 +321,5 @@ def format_prompt(tokenizer, messages_or_prompt: str | list[dict[str, Any]], sys
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
     return _plain_render(messages, tokenizer.eos_token or "")[0]

@@ -15,7 +15,8 @@ from .chat import (
 
 class Examples(Sequence):
     """Tokenized examples backed by a memory-mapped Arrow table: `len()` is free, items are
-    {'input_ids', 'labels'} dicts read on demand."""
+    {'input_ids', 'labels'} dicts read on demand (held-out chat and instruction examples also
+    carry 'replies' and 'turns', see `prepare._features`)."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
@@ -31,12 +32,13 @@ class Examples(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         row = self.dataset[int(i)]
-        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+        return {k: v for k, v in row.items() if k != "length"}
 
     def take(self, indices: list[int]) -> list[dict]:
         """Several examples in one read (a batch)."""
         cols = self.dataset[list(indices)]
-        return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
+        names = [k for k in cols if k != "length"]
+        return [dict(zip(names, values)) for values in zip(*(cols[k] for k in names))]
 
     def lengths(self) -> np.ndarray:
         return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)

@@ -31,19 +31,22 @@ from ..errors import DataError
 from ..recipe.sections import DataConfig
 from ..run.atomic import atomic_directory
 from .cache import cache_key, is_complete, locked, tokenizer_fingerprint
-from .chat import (
-    IGNORE_INDEX,
-    RowError,
-    conversation_style,
-    instruction_messages,
-    normalize_messages,
-    tokenize_conversations,
-)
+from .chat import IGNORE_INDEX, tokenize_conversations
 from .examples import Examples
 from .sources import SourceFile, load_source, resolve_sources
+from .turns import (
+    RowError,
+    conversation_style,
+    count_tool_calls,
+    instruction_messages,
+    normalize_messages,
+    row_tools,
+)
 
 #: Held-out split made from `data.train`: `eval_fraction` of the examples, at most this many.
 DEFAULT_MAX_HELD_OUT = 1000
+#: Tasks whose rows are conversations (rendered with the chat template).
+CONVERSATION_TASKS = ("instruction", "chat")
 #: Data-section keys that do not change what is prepared (not part of the cache key).
 _NOT_IN_KEY = {"group_by_length", "num_proc"}
 
@@ -71,14 +74,30 @@ def split_rows(rows: list, fraction: float, seed: int, cap: int | None = None) -
     return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
 
-def _split_indices(n: int, fraction: float, seed: int, cap: int | None) -> tuple[list[int], list[int]]:
+def _split_indices(n: int, fraction: float, seed: int, cap: int | None, report: dict | None = None) -> tuple[list[int], list[int]]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, round(n * fraction))
     if cap is not None:
         n_eval = min(n_eval, cap)
     if n_eval >= n:
-        raise DataError(f"data: {n} examples are too few to hold out {fraction:.0%}", hint="add data or give data.eval")
+        drops, hint = _drops(report or {})
+        raise DataError(f"data: {drops}{n:,} example{'s are' if n != 1 else ' is'} too few to hold out {fraction:.0%}", hint=hint or "add data or give data.eval")
     return order[n_eval:], order[:n_eval]
+
+
+def _drops(report: dict) -> tuple[str, str | None]:
+    """What was dropped, said before a refusal that follows from it: 'N of M rows were
+    dropped (reason: count; ...), so ' and a hint for the commonest reason."""
+    dropped = report.get("dropped") or {}
+    if not dropped:
+        return "", None
+    read = sum(report.get("rows_read", {}).values())
+    reasons = sorted(dropped.items(), key=lambda kv: -kv[1])
+    said = "; ".join(f"{n:,}: {reason}" for reason, n in reasons)
+    top = reasons[0][0]
+    hint = ("raise data.max_length or shorten the prompts" if "max_length" in top
+            else "fix or remove those rows (data.on_bad_rows: error stops at the first, naming its file and row)")
+    return f"{sum(dropped.values()):,} of {read:,} rows read were dropped ({said}), so ", hint
 
 
 def prepare_data(cfg: DataConfig, task: str, tokenizer) -> TaskData:
@@ -113,8 +132,13 @@ def _features(task: str):
     from datasets import Features, List, Value
 
     labels = Value("int64") if task == "classification" else List(Value("int32"))
-    return Features({"input_ids": List(Value("int32")), "labels": labels, "length": Value("int32"),
-                     "n_trained": Value("int32"), "truncated": Value("bool"), "drop": Value("string")})
+    columns = {"input_ids": List(Value("int32")), "labels": labels, "length": Value("int32"),
+               "n_trained": Value("int32"), "truncated": Value("bool"), "drop": Value("string")}
+    if task in CONVERSATION_TASKS:
+        # replies: [turn, first token, end token] per scored reply (eval --generate); turns: the
+        # normalised messages as JSON (the prompts eval --generate shows); tool calls trained.
+        columns.update(replies=List(Value("int32")), turns=Value("string"), n_tool_calls=Value("int32"))
+    return Features(columns)
 
 
 def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile], eval_sources: list[SourceFile], tmp) -> dict[str, Any]:
@@ -136,7 +160,7 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
         held_out, eval_keep = train, train_keep
         n = len(train_keep)
         cap = cfg.max_eval_samples or cfg.max_held_out
-        train_pos, eval_pos = _split_indices(n, cfg.eval_fraction, cfg.split_seed, cap)
+        train_pos, eval_pos = _split_indices(n, cfg.eval_fraction, cfg.split_seed, cap, report)
         if len(eval_pos) < max(1, round(n * cfg.eval_fraction)):
             key = "data.max_eval_samples" if cfg.max_eval_samples else "data.max_held_out"
             report["notes"].append(f"held out {len(eval_pos):,} of {n:,} examples ({cfg.eval_fraction:.0%} capped by {key}); the rest train")
@@ -145,19 +169,23 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
     if cfg.max_eval_samples:
         eval_pos = eval_pos[: cfg.max_eval_samples]
     if not train_pos or not eval_pos:
-        raise DataError("data: no usable examples after tokenization", hint="check the columns and data.max_length")
+        drops, hint = _drops(report)
+        empty = "data.train" if not train_pos else "data.eval"
+        raise DataError(f"data: {drops}{empty} has no usable example after tokenization", hint=hint or "check the columns and data.max_length")
     # With data.eval the training split keeps file order; a split made from `train` keeps the
     # split's shuffled order, as earlier versions stored it, so their runs draw the same batches.
     train_rows = train_keep[np.asarray(train_pos, dtype=np.int64)]
     eval_rows = eval_keep[np.sort(np.asarray(eval_pos, dtype=np.int64))]
     keep = ["input_ids", "labels", "length"]
     train.select(train_rows).select_columns(keep).save_to_disk(str(tmp / "train"))
-    held_out.select(eval_rows).select_columns(keep).save_to_disk(str(tmp / "eval"))
+    held_out.select(eval_rows).select_columns(keep + (["replies", "turns"] if task in CONVERSATION_TASKS else [])).save_to_disk(str(tmp / "eval"))
     report.update(
         train_examples=len(train_rows), eval_examples=len(eval_rows), train_tokens=int(_column(train, "length")[train_rows].sum()),
         train_trained_tokens=int(_column(train, "n_trained")[train_rows].sum()) if task != "classification" else None,
         max_length=cfg.max_length,
     )
+    if task == "chat":
+        report["train_tool_calls"] = int(_column(train, "n_tool_calls")[train_rows].sum())
     del train, held_out
     shutil.rmtree(parts, ignore_errors=True)
     return report
@@ -232,8 +260,10 @@ def _columns(task: str, cfg: DataConfig, ds, src: SourceFile, report: dict) -> d
         if col not in names and col == "messages" and "conversations" in names:
             col = "conversations"
             report["notes"].append(f"{src.name}: turns read from column 'conversations'")
-        cols = {"messages": col}
+        cols = {"messages": col, "tools": "tools" if "tools" in names and col != "tools" else None}
         _require(src, ds, [("data.messages_column", col)])
+        if cols["tools"]:
+            report["notes"].append(f"{src.name}: tool schemas read from column 'tools'")
     else:
         cols = {"prompt": cfg.prompt_column, "response": cfg.response_column, "input": cfg.input_column}
         alpaca = cfg.prompt_column == "prompt" and cfg.response_column == "response" and cfg.input_column is None
@@ -274,7 +304,7 @@ def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tok
 
         def batch_fn(batch: dict, indices: list[int], src=src, fn=fn) -> dict:
             rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-            out = {name: [] for name in ("input_ids", "labels", "length", "n_trained", "truncated", "drop")}
+            out = {name: [] for name in _features(task)}
             for i, result in zip(indices, fn(rows)):
                 if isinstance(result, RowError):
                     if cfg.on_bad_rows == "error" and not getattr(result, "always_drop", False):
@@ -292,6 +322,9 @@ def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tok
                 out["n_trained"].append(n_trained)
                 out["truncated"].append(result["truncated"])
                 out["drop"].append(result.get("drop", ""))
+                for name, empty in (("replies", []), ("turns", ""), ("n_tool_calls", 0)):
+                    if name in out:
+                        out[name].append(result.get(name, empty))
             return out
 
         fp = hashlib.sha256(f"{src.fingerprint()}:{split}:{k}:{id(parts)}".encode()).hexdigest()[:16]
@@ -366,32 +399,43 @@ def _row_function(task: str, cfg: DataConfig, tokenizer, cols: dict, style: str 
         return out
 
     def conversations(rows):
-        convs, out = [], []
+        convs, tools, out = [], [], []
         for row in rows:
             try:
                 if task == "chat":
-                    messages = normalize_messages(row.get(cols["messages"]), style)
+                    messages = normalize_messages(row.get(cols["messages"]), style, "the file's first conversation")
+                    tools.append(row_tools(row.get(cols["tools"])) if cols["tools"] else None)
                 else:
                     prompt = _text_field(row, cols["prompt"])
                     extra = _text_field(row, cols["input"], optional=True) if cols["input"] else None
                     if extra and extra.strip():
                         prompt = f"{prompt}\n\n{extra}"
                     messages = instruction_messages(prompt, _text_field(row, cols["response"]))
+                    tools.append(None)
                 convs.append(messages)
                 out.append(None)
             except RowError as exc:
                 out.append(exc)
-        results = iter(tokenize_conversations(tokenizer, convs, cfg.train_on, n))
-        for j, value in enumerate(out):
+        results = iter(tokenize_conversations(tokenizer, convs, cfg.train_on, n, tools))
+        for j, (value, messages) in enumerate(zip(out, _each_kept(out, convs))):
             if value is None:
                 value = next(results)
                 if not isinstance(value, RowError) and value["n_trained"] == 0:
                     value = RowError(f"no trained token within data.max_length={n} (the prompt fills it)")
                     value.always_drop = True
+                if not isinstance(value, RowError):
+                    value["turns"] = json.dumps(messages, ensure_ascii=False)
+                    value["n_tool_calls"] = count_tool_calls([m for m in messages if m["role"] == "assistant"][-1:] if cfg.train_on == "last" else messages)
                 out[j] = value
         return out
 
     return {"classification": classification, "causal-lm": causal_lm}.get(task, conversations)
+
+
+def _each_kept(out: list, convs: list) -> list:
+    """The conversation of each row (None for rows already refused), aligned with `out`."""
+    it = iter(convs)
+    return [next(it) if value is None else None for value in out]
 
 
 def _pack(ds, block: int, eos: int | None, path) -> Any:

@@ -12,6 +12,8 @@ def data_summary(report: dict[str, Any]) -> str:
     return (
         f"data: {report.get('train_examples', 0):,} training / {report.get('eval_examples', 0):,} held-out examples, "
         f"{report.get('train_tokens', 0):,} training tokens; {report.get('truncated', 0):,} truncated at {report.get('max_length')} tokens, "
-        f"{dropped:,} rows dropped; cache {'hit' if cache.get('hit') else 'miss'} ({cache.get('path')})"
+        f"{dropped:,} rows dropped; "
+        + (f"{report['train_tool_calls']:,} tool calls trained; " if report.get("train_tool_calls") else "")
+        + f"cache {'hit' if cache.get('hit') else 'miss'} ({cache.get('path')})"
         + "".join(f"; {note}" for note in report.get("notes", []))
     )

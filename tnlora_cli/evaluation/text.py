@@ -12,8 +12,11 @@ training's eval.json when its digests show the same adapter and held-out rows.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..data.chat import IGNORE_INDEX
@@ -57,12 +60,64 @@ def score_generations(predictions: list[str], references: list[str], answer_patt
     return scores
 
 
-def split_prompt_reference(example: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (everything before the first trained token) and of the first
-    reply (the run of trained tokens that follows), exactly as training tokenized them."""
-    labels = example["labels"]
-    start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    end = start
-    while end < len(labels) and labels[end] != IGNORE_INDEX:
-        end += 1
-    return example["input_ids"][:start], example["input_ids"][start:end]
+@dataclass
+class HeldOutReply:
+    """One reply to score: the tokens before it (the prompt, exactly as training tokenized the
+    conversation), its reference tokens, and the conversation before it as readable text."""
+
+    example: int  # index of the held-out example
+    turn: int | None  # index of the reply's turn in its conversation (None when not recorded)
+    prompt_ids: list[int]
+    reference_ids: list[int]
+    prompt_text: str
+
+
+#: What `held_out_replies` scores, per data.train_on (said in eval --generate's output).
+SCORED_REPLIES = {
+    "assistant": "every assistant turn (data.train_on: assistant), each with the conversation before it as the prompt",
+    "last": "the last assistant turn (data.train_on: last), with the conversation before it as the prompt",
+    "all": "every assistant turn (data.train_on: all), each with the conversation before it as the prompt",
+}
+
+
+def held_out_replies(examples: list[dict[str, Any]], decode: Callable[[list[int]], str]) -> list[HeldOutReply]:
+    """The replies of held-out examples that eval --generate scores: the assistant turns the
+    loss covers (`data.train_on`; every assistant turn with `all`), each prompted with the
+    whole conversation before it. A reply cut at data.max_length is not scored. Examples
+    prepared without reply positions fall back to the runs of trained tokens."""
+    out = []
+    for k, example in enumerate(examples):
+        ids = list(example["input_ids"])
+        replies = example.get("replies")
+        if replies is None:
+            triples = [(None, a, b) for a, b in _trained_runs(example["labels"])]
+        else:
+            triples = [tuple(replies[j : j + 3]) for j in range(0, len(replies), 3)]
+        messages = json.loads(example["turns"]) if example.get("turns") else None
+        for turn, a, b in triples:
+            text = conversation_text(messages[:turn]) if messages is not None and turn is not None else decode(ids[:a])
+            out.append(HeldOutReply(k, turn, ids[:a], ids[a:b], text))
+    return out
+
+
+def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def conversation_text(messages: list[dict[str, Any]]) -> str:
+    """A conversation as plain text: a lone user turn is its text; otherwise one 'role: text'
+    line per turn, tool calls as 'name(arguments)'."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    lines = []
+    for m in messages:
+        calls = [f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})" for c in m.get("tool_calls") or ()]
+        lines.append(f"{m['role']}: " + " ".join(filter(None, [m.get("content") or "", *calls])))
+    return "\n".join(lines)

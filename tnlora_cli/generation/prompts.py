@@ -30,6 +30,10 @@ def read_prompt_file(path: str | Path, prompt_field: str = "prompt", reference_f
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"--input: {path} line {number} is not valid JSON ({exc.msg})", hint="one JSON object per line") from None
+        if isinstance(row, dict) and row.get(prompt_field) is not None and not isinstance(row[prompt_field], str):
+            value = row[prompt_field]
+            raise InputError(f"--input: {path} line {number}: '{prompt_field}' is not text (got {type(value).__name__} {str(value)[:40]!r})",
+                             hint=f"write the prompt as a JSON string: {{\"{prompt_field}\": \"...\"}}")
         if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str):
             got = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
             raise InputError(
