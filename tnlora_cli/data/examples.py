@@ -15,13 +15,15 @@ from .chat import (
 
 class Examples(Sequence):
     """Tokenized examples backed by a memory-mapped Arrow table: `len()` is free, items are
-    {'input_ids', 'labels'} dicts read on demand."""
+    {'input_ids', 'labels'} dicts read on demand. `rows` picks and orders the table's rows
+    (a split of the prepared data); default: all, in order."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, rows: np.ndarray | None = None) -> None:
         self.dataset = dataset
+        self.rows = np.arange(dataset.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
-        return self.dataset.num_rows
+        return len(self.rows)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -30,16 +32,16 @@ class Examples(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        row = self.dataset[int(i)]
+        row = self.dataset[int(self.rows[i])]
         return {"input_ids": row["input_ids"], "labels": row["labels"]}
 
     def take(self, indices: list[int]) -> list[dict]:
         """Several examples in one read (a batch)."""
-        cols = self.dataset[list(indices)]
+        cols = self.dataset[self.rows[np.asarray(indices, dtype=np.int64)].tolist()]
         return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
 
     def lengths(self) -> np.ndarray:
-        return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)
+        return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)[self.rows]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
