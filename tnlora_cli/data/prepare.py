@@ -33,7 +33,16 @@ import torch
 from ..errors import DataError
 from ..recipe.sections import DataConfig
 from ..run.atomic import atomic_directory
-from .cache import cache_key, damage, data_cache_root, locked, remove_leftovers, tokenizer_fingerprint, touch, write_manifest
+from .cache import (
+    cache_key,
+    damage,
+    data_cache_root,
+    locked,
+    remove_leftovers,
+    tokenizer_fingerprint,
+    touch,
+    write_manifest,
+)
 from .chat import (
     IGNORE_INDEX,
     RowError,
@@ -119,7 +128,7 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
             _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about)
         try:
             stored = _open_entry(path)
-        except Exception as exc:  # noqa: BLE001 - damage the manifest's samples missed: any reader error
+        except Exception as exc:
             if problem is not None:
                 raise  # just built: not damage but a bug, with its traceback
             warn(f"warning: the data cache entry {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); rebuilding it")
@@ -145,7 +154,7 @@ def _open_entry(path) -> dict[str, Any]:
 
     report = json.loads((path / "report.json").read_text())
     if not isinstance(report, dict):
-        raise ValueError("report.json is not a JSON object")
+        raise TypeError("report.json is not a JSON object")
     train = datasets.load_from_disk(str(path / "train"))
     held_out = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
     for ds in (train, held_out):

@@ -6,6 +6,7 @@ its targets. Only after all of that has passed does anything get written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,12 @@ def resolve_checked(recipe: Recipe) -> str:
     return model_path
 
 
-def load_inputs(recipe: Recipe, model_path: str | None = None) -> Inputs:
-    """Tokenizer and prepared data (resolving the model unless `model_path` is given)."""
+def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None) -> Inputs:
+    """Tokenizer and prepared data (resolving the model unless `model_path` is given);
+    `warn` hears what the data cache has to say (a damaged entry rebuilt, ...)."""
     model_path = model_path or resolve_checked(recipe)
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
-    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer))
+    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn))
 
 
 def prepare(

@@ -25,7 +25,7 @@ from accelerate.utils import broadcast_object_list
 from ..data.examples import collate
 from ..data.report import data_summary
 from ..evaluation.metrics import compare_with_base, evaluate_examples, held_out_digest, majority_rate
-from ..model.build import Prepared, adapter_metadata, load_inputs, prepare
+from ..model.build import Inputs, Prepared, adapter_metadata, load_inputs, prepare
 from ..model.state import count_parameters, load_adapter_state_dict
 from ..recipe.load import recipe_to_yaml
 from ..recipe.sections import Recipe
@@ -82,14 +82,16 @@ class _Window:
 
 
 def run_training(
-    recipe: Recipe, model_path: str, *, resume: str | None, overwrite: bool, reporter: Reporter, stop_after: int | None
+    recipe: Recipe, model_path: str, *, resume: str | None, overwrite: bool, reporter: Reporter, stop_after: int | None,
+    inputs: Inputs | None = None,
 ) -> TrainResult:
     """The training run itself (see `tnlora_cli.train.train`, which holds the run's lock).
 
     `stop_after` ends the run after that step as an interruption would (checkpoints as
-    configured, no final adapter): used to test resuming and for time-boxed jobs.
+    configured, no final adapter): used to test resuming and for time-boxed jobs. `inputs`:
+    the tokenizer and prepared data when already loaded.
     """
-    run = _TrainingRun.set_up(recipe, model_path, resume, overwrite, reporter)
+    run = _TrainingRun.set_up(recipe, model_path, resume, overwrite, reporter, inputs)
     run.start()
     while run.step < run.cfg.max_steps:
         run.optimizer_step()
@@ -120,7 +122,7 @@ class _TrainingRun:
         self.last_loss: float | None = None
 
     @classmethod
-    def set_up(cls, recipe: Recipe, model_path: str, resume: str | None, overwrite: bool, reporter: Reporter) -> _TrainingRun:
+    def set_up(cls, recipe: Recipe, model_path: str, resume: str | None, overwrite: bool, reporter: Reporter, inputs: Inputs | None = None) -> _TrainingRun:
         """Check what can be checked, prepare the data, resolve the schedule, then build the
         engine (once, from the resolved settings) and the model with its adapter."""
         check_trackers(recipe)  # before anything is loaded or written
@@ -136,7 +138,7 @@ class _TrainingRun:
         if resume_dir is not None and not schedule_pending:
             check_resumed_recipe(recipe, resume_dir, checkpoint_step(resume_dir), world)
         reporter.status(f"loading {recipe.model} and {recipe.data.train}")
-        inputs = load_inputs(recipe, model_path)
+        inputs = inputs or load_inputs(recipe, model_path, warn=reporter.status)
         schedule = resolve_schedule(recipe, len(inputs.data.train), world)  # the one place the training split's size is read
         recipe = schedule.recipe  # epochs / warmup_ratio resolved into steps
         if schedule.note:
