@@ -187,7 +187,7 @@ def test_list_and_prune_the_cache(make_recipe, cache, tmp_path):
     assert "(40 d ago)" in listed.output and "instruction.jsonl" in listed.output
     pruned = runner.invoke(app, ["prepare", "--prune-cache"])
     assert pruned.exit_code == 0, pruned.output
-    assert "removed 1 cache entry" in pruned.output and "not used for 30 days" in pruned.output and "1 leftovers" in pruned.output
+    assert "removed 1 cache entry" in pruned.output and "not used for 30 days" in pruned.output and "1 leftovers of earlier preparations" in pruned.output
     assert _entries(cache) == [new] and not list(cache.glob(".*"))
     kept = runner.invoke(app, ["prepare", "--prune-cache", "--older-than", "1"])
     assert "removed 0 cache entries" in kept.output and _entries(cache) == [new]

@@ -300,7 +300,7 @@ def _cache_command(recipe: Path | None, set_: Any, json_out: Path | None, list_c
     if result.in_use:
         out_console.print(f"kept {len(result.in_use)} in use by another process: {', '.join(e.key for e in result.in_use)}", highlight=False)
     if result.leftovers:
-        out_console.print(f"removed {len(result.leftovers)} leftovers of interrupted preparations", highlight=False)
+        out_console.print(f"removed {len(result.leftovers)} leftovers of earlier preparations (temporary entries, lock files)", highlight=False)
 
 
 def _size(n: float) -> str:

@@ -117,7 +117,8 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
         "eval": [s.fingerprint() for s in eval_sources],
     })
     for item in remove_leftovers(data_cache_root(create=True)):
-        warn(f"removed {item}, left in the data cache by an interrupted process")
+        if item.suffix != ".lock":  # lock files of finished runs are noise, not news
+            warn(f"removed {item}, left in the data cache by an interrupted process")
     about = {"task": task, "train": [s.name for s in train_sources], "eval": [s.name for s in eval_sources],
              "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, "max_length": cfg.max_length}
     with locked(key, on_wait=warn) as path:
