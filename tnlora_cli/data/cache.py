@@ -61,7 +61,7 @@ def data_cache_root(create: bool = False) -> Path:
     blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise DataError(
-            f"{variable}: {root} is not a directory ({blocker} is a file)",
+            f"{variable}: {root} is a file, not a directory" if blocker == root else f"{variable}: {root} is not a directory ({blocker} is a file)",
             hint="point TNLORA_DATA_CACHE at a directory (it is created if missing)",
         )
     if create:
@@ -294,7 +294,7 @@ def prune(older_than_days: float | None, root: Path | None = None) -> PruneResul
     """Remove entries not used for `older_than_days` days (every entry with None), each under
     its key's lock, and what dead processes left."""
     if older_than_days is not None and not (older_than_days >= 0 and older_than_days != float("inf")):
-        raise DataError(f"--older-than {older_than_days}: must be a number of days >= 0", hint="e.g. --older-than 30")
+        raise DataError(f"--older-than {older_than_days:g}: must be a number of days >= 0", hint="e.g. --older-than 30")
     root = root or data_cache_root()
     leftovers = remove_leftovers(root)
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400

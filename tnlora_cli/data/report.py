@@ -12,6 +12,12 @@ def data_summary(report: dict[str, Any]) -> str:
     return (
         f"data: {report.get('train_examples', 0):,} training / {report.get('eval_examples', 0):,} held-out examples, "
         f"{report.get('train_tokens', 0):,} training tokens; {report.get('truncated', 0):,} truncated at {report.get('max_length')} tokens, "
-        f"{dropped:,} rows dropped; cache {'hit' if cache.get('hit') else 'miss'} ({cache.get('path')})"
+        f"{dropped:,} rows dropped; cache {_cache_state(cache)} ({cache.get('path')})"
         + "".join(f"; {note}" for note in report.get("notes", []))
     )
+
+
+def _cache_state(cache: dict[str, Any]) -> str:
+    if cache.get("hit"):
+        return "hit"
+    return "rebuilt (the entry was damaged)" if cache.get("rebuilt") else "miss"
