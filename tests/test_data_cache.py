@@ -197,7 +197,7 @@ def test_list_and_prune_the_cache(make_recipe, cache, tmp_path):
 
 def test_prune_keeps_an_entry_in_use(make_recipe, cache, tmp_path):
     _prepare_twice(make_recipe, tmp_path)
-    busy, free = _entries(cache)
+    busy, _ = _entries(cache)
     lock = cache / f"{busy.name}.lock"
     fd = data_cache._acquire(lock, blocking=True)
     try:
