@@ -113,12 +113,12 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning(damage, data_files, cache):
 
 
 @pytest.mark.parametrize("damage", [_truncate_arrow, _garbage_report], ids=["truncated arrow", "garbage report.json"])
-def test_prepare_and_train_rebuild_a_damaged_entry_without_a_traceback(damage, make_recipe, cache, tmp_path):
+def test_prepare_train_and_eval_rebuild_a_damaged_entry_without_a_traceback(damage, make_recipe, cache, tmp_path):
     raw = make_recipe("llama", "instruction")
     raw["training"]["max_steps"] = 1
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     assert runner.invoke(app, ["prepare", str(recipe)]).exit_code == 0
-    for argv in (["prepare", str(recipe)], ["train", str(recipe)]):
+    for argv in (["prepare", str(recipe)], ["train", str(recipe)], ["eval", raw["output_dir"]]):
         damage(_entries(cache)[0])
         result = runner.invoke(app, argv)
         assert result.exit_code == 0 and result.exception is None, result.output
