@@ -314,8 +314,6 @@ def _size(n: float) -> str:
 def _print_cache(root: str, entries: list) -> None:
     import time
 
-    from .data.cache import PREP_VERSION
-
     if not entries:
         out_console.print(f"the data cache {root} holds no entries", highlight=False)
         return
@@ -327,7 +325,7 @@ def _print_cache(root: str, entries: list) -> None:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.last_used)) + f" ({(now - e.last_used) / 86400:.0f} d ago)"
         about = e.about
         data = ", ".join(about.get("train", [])) + (f"; eval {', '.join(about['eval'])}" if about.get("eval") else "")
-        if e.version != PREP_VERSION:
+        if not e.current:
             data = "(older tnlora version, or damaged: not used by this version)"
         table.add_row(e.key, _size(e.size), when, str(about.get("task", "")), data, Path(str(about.get("tokenizer", ""))).name)
     table.caption = f"{len(entries)} entries, {_size(sum(e.size for e in entries))}; tnlora prepare --prune-cache [--older-than DAYS | --all]"

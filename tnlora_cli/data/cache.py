@@ -62,7 +62,7 @@ def data_cache_root(create: bool = False) -> Path:
     if blocker is not None:
         raise DataError(
             f"{variable}: {root} is a file, not a directory" if blocker == root else f"{variable}: {root} is not a directory ({blocker} is a file)",
-            hint="point TNLORA_DATA_CACHE at a directory (it is created if missing)",
+            hint=f"point {'TNLORA_CACHE' if variable == 'TNLORA_CACHE' else 'TNLORA_DATA_CACHE'} at a directory (it is created if missing)",
         )
     if create:
         root.mkdir(parents=True, exist_ok=True)
@@ -257,6 +257,11 @@ class CacheEntry:
     about: dict[str, Any]
     #: The manifest's version; None when absent (an older tnlora's entry, or damaged).
     version: str | None
+
+    @property
+    def current(self) -> bool:
+        """Whether this version of tnlora uses the entry (older versions' entries are never opened)."""
+        return self.version == PREP_VERSION
 
 
 def _size(path: Path) -> int:
