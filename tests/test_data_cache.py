@@ -179,15 +179,18 @@ def test_list_and_prune_the_cache(make_recipe, cache, tmp_path):
     _prepare_twice(make_recipe, tmp_path)
     old, new = sorted(_entries(cache), key=lambda p: p.name)
     forty_days_ago = time.time() - 40 * 86400
-    os.utime(old, (forty_days_ago, forty_days_ago))
+    earlier_version = cache / ("e" * 24)  # an entry an older tnlora wrote (no manifest)
+    (earlier_version / "train").mkdir(parents=True)
+    for entry in (old, earlier_version):
+        os.utime(entry, (forty_days_ago, forty_days_ago))
     (cache / f".{'d' * 24}.tmp-4194303-0").mkdir()
     listed = runner.invoke(app, ["prepare", "--list-cache"])
     assert listed.exit_code == 0, listed.output
-    assert old.name in listed.output and new.name in listed.output and "2 entries" in listed.output
-    assert "(40 d ago)" in listed.output and "instruction.jsonl" in listed.output
+    assert old.name in listed.output and new.name in listed.output and "3 entries" in listed.output
+    assert "(40 d ago)" in listed.output and "instruction.jsonl" in listed.output and "older tnlora version" in listed.output
     pruned = runner.invoke(app, ["prepare", "--prune-cache"])
     assert pruned.exit_code == 0, pruned.output
-    assert "removed 1 cache entry" in pruned.output and "not used for 30 days" in pruned.output and "1 leftovers of earlier preparations" in pruned.output
+    assert "removed 2 cache entries" in pruned.output and "not used for 30 days" in pruned.output and "1 leftovers of earlier preparations" in pruned.output
     assert _entries(cache) == [new] and not list(cache.glob(".*"))
     kept = runner.invoke(app, ["prepare", "--prune-cache", "--older-than", "1"])
     assert "removed 0 cache entries" in kept.output and _entries(cache) == [new]
