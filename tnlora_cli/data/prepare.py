@@ -129,7 +129,7 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
             _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about)
         try:
             stored = _open_entry(path)
-        except Exception as exc:
+        except Exception as exc:  # any reader error on an entry that passed its manifest: damage the samples missed
             if problem is not None:
                 raise  # just built: not damage but a bug, with its traceback
             warn(f"warning: the data cache entry {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); rebuilding it")
