@@ -100,6 +100,8 @@ class C(NamedTuple):
     exit: int
     message: str
     check: Callable[[dict], None] | None = None
+    #: Environment variables for the command ({tmp}, {recipe}, ... filled in as in argv).
+    env: dict[str, str] | None = None
 
 
 # ----------------------------------------------------------------- recipe values
@@ -187,6 +189,8 @@ RECIPE_CASES = [
       r"data: 30 of 30 rows read were dropped \(30: no trained token within data.max_length=32 \(the prompt fills it\)\), so 0 examples are too few to hold out"),
     R("bad rows dropped before the split", _rows("instruction", [{"prompt": "what", "response": None}] * 5 + [{"prompt": "what", "response": "the"}], on_bad_rows="drop"),
       r"data: 5 of 6 rows read were dropped \(5: field 'response' is missing or null\), so 1 example is too few"),
+    # cache:
+    R("exclude regex invalid", _set("adapter.exclude_modules", "query(["), r"adapter.exclude_modules: 'query\(\[' is not a valid regular expression"),
 ]
 
 # ----------------------------------------------------------------- recipe files
@@ -312,6 +316,21 @@ COMMAND_CASES = [
     C("unset a key the recipe lacks", ["train", "{recipe}", "--unset", "adapter.dropout"], 2, r"--unset adapter.dropout: adapter has no key 'dropout'"),
     C("unset into a value", ["train", "{recipe}", "--unset", "model.name"], 2, r"--unset model.name: model has no key 'name'"),
     C("switch adapter by replacing the section", ["train", "{recipe}", "--dry-run", "--set", "adapter={{type: tera, target_modules: [query, value]}}"], 0, r"tera on"),
+    # cache:
+    C("prepare json is a directory", ["prepare", "{recipe}", "--json", "{tmp}"], 2, r"--json .* is a directory; give a file path"),
+    C("prepare json in a missing folder", ["prepare", "{recipe}", "--json", "{tmp}/no/such/p.json"], 2, r"no/such, which does not exist", _no_file("no")),
+    C("prepare without a recipe", ["prepare"], 2, r"give a RECIPE to prepare"),
+    C("prepare list-cache with a recipe", ["prepare", "{recipe}", "--list-cache"], 2, r"act on the whole cache: give no RECIPE"),
+    C("prepare list-cache and prune-cache", ["prepare", "--list-cache", "--prune-cache"], 2, r"give one at a time"),
+    C("prepare older-than without prune-cache", ["prepare", "--older-than", "3"], 2, r"--older-than goes with --prune-cache"),
+    C("prepare all without prune-cache", ["prepare", "{recipe}", "--all"], 2, r"--all goes with --prune-cache"),
+    C("prepare prune older-than negative", ["prepare", "--prune-cache", "--older-than", "-1"], 2, r"--older-than -1: must be a number of days >= 0"),
+    C("prepare prune older-than nan", ["prepare", "--prune-cache", "--older-than", "nan"], 2, r"--older-than nan: must be a number of days"),
+    C("prepare prune all and older-than", ["prepare", "--prune-cache", "--all", "--older-than", "3"], 2, r"--all and --older-than: give one"),
+    C("data cache path is a file", ["prepare", "{recipe}"], 2, r"TNLORA_DATA_CACHE: .*recipe.yaml is a file, not a directory", env={"TNLORA_DATA_CACHE": "{recipe}"}),
+    C("data cache path under a file", ["eval", "{run}"], 2, r"TNLORA_DATA_CACHE: .*/sub is not a directory \(.*recipe.yaml is a file\)", env={"TNLORA_DATA_CACHE": "{recipe}/sub"}),
+    C("count-params directory without config.json", ["count-params", "--model", "{tmp}", "-s", "adapter.type=lora", "-s", "adapter.target_modules=[q]"], 2,
+      r"model: .*work has no config.json"),
 ]
 
 # ----------------------------------------------------------------- runs and checkpoints (need a private copy)
@@ -402,9 +421,9 @@ def _ctx(trained, tmp_path: Path, tiny_models) -> dict:
     }
 
 
-def _invoke(argv: list[str], ctx: dict):
+def _invoke(argv: list[str], ctx: dict, env: dict[str, str] | None = None):
     args = [a.format(**ctx) for a in argv]
-    return runner.invoke(app, args)
+    return runner.invoke(app, args, env={k: v.format(**ctx) for k, v in (env or {}).items()} or None)
 
 
 def _assert_one_message(result, exit_code: int, message: str) -> None:
@@ -432,6 +451,7 @@ def test_max_length_beyond_positions_is_said_before_a_memory_estimate(make_recip
     recipe.write_text(yaml.safe_dump(raw))
     _assert_one_message(runner.invoke(app, ["train", str(recipe)]), 2, r"data.max_length: 4096 tokens exceed the 128 positions")
     raw["data"]["max_length"] = 128
+    raw["training"]["batch_size"] = 4096  # the estimate pads to the prepared lengths (short here)
     recipe.write_text(yaml.safe_dump(raw))
     _assert_one_message(runner.invoke(app, ["train", str(recipe)]), 2, r"training: the memory estimate .* exceeds the 1 MiB available")
 
@@ -477,7 +497,7 @@ def test_damaged_model_directories(name, damage, message, make_recipe, tiny_mode
 @pytest.mark.parametrize("case", COMMAND_CASES, ids=lambda c: c.id)
 def test_bad_command_inputs(case: C, trained, tiny_models, tmp_path):
     ctx = _ctx(trained, tmp_path, tiny_models)
-    _assert_one_message(_invoke(case.argv, ctx), case.exit, case.message)
+    _assert_one_message(_invoke(case.argv, ctx, case.env), case.exit, case.message)
     if case.check:
         case.check(ctx)
 

@@ -335,3 +335,40 @@ def test_sigkill_during_training_then_resume_equals_the_uninterrupted_run(make_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     steps = [r["step"] for r in _records(tmp_path / "killed") if "train_loss" in r]
     assert steps == list(range(1, 9)), steps
+
+
+# cache:
+def test_a_preparation_killed_while_building_leaves_nothing_the_next_trips_over(data_files, tmp_path, monkeypatch):
+    """SIGKILL after the tokenized data is written into the entry's temporary directory, before
+    it is published: the next preparation removes the temporary and the lock file, says so, and
+    builds the entry; afterwards no lock file and no hidden file is left."""
+    from conftest import make_tokenizer
+
+    from tnlora_cli.data.prepare import prepare_data
+    from tnlora_cli.recipe.sections import DataConfig
+
+    cache = tmp_path / "cache"
+    code = (
+        "import os, sys; sys.path.insert(0, 'tests')\n"
+        "from conftest import make_tokenizer\n"
+        "from tnlora_cli.data import prepare as prep\n"
+        "from tnlora_cli.recipe.sections import DataConfig\n"
+        "build = prep._build\n"
+        "def build_then_die(*args):\n"
+        "    build(*args)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "prep._build = build_then_die\n"
+        f"prep.prepare_data(DataConfig(train={str(data_files['instruction'])!r}, max_length=32), 'instruction', make_tokenizer())\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**_env(), "TNLORA_DATA_CACHE": str(cache)}, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    leftovers = sorted(p.name for p in cache.iterdir())
+    assert len(leftovers) == 2 and leftovers[0].startswith(".") and ".tmp-" in leftovers[0] and leftovers[1].endswith(".lock"), leftovers
+    assert sum(f.stat().st_size for f in (cache / leftovers[0]).rglob("*") if f.is_file()) > 0  # the tokenized data
+
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(cache))
+    warnings: list[str] = []
+    data = prepare_data(DataConfig(train=str(data_files["instruction"]), max_length=32), "instruction", make_tokenizer(), warn=warnings.append)
+    assert data.report["cache"]["hit"] is False and len(data.train) > 0
+    assert [w for w in warnings if leftovers[0] in w and "interrupted process" in w], warnings
+    assert [p.name for p in cache.iterdir()] == [leftovers[1].removesuffix(".lock")]  # the entry alone

@@ -293,29 +293,106 @@ def train(
 
 @app.command()
 def prepare(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe whose data section to prepare.")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe whose data section to prepare.")] = None,
     set_: SetOpt = None,
     unset: UnsetOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (counts, cache, samples with input_ids and labels) as JSON.")] = None,
+    list_cache: Annotated[bool, typer.Option("--list-cache", help="List the data cache's entries (size, last used, data, tokenizer) instead; no RECIPE.")] = False,
+    prune_cache: Annotated[bool, typer.Option("--prune-cache", help="Remove cache entries not used for --older-than days (default 30), or every entry with --all; no RECIPE.")] = False,
+    older_than: Annotated[Optional[float], typer.Option("--older-than", help="With --prune-cache: days since an entry was last used (default 30).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="With --prune-cache: remove every entry not in use.")] = False,
 ) -> None:
     """Read, check and tokenize the recipe's data into the cache that training opens.
 
     Prints rows read, examples, tokens, truncated and dropped rows with reasons, the cache
     location and whether it was a hit, and two samples with the trained tokens highlighted.
+    `--list-cache` and `--prune-cache` show and trim the cache ($TNLORA_DATA_CACHE, else
+    ~/.cache/tnlora/data).
     """
+    if list_cache or prune_cache:
+        _cache_command(recipe, set_, json_out, list_cache, prune_cache, older_than, all_)
+        return
+    if older_than is not None or all_:
+        _run(_input_error, f"{'--older-than' if older_than is not None else '--all'} goes with --prune-cache")
+    if recipe is None:
+        _run(_input_error, "give a RECIPE to prepare (or --list-cache / --prune-cache)")
+    _refuse_output_file("--json", json_out)
     from .recipe.load import load_recipe
 
-    spec = _run(load_recipe, recipe, set_ or [], unset or [])
+    spec = _run(load_recipe, recipe, set_ or [], unset or [])  # before torch loads: a recipe error is quick
     _quiet_libraries()
     from .prepare import prepare_report
 
-    report = _run(prepare_report, spec)
+    report = _run(prepare_report, spec, reporter=RichReporter())
     _print_prepare(report)
     if json_out:
         from .run.atomic import write_json
 
-        write_json(json_out, report)
+        _run(write_json, json_out, report)
         out_console.print(f"report written to {json_out}")
+
+
+def _refuse_output_file(option: str, target: Path | None) -> None:
+    """Before any work: an output file option naming a directory, or a file in a missing folder."""
+    if target is not None and (target.is_dir() or not target.parent.is_dir()):
+        problem = "is a directory" if target.is_dir() else f"is in {target.parent}, which does not exist"
+        _run(_input_error, f"{option} {target}: {problem}; give a file path")
+
+
+def _cache_command(recipe: Path | None, set_: Any, json_out: Path | None, list_cache: bool, prune_cache: bool, older_than: float | None, all_: bool) -> None:
+    from .prepare import list_cache as run_list
+    from .prepare import prune_cache as run_prune
+
+    if recipe is not None or set_ or json_out is not None:
+        _run(_input_error, "--list-cache and --prune-cache act on the whole cache: give no RECIPE, --set or --json")
+    if list_cache and prune_cache:
+        _run(_input_error, "--list-cache and --prune-cache: give one at a time")
+    if list_cache and (older_than is not None or all_):
+        _run(_input_error, f"{'--older-than' if older_than is not None else '--all'} goes with --prune-cache")
+    if all_ and older_than is not None:
+        _run(_input_error, "--all and --older-than: give one (--all removes every entry not in use)")
+    if list_cache:
+        root, entries = _run(run_list)
+        _print_cache(root, entries)
+        return
+    days = None if all_ else 30.0 if older_than is None else older_than
+    result = _run(run_prune, days)
+    which = "every entry" if days is None else f"entries not used for {days:g} days"
+    out_console.print(f"removed {len(result.removed)} cache {'entry' if len(result.removed) == 1 else 'entries'} "
+                      f"({_size(result.freed)}): {which}", highlight=False)
+    if result.in_use:
+        out_console.print(f"kept {len(result.in_use)} in use by another process: {', '.join(e.key for e in result.in_use)}", highlight=False)
+    if result.leftovers:
+        out_console.print(f"removed {len(result.leftovers)} leftovers of earlier preparations (temporary entries, lock files)", highlight=False)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _print_cache(root: str, entries: list) -> None:
+    import time
+
+    if not entries:
+        out_console.print(f"the data cache {root} holds no entries", highlight=False)
+        return
+    table = Table(title=f"data cache {root}")
+    for column in ("entry", "size", "last used (UTC)", "task", "data", "tokenizer"):
+        table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column in ("entry", "size"))
+    now = time.time()
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.last_used)) + f" ({(now - e.last_used) / 86400:.0f} d ago)"
+        about = e.about
+        data = ", ".join(about.get("train", [])) + (f"; eval {', '.join(about['eval'])}" if about.get("eval") else "")
+        if not e.current:
+            data = "(older tnlora version, or damaged: not used by this version)"
+        table.add_row(e.key, _size(e.size), when, str(about.get("task", "")), data, Path(str(about.get("tokenizer", ""))).name)
+    table.caption = f"{len(entries)} entries, {_size(sum(e.size for e in entries))}; tnlora prepare --prune-cache [--older-than DAYS | --all]"
+    out_console.print(table)
 
 
 def _print_prepare(report: dict[str, Any]) -> None:
@@ -737,10 +814,7 @@ def inspect_rank(
     from .report.plots import plot_ranks
 
     for option, target in (("--plot", plot), ("--json", json_out), ("--csv", csv_out)):
-        if target is not None and (target.is_dir() or not target.parent.is_dir()):
-            problem = "is a directory" if target.is_dir() else f"is in {target.parent}, which does not exist"
-            console.print(f"[bold red]error:[/bold red] {option} {target}: {problem}; give a file path", highlight=False)
-            raise typer.Exit(2)
+        _refuse_output_file(option, target)
 
     reports = [_run(inspect_run, run, rtol=rtol, dense=dense, reporter=RichReporter()) for run in runs]
     table = Table(title="rank of ΔW per module role")

@@ -30,17 +30,23 @@ class DryRunReport:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _samples(recipe: Recipe, n: int = 2, processes: int = 1) -> tuple[list[dict[str, Any]], str | None]:
-    """A few tokenized training examples with their loss mask, when tokenizer and data are here;
-    the note says how `epochs` / `warmup_ratio` resolve for this data (or why nothing is shown)."""
+def _prepared(recipe: Recipe) -> tuple[Any, Any, str | None]:
+    """(tokenizer, prepared data, None) when the tokenizer and data are here, else (None, None, why)."""
     if recipe.model in shipped_configs() and recipe.model not in ("smollm2-135m",):
-        return [], f"no tokenizer ships with the '{recipe.model}' config: samples are shown for local or embedded models"
+        return None, None, f"no tokenizer ships with the '{recipe.model}' config: samples are shown for local or embedded models"
     try:
         path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
         tokenizer = load_tokenizer(path, recipe.trust_remote_code)
-        data = prepare_data(recipe.data, recipe.task, tokenizer)
+        notes: list[str] = []
+        data = prepare_data(recipe.data, recipe.task, tokenizer, warn=notes.append)
     except TnloraError as exc:
-        return [], f"samples not shown: {exc.message}"
+        return None, None, f"samples not shown: {exc.message}"
+    return tokenizer, data, "; ".join(notes) or None
+
+
+def _samples(recipe: Recipe, tokenizer, data, n: int = 2, processes: int = 1) -> tuple[list[dict[str, Any]], str | None]:
+    """A few tokenized training examples with their loss mask; the note says how `epochs` /
+    `warmup_ratio` resolve for this data."""
     out = []
     for example in data.train[:n]:
         ids = example["input_ids"]
@@ -57,17 +63,23 @@ def _samples(recipe: Recipe, n: int = 2, processes: int = 1) -> tuple[list[dict[
 
 
 def dry_run(recipe: Recipe, with_samples: bool = True, processes: int = 1) -> DryRunReport:
+    """`with_samples`: also prepare the data (when tokenizer and data are here), show samples
+    and estimate activations from the prepared lengths; without, the worst case."""
     model = build_on_meta(recipe)
     counts = count_adapter(recipe, model)
     modules: dict[str, list[str]] = {}
     for name, layer in adapted_layers(model):
         modules.setdefault(layer.adapter.role, []).append(name)
-    memory, notes = estimate_memory(model, recipe, counts, processes)
+    tokenizer, data, data_note = _prepared(recipe) if with_samples else (None, None, None)
+    lengths = data.train.lengths() if data is not None else None
+    memory, notes = estimate_memory(model, recipe, counts, processes, lengths)
     if counts.not_adapted:
         notes.append(f"{len(counts.not_adapted)} matched layers lie inside modules_to_save, trained in full, and are not adapted: {', '.join(counts.not_adapted)}")
     report = DryRunReport(counts, modules, memory, notes)
-    if with_samples:
-        report.samples, note = _samples(recipe, processes=processes)
+    if data_note:
+        report.notes.append(data_note)
+    if data is not None:
+        report.samples, note = _samples(recipe, tokenizer, data, processes=processes)
         if note:
             report.notes.append(note)
     return report

@@ -22,7 +22,7 @@ def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Repo
     """Evaluate a run (or checkpoint) and its base model on the run's held-out split."""
     reporter = reporter or Reporter()
     reporter.status(f"loading {path}")
-    run = load_run(path)
+    run = load_run(path, warn=reporter.status)
     prepared = run.prepared
     run.load_weights()
     recipe = prepared.recipe

@@ -210,7 +210,7 @@ def _verify(path: str | Path, merged_dir: Path, task: str, target: torch.dtype, 
     reporter.status("computing reference logits with the adapter model")
     # The reference is the adapter on the original (unquantized) base weights: that is what
     # the merged model must equal. A quantized training base is measured separately below.
-    run = load_run(path, dtype="auto", quantize=False)
+    run = load_run(path, dtype="auto", quantize=False, warn=reporter.status)
     run.load_weights()
     batch = collate(run.prepared.data.eval[:n], run.prepared.tokenizer.pad_token_id)
     batch.pop("labels")

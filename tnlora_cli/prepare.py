@@ -1,24 +1,30 @@
-"""`tnlora prepare`: build (or reuse) a recipe's prepared data and report what it holds."""
+"""`tnlora prepare`: build (or reuse) a recipe's prepared data and report what it holds;
+list and prune the data cache."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .data.cache import CacheEntry, PruneResult, data_cache_root, list_entries, prune
 from .data.chat import IGNORE_INDEX
 from .data.prepare import prepare_data
-from .model.loading import load_tokenizer, resolve_model
+from .model.build import resolve_checked
+from .model.loading import load_tokenizer
 from .recipe.sections import Recipe
+from .report.reporter import Reporter
 
 
-def prepare_report(recipe: Recipe, n_samples: int = 2) -> dict[str, Any]:
+def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None = None) -> dict[str, Any]:
     """Prepare the recipe's data (through the cache) and return the report with samples:
     the first training examples as stored (input_ids, labels with -100 where masked) and
-    their tokens decoded one by one."""
-    path = resolve_model(recipe.model, recipe.trust_remote_code)
+    their tokens decoded one by one. The model is resolved as `train` resolves it
+    (`allow_pickle`, `trust_remote_code`, positions against `data.max_length`)."""
+    reporter = reporter or Reporter()
+    path = resolve_checked(recipe)
     tokenizer = load_tokenizer(path, recipe.trust_remote_code)
-    data = prepare_data(recipe.data, recipe.task, tokenizer)
+    data = prepare_data(recipe.data, recipe.task, tokenizer, warn=reporter.status)
     report = dict(data.report)
-    report["cache"] = "hit" if data.report["cache"]["hit"] else "miss"
+    report["cache"] = "hit" if data.report["cache"]["hit"] else "rebuilt (damaged)" if data.report["cache"]["rebuilt"] else "miss"
     report["cache_path"] = data.report["cache"]["path"]
     report["rows"] = sum(report.get("rows_read", {}).values())
     samples = []
@@ -32,3 +38,15 @@ def prepare_report(recipe: Recipe, n_samples: int = 2) -> dict[str, Any]:
         samples.append(sample)
     report["samples"] = samples
     return report
+
+
+def list_cache() -> tuple[str, list[CacheEntry]]:
+    """The data cache's location and its entries, most recently used first."""
+    root = data_cache_root()
+    return str(root), list_entries(root)
+
+
+def prune_cache(older_than_days: float | None) -> PruneResult:
+    """Remove cache entries not used for `older_than_days` days (None: all), skipping those
+    in use, and whatever killed preparations left."""
+    return prune(older_than_days, data_cache_root())

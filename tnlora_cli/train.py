@@ -41,20 +41,19 @@ def train(
 
     The output_dir is locked for the whole run (see `run.lock`); `--overwrite` keeps the
     previous run until this one has published its adapter; `check_memory` compares the
-    dry-run memory estimate with what the machine has before anything is loaded.
+    dry-run memory estimate (from the prepared data's lengths) with what the machine has
+    before any weight is loaded.
     `stop_after` ends the run after that step as an interruption would.
     """
     # Imported here: `tnlora_cli/__init__` binds `train` to this function at import time (the
     # module shares its name), and `import tnlora_cli` must not import torch.
     from .model.build import resolve_checked
     from .training.loop import run_training
-    from .training.memory import check_memory_fits
 
     reporter = reporter or Reporter()
     model_path = resolve_checked(recipe)  # resolved once; a certain error is said before an estimate
-    if check_memory:
-        check_memory_fits(recipe, model_path)
-    run = functools.partial(run_training, recipe, model_path, resume=resume, overwrite=overwrite, reporter=reporter, stop_after=stop_after)
+    run = functools.partial(run_training, recipe, model_path, resume=resume, overwrite=overwrite, reporter=reporter, stop_after=stop_after,
+                            check_memory=check_memory)
     if not is_main_launch_process():  # the main process holds the lock and tidies up
         return run()
     out = Path(recipe.output_dir)

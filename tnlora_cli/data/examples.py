@@ -15,14 +15,19 @@ from .chat import (
 
 class Examples(Sequence):
     """Tokenized examples backed by a memory-mapped Arrow table: `len()` is free, items are
-    {'input_ids', 'labels'} dicts read on demand (held-out chat and instruction examples also
-    carry 'replies' and 'turns', see `prepare._features`)."""
+    {'input_ids', 'labels'} dicts read on demand. `rows` picks and orders the table's rows
+    (a split of the prepared data; default: all, in order); `extra` names further columns the
+    items carry where the table has them (held-out chat and instruction examples: 'replies'
+    and 'turns' for eval --generate, see `prepare._features`)."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, rows: np.ndarray | None = None, extra: tuple[str, ...] = ()) -> None:
         self.dataset = dataset
+        # Only the columns items carry are read (a batch never reads the held-out text).
+        self._items = dataset.select_columns(["input_ids", "labels", *(c for c in extra if c in dataset.column_names)])
+        self.rows = np.arange(dataset.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
-        return self.dataset.num_rows
+        return len(self.rows)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -31,17 +36,16 @@ class Examples(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        row = self.dataset[int(i)]
-        return {k: v for k, v in row.items() if k != "length"}
+        row = self._items[int(self.rows[i])]
+        return dict(row)
 
     def take(self, indices: list[int]) -> list[dict]:
         """Several examples in one read (a batch)."""
-        cols = self.dataset[list(indices)]
-        names = [k for k in cols if k != "length"]
-        return [dict(zip(names, values)) for values in zip(*(cols[k] for k in names))]
+        cols = self._items[self.rows[np.asarray(indices, dtype=np.int64)].tolist()]
+        return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
     def lengths(self) -> np.ndarray:
-        return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)
+        return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)[self.rows]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))

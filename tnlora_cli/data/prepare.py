@@ -1,13 +1,16 @@
 """Prepare a recipe's data: read the sources, tokenize per task, split, cache, memory-map.
 
 Preparation runs as batched `datasets.map` passes over Arrow tables and is cached on disk
-(see `cache.py`), keyed by the sources' fingerprints, the tokenizer, the data section, the
-task and the code version: a second run, every process of a multi-process launch after the
-first, and `train` / `eval` / `merge` of the same recipe open the cache instead.
+(see `cache.py`), keyed by the sources' fingerprints, the tokenizer, the data section's
+tokenization settings, the task and the code version: a second run, every process of a
+multi-process launch after the first, and `train` / `eval` / `merge` of the same recipe open
+the cache instead. The cache holds the examples before the train/held-out split; the split
+(deterministic in `data.split_seed`) is made when the entry is opened, so changing a
+held-out setting (`eval_fraction`, `max_eval_samples`, ...) does not tokenize again.
 
 Examples are read from the memory-mapped cache one at a time (`Examples`), so memory does
-not grow with the data set. The train/held-out split is deterministic in `data.split_seed`;
-batches are drawn in `training.batches` as a pure function of (seed, step).
+not grow with the data set; batches are drawn in `training.batches` as a pure function of
+(seed, step).
 
 Rows that cannot be used (missing, null or non-text fields, a conversation with nothing to
 train on) stop preparation with the file and row, or with `data.on_bad_rows: drop` are left
@@ -20,7 +23,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,16 @@ import torch
 from ..errors import DataError
 from ..recipe.sections import DataConfig
 from ..run.atomic import atomic_directory
-from .cache import cache_key, is_complete, locked, tokenizer_fingerprint
+from .cache import (
+    cache_key,
+    damage,
+    data_cache_root,
+    locked,
+    remove_leftovers,
+    tokenizer_fingerprint,
+    touch,
+    write_manifest,
+)
 from .chat import IGNORE_INDEX, tokenize_conversations
 from .examples import Examples
 from .sources import SourceFile, load_source, resolve_sources
@@ -49,6 +61,9 @@ DEFAULT_MAX_HELD_OUT = 1000
 CONVERSATION_TASKS = ("instruction", "chat")
 #: Data-section keys that do not change what is prepared (not part of the cache key).
 _NOT_IN_KEY = {"group_by_length", "num_proc"}
+#: Data-section keys of the train/held-out split, made when an entry is opened: changing them
+#: reuses the tokenized data.
+_SPLIT_KEYS = {"eval_fraction", "split_seed", "max_train_samples", "max_eval_samples", "max_held_out"}
 
 
 @dataclass
@@ -100,14 +115,19 @@ def _drops(report: dict) -> tuple[str, str | None]:
     return f"{sum(dropped.values()):,} of {read:,} rows read were dropped ({said}), so ", hint
 
 
-def prepare_data(cfg: DataConfig, task: str, tokenizer) -> TaskData:
-    """Read, check, tokenize and split the data of a recipe, through the on-disk cache."""
+def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], None] | None = None) -> TaskData:
+    """Read, check and tokenize the data of a recipe through the on-disk cache, then split it.
+
+    The cache entry holds the tokenized examples before the split, so the held-out settings
+    (`_SPLIT_KEYS`) reuse it. `warn` is told what the user should know about the cache: a
+    damaged entry rebuilt, leftovers of killed processes removed, a wait for another process."""
     import datasets
 
+    warn = warn or (lambda message: None)
     datasets.disable_progress_bars()
     train_sources = resolve_sources(cfg.train, "data.train")
     eval_sources = resolve_sources(cfg.eval, "data.eval") if cfg.eval else []
-    section = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY}
+    section = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY | _SPLIT_KEYS}
     key = cache_key({
         "task": task,
         "data": section,
@@ -115,17 +135,92 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer) -> TaskData:
         "train": [s.fingerprint() for s in train_sources],
         "eval": [s.fingerprint() for s in eval_sources],
     })
-    with locked(key) as path:
-        hit = is_complete(path)
-        if not hit:
-            with atomic_directory(path, on_exists="replace") as tmp:  # an incomplete entry of an older version is replaced
-                report = _build(cfg, task, tokenizer, train_sources, eval_sources, tmp)
-                (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    for item in remove_leftovers(data_cache_root(create=True)):
+        if item.suffix != ".lock":  # lock files of finished runs are noise, not news
+            warn(f"removed {item}, left in the data cache by an interrupted process")
+    about = {"task": task, "train": [s.name for s in train_sources], "eval": [s.name for s in eval_sources],
+             "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, "max_length": cfg.max_length}
+    with locked(key, on_wait=warn) as path:
+        problem = damage(path) if path.exists() else "absent"
+        if problem not in (None, "absent"):
+            warn(f"warning: the data cache entry {path} is damaged ({problem}); rebuilding it")
+        if problem is not None:
+            _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about)
+        try:
+            stored = _open_entry(path)
+        except Exception as exc:  # any reader error on an entry that passed its manifest: damage the samples missed
+            if problem is not None:
+                raise  # just built: not damage but a bug, with its traceback
+            warn(f"warning: the data cache entry {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); rebuilding it")
+            _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about)
+            stored = _open_entry(path)
+            problem = "unreadable"
+    touch(path)
+    report = stored.pop("report")
+    report["cache"] = {"path": str(path), "hit": problem is None, "rebuilt": problem not in (None, "absent")}
+    return _split(cfg, report, **stored)
+
+
+def _build_entry(cfg: DataConfig, task: str, tokenizer, train_sources, eval_sources, path, about: dict[str, Any]) -> None:
+    # on_exists="replace": a damaged entry is replaced whole
+    with atomic_directory(path, on_exists="replace") as tmp:
+        report = _build(cfg, task, tokenizer, train_sources, eval_sources, tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        write_manifest(tmp, about)
+
+
+def _open_entry(path) -> dict[str, Any]:
+    import datasets
+
     report = json.loads((path / "report.json").read_text())
-    report["cache"] = {"path": str(path), "hit": hit}
-    train = Examples(datasets.load_from_disk(str(path / "train")))
-    held_out = Examples(datasets.load_from_disk(str(path / "eval")))
-    return TaskData(train=train, eval=held_out, label_names=report.get("label_names"), report=report)
+    if not isinstance(report, dict):
+        raise TypeError("report.json is not a JSON object")
+    train = datasets.load_from_disk(str(path / "train"))
+    held_out = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+    for ds in (train, held_out):
+        if ds is not None:
+            ds.data.validate()  # the Arrow structure is read (cheap); a damaged table fails here
+    return {"report": report, "train": train, "held_out": held_out}
+
+
+def _split(cfg: DataConfig, report: dict[str, Any], train, held_out) -> TaskData:
+    """The training and held-out examples of a tokenized entry: `data.eval`'s file, or a
+    deterministic split of `train` (data.eval_fraction, split_seed, max_held_out), then
+    data.max_train_samples / max_eval_samples."""
+    report["notes"] = list(report.get("notes", []))
+    n = train.num_rows
+    if held_out is not None:
+        train_pos, eval_pos = list(range(n)), list(range(held_out.num_rows))
+    else:
+        held_out = train
+        cap = cfg.max_eval_samples or cfg.max_held_out
+        train_pos, eval_pos = _split_indices(n, cfg.eval_fraction, cfg.split_seed, cap, report)
+        if len(eval_pos) < max(1, round(n * cfg.eval_fraction)):
+            key = "data.max_eval_samples" if cfg.max_eval_samples else "data.max_held_out"
+            report["notes"].append(f"held out {len(eval_pos):,} of {n:,} examples ({cfg.eval_fraction:.0%} capped by {key}); the rest train")
+    if cfg.max_train_samples:
+        train_pos = train_pos[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        eval_pos = eval_pos[: cfg.max_eval_samples]
+    if not train_pos or not eval_pos:
+        _refuse_empty(report, "data.train" if not train_pos else "data.eval")
+    # With data.eval the training split keeps file order; a split made from `train` keeps the
+    # split's shuffled order, as earlier versions stored it, so their runs draw the same batches.
+    train_rows = np.asarray(train_pos, dtype=np.int64)
+    eval_rows = np.sort(np.asarray(eval_pos, dtype=np.int64))
+    trained = _column(train, "n_trained")[train_rows].sum()
+    report.update(
+        train_examples=len(train_rows), eval_examples=len(eval_rows), train_tokens=int(_column(train, "length")[train_rows].sum()),
+        train_trained_tokens=int(trained) if report.get("task") != "classification" else None,
+    )
+    if report.get("task") == "chat":
+        report["train_tool_calls"] = int(_column(train, "n_tool_calls")[train_rows].sum())
+    return TaskData(train=Examples(train, train_rows), eval=Examples(held_out, eval_rows, extra=("replies", "turns")), label_names=report.get("label_names"), report=report)
+
+
+def _refuse_empty(report: dict[str, Any], empty: str) -> None:
+    drops, hint = _drops(report)
+    raise DataError(f"data: {drops}{empty} has no usable example after tokenization", hint=hint or "check the columns and data.max_length")
 
 
 def _features(task: str):
@@ -142,7 +237,9 @@ def _features(task: str):
 
 
 def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile], eval_sources: list[SourceFile], tmp) -> dict[str, Any]:
-    report: dict[str, Any] = {"task": task, "rows_read": {}, "dropped": {}, "truncated": 0, "notes": []}
+    """Tokenize into `tmp`: train/ (and eval/ with data.eval) hold the usable examples in
+    file order, before any split; the returned report says what was read, cut and dropped."""
+    report: dict[str, Any] = {"task": task, "rows_read": {}, "dropped": {}, "truncated": 0, "notes": [], "max_length": cfg.max_length}
     train_raw = _read(train_sources, report)
     eval_raw = _read(eval_sources, report) if eval_sources else []
     label_ids = None
@@ -152,41 +249,22 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
     parts = tmp / "parts"
     parts.mkdir()
     # Each split: a flat Arrow table of tokenized rows and the rows kept (not dropped).
+    keep = ["input_ids", "labels", "length", "n_trained"]
+    if task in CONVERSATION_TASKS:
+        keep += ["replies", "turns", "n_tool_calls"]
     train, train_keep = _tokenize(train_raw, cfg, task, tokenizer, label_ids, parts, "train", report)
+    if not len(train_keep):  # refused here, with the drops: an empty table is not stored
+        if not eval_sources:
+            _split_indices(0, cfg.eval_fraction, cfg.split_seed, None, report)
+        _refuse_empty(report, "data.train")
+    train.select(train_keep).select_columns(keep).save_to_disk(str(tmp / "train"))
     if eval_sources:
         held_out, eval_keep = _tokenize(eval_raw, cfg, task, tokenizer, label_ids, parts, "eval", report)
-        train_pos, eval_pos = list(range(len(train_keep))), list(range(len(eval_keep)))
-    else:
-        held_out, eval_keep = train, train_keep
-        n = len(train_keep)
-        cap = cfg.max_eval_samples or cfg.max_held_out
-        train_pos, eval_pos = _split_indices(n, cfg.eval_fraction, cfg.split_seed, cap, report)
-        if len(eval_pos) < max(1, round(n * cfg.eval_fraction)):
-            key = "data.max_eval_samples" if cfg.max_eval_samples else "data.max_held_out"
-            report["notes"].append(f"held out {len(eval_pos):,} of {n:,} examples ({cfg.eval_fraction:.0%} capped by {key}); the rest train")
-    if cfg.max_train_samples:
-        train_pos = train_pos[: cfg.max_train_samples]
-    if cfg.max_eval_samples:
-        eval_pos = eval_pos[: cfg.max_eval_samples]
-    if not train_pos or not eval_pos:
-        drops, hint = _drops(report)
-        empty = "data.train" if not train_pos else "data.eval"
-        raise DataError(f"data: {drops}{empty} has no usable example after tokenization", hint=hint or "check the columns and data.max_length")
-    # With data.eval the training split keeps file order; a split made from `train` keeps the
-    # split's shuffled order, as earlier versions stored it, so their runs draw the same batches.
-    train_rows = train_keep[np.asarray(train_pos, dtype=np.int64)]
-    eval_rows = eval_keep[np.sort(np.asarray(eval_pos, dtype=np.int64))]
-    keep = ["input_ids", "labels", "length"]
-    train.select(train_rows).select_columns(keep).save_to_disk(str(tmp / "train"))
-    held_out.select(eval_rows).select_columns(keep + (["replies", "turns"] if task in CONVERSATION_TASKS else [])).save_to_disk(str(tmp / "eval"))
-    report.update(
-        train_examples=len(train_rows), eval_examples=len(eval_rows), train_tokens=int(_column(train, "length")[train_rows].sum()),
-        train_trained_tokens=int(_column(train, "n_trained")[train_rows].sum()) if task != "classification" else None,
-        max_length=cfg.max_length,
-    )
-    if task == "chat":
-        report["train_tool_calls"] = int(_column(train, "n_tool_calls")[train_rows].sum())
-    del train, held_out
+        if not len(eval_keep):
+            _refuse_empty(report, "data.eval")
+        held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
+        del held_out
+    del train
     shutil.rmtree(parts, ignore_errors=True)
     return report
 

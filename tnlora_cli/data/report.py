@@ -14,6 +14,12 @@ def data_summary(report: dict[str, Any]) -> str:
         f"{report.get('train_tokens', 0):,} training tokens; {report.get('truncated', 0):,} truncated at {report.get('max_length')} tokens, "
         f"{dropped:,} rows dropped; "
         + (f"{report['train_tool_calls']:,} tool calls trained; " if report.get("train_tool_calls") else "")
-        + f"cache {'hit' if cache.get('hit') else 'miss'} ({cache.get('path')})"
+        + f"cache {_cache_state(cache)} ({cache.get('path')})"
         + "".join(f"; {note}" for note in report.get("notes", []))
     )
+
+
+def _cache_state(cache: dict[str, Any]) -> str:
+    if cache.get("hit"):
+        return "hit"
+    return "rebuilt (the entry was damaged)" if cache.get("rebuilt") else "miss"

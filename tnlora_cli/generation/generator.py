@@ -268,7 +268,7 @@ def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.
         return _finish(Generator(model, tokenizer, source, mergeable=False, mode="plain model"))
     from ..model.build import load_run
 
-    run = load_run(path)
+    run = load_run(path, warn=reporter.status)
     run.load_weights()
     model = run.prepared.model
     if run.prepared.recipe.quantization is None:

@@ -6,6 +6,7 @@ its targets. Only after all of that has passed does anything get written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,12 @@ def resolve_checked(recipe: Recipe) -> str:
     return model_path
 
 
-def load_inputs(recipe: Recipe, model_path: str | None = None) -> Inputs:
-    """Tokenizer and prepared data (resolving the model unless `model_path` is given)."""
+def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None) -> Inputs:
+    """Tokenizer and prepared data (resolving the model unless `model_path` is given);
+    `warn` hears what the data cache has to say (a damaged entry rebuilt, ...)."""
     model_path = model_path or resolve_checked(recipe)
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
-    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer))
+    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn))
 
 
 def prepare(
@@ -75,12 +77,13 @@ def prepare(
     quantize: bool = True,
     empty: bool = False,
     roles: dict[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Prepared:
     """Load tokenizer, data (unless `inputs` has them) and base model, and attach a fresh
     adapter. `quantize=False` loads the base unquantized even when the recipe quantizes it
     (merge reference); `empty=True` builds model and adapter on the meta device (weights
     come later)."""
-    inputs = inputs or load_inputs(recipe)
+    inputs = inputs or load_inputs(recipe, warn=warn)
     model_path, tokenizer, data = inputs.model_path, inputs.tokenizer, inputs.data
     # The task head is drawn from the global RNG: seeding here makes it the same in
     # train, eval and merge.
@@ -141,17 +144,18 @@ class LoadedRun:
         load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save, self.config.get("frozen"))
 
 
-def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True) -> LoadedRun:
+def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True, warn: Callable[[str], None] | None = None) -> LoadedRun:
     """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
 
     The adapter weights are returned, not yet loaded, so the caller can first measure the
-    base model.
+    base model. `warn` hears what the data cache has to say (a damaged entry rebuilt).
     """
     adapter_dir = resolve_adapter_dir(Path(path))
     recipe = load_recipe(find_recipe_file(adapter_dir))
     state, config = load_adapter(adapter_dir)
     prepared = prepare(
-        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config)
+        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config),
+        warn=warn,
     )
     if prepared.data.label_names != config.get("label_names"):
         raise CheckpointError(

@@ -32,11 +32,13 @@ def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
         return AutoConfig.from_pretrained(minilm_path())
     path = Path(name).expanduser()
     if path.is_dir() or (path.parent.is_dir() and path.name == "config.json"):
-        if (path if path.is_dir() else path.parent).joinpath("config.json").is_file():
-            from .checks import check_model_dir
+        directory = path if path.is_dir() else path.parent
+        if not (directory / "config.json").is_file():
+            raise ModelError(f"model: {directory} has no config.json", hint="point model at a Hugging Face model directory, or use a shipped config")
+        from .checks import check_model_dir
 
-            check_model_dir(path if path.is_dir() else path.parent, trust_remote_code, weights=False)
-        return AutoConfig.from_pretrained(path if path.is_dir() else path.parent, trust_remote_code=trust_remote_code)
+        check_model_dir(directory, trust_remote_code, weights=False)
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - network and format errors alike

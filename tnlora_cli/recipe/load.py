@@ -140,15 +140,15 @@ def _cross_checks(recipe: Recipe) -> None:
             "data.label_column: a classification task needs a label column",
             hint="set data.label_column to the column that holds each example's class",
         )
-    targets = recipe.adapter.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise RecipeError(
-                f"adapter.target_modules: {targets!r} is not a valid regular expression ({exc})",
-                hint="give a list of module names, e.g. [q_proj, v_proj], or a valid regex",
-            ) from None
+    for key, spec in (("target_modules", recipe.adapter.target_modules), ("exclude_modules", recipe.adapter.exclude_modules)):
+        if isinstance(spec, str) and spec != "all-linear":
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise RecipeError(
+                    f"adapter.{key}: {spec!r} is not a valid regular expression ({exc})",
+                    hint="give a list of module names, e.g. [q_proj, v_proj], or a valid regex",
+                ) from None
     if data.labels is not None and len(set(data.labels)) < 2:
         raise RecipeError("data.labels: needs at least two distinct labels", hint="list the classes to keep, or remove the key")
     if training.max_steps is not None and training.epochs is not None:

@@ -48,7 +48,7 @@ from .batches import BatchStream
 from .engines import Engine, choose_engine
 from .guard import DivergenceGuard
 from .launch import is_main_launch_process, launch_world_size
-from .memory import enable_gradient_checkpointing
+from .memory import check_memory_fits, enable_gradient_checkpointing
 from .optim import param_groups
 from .schedule import lr_schedule, resolve_schedule
 from .tracking import check_trackers, finish_trackers, log_record, start_trackers
@@ -82,14 +82,16 @@ class _Window:
 
 
 def run_training(
-    recipe: Recipe, model_path: str, *, resume: str | None, overwrite: bool, reporter: Reporter, stop_after: int | None
+    recipe: Recipe, model_path: str, *, resume: str | None, overwrite: bool, reporter: Reporter, stop_after: int | None,
+    check_memory: bool = False,
 ) -> TrainResult:
     """The training run itself (see `tnlora_cli.train.train`, which holds the run's lock).
 
     `stop_after` ends the run after that step as an interruption would (checkpoints as
     configured, no final adapter): used to test resuming and for time-boxed jobs.
+    `check_memory`: refuse a run whose memory estimate exceeds what the machine has.
     """
-    run = _TrainingRun.set_up(recipe, model_path, resume, overwrite, reporter)
+    run = _TrainingRun.set_up(recipe, model_path, resume, overwrite, reporter, check_memory)
     run.start()
     while run.step < run.cfg.max_steps:
         run.optimizer_step()
@@ -120,7 +122,7 @@ class _TrainingRun:
         self.last_loss: float | None = None
 
     @classmethod
-    def set_up(cls, recipe: Recipe, model_path: str, resume: str | None, overwrite: bool, reporter: Reporter) -> _TrainingRun:
+    def set_up(cls, recipe: Recipe, model_path: str, resume: str | None, overwrite: bool, reporter: Reporter, check_memory: bool = False) -> _TrainingRun:
         """Check what can be checked, prepare the data, resolve the schedule, then build the
         engine (once, from the resolved settings) and the model with its adapter."""
         check_trackers(recipe)  # before anything is loaded or written
@@ -136,11 +138,13 @@ class _TrainingRun:
         if resume_dir is not None and not schedule_pending:
             check_resumed_recipe(recipe, resume_dir, checkpoint_step(resume_dir), world)
         reporter.status(f"loading {recipe.model} and {recipe.data.train}")
-        inputs = load_inputs(recipe, model_path)
+        inputs = load_inputs(recipe, model_path, warn=reporter.status)
         schedule = resolve_schedule(recipe, len(inputs.data.train), world)  # the one place the training split's size is read
         recipe = schedule.recipe  # epochs / warmup_ratio resolved into steps
         if schedule.note:
             reporter.status(schedule.note)
+        if check_memory:  # before any weight is read; batches are padded to the prepared lengths
+            check_memory_fits(recipe, model_path, inputs.data.train.lengths())
         if resume_dir is not None and schedule_pending:
             check_resumed_recipe(recipe, resume_dir, checkpoint_step(resume_dir), world)
         engine = choice.build(recipe.training)

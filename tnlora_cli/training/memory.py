@@ -22,6 +22,12 @@ Estimated parts:
   optimistic on CPU (SmolLM2: 887 MiB measured, 288 MiB estimated);
 - language models add the logits, their log-softmax and its gradient (3 x batch x length x
   vocab fp32 values);
+- the length: batches are padded to their longest example, so with the prepared data's
+  lengths known (`train`, `--dry-run` of a recipe whose data is here) it is the widest batch
+  the run is expected to meet: the expected longest of the examples it reads (every example
+  when it reads them all, e.g. with `epochs`). The worst case, every batch at
+  `data.max_length`, is the second figure; the memory check refuses on the first. Without
+  the lengths (a shipped config without data) the worst case is the estimate;
 - per process, with `processes` > 1: FSDP and ZeRO-3 divide weights, adapter tensors,
   gradients and optimizer states by the number of processes, ZeRO-2 only gradients and
   optimizer states, DDP nothing (activations are per process already). The blocks FSDP/ZeRO-3
@@ -34,6 +40,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,7 +69,13 @@ SHARDED_PARTS = {
 }
 
 
-def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport, processes: int = 1) -> tuple[dict[str, int], list[str]]:
+def estimate_memory(
+    model: nn.Module, recipe: Recipe, counts: CountReport, processes: int = 1, lengths: np.ndarray | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """Memory of one training process by part, and notes on what was assumed. With the
+    training split's token `lengths`, activations are those of the widest batch the run is
+    expected to meet (batches are padded to their longest example; "total"), and the worst
+    case (every batch at data.max_length) is a second figure (`WORST_CASE`)."""
     notes: list[str] = []
     config = model.config
     dtype_name = recipe.model_dtype if recipe.model_dtype != "auto" else str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
@@ -95,22 +108,31 @@ def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport, proce
     vocab = _config_value(config, "vocab_size")
     mixed = cfg.mixed_precision in ("bf16", "fp16") or (cfg.mixed_precision == "auto" and torch.cuda.is_available())
     act_elem = 2 if mixed else 4
-    per_layer_token = 40 * hidden + 6 * heads * length
-    if cfg.gradient_checkpointing:
-        activations = batch * length * (hidden * layers + per_layer_token) * act_elem
-    else:
-        activations = batch * length * per_layer_token * layers * act_elem
-    logits = 3 * batch * length * vocab * 4 if recipe.task != "classification" else 0
+
+    def activations_at(width: int) -> tuple[int, int]:
+        """Activations and logits of one micro-batch padded to `width` tokens."""
+        if not hidden or not layers:
+            return 0, 0
+        per_layer_token = 40 * hidden + 6 * heads * width
+        if cfg.gradient_checkpointing:
+            activations = batch * width * (hidden * layers + per_layer_token) * act_elem
+        else:
+            activations = batch * width * per_layer_token * layers * act_elem
+        logits = 3 * batch * width * vocab * 4 if recipe.task != "classification" else 0
+        return int(activations), int(logits)
+
     if not hidden or not layers:
         notes.append("activations: the config names no hidden size or layer count; not estimated")
-        activations = 0
+    widths = padded_widths(lengths, batch, _examples_read(recipe, lengths, processes)) if lengths is not None and len(lengths) else None
+    width = min(widths[0], length) if widths else length
+    activations, logits = activations_at(width)
     memory = {
         "base weights": int(weights),
         "adapter tensors (fp32)": (total.trainable + total.frozen + counts.head.trainable) * 4,
         "gradients (fp32)": trainable * 4,
         "AdamW states (fp32)": trainable * 8,
-        "activations": int(activations),
-        "logits, log-softmax, gradient": int(logits),
+        "activations": activations,
+        "logits, log-softmax, gradient": logits,
     }
     engine = recipe.training.distributed
     if processes > 1:
@@ -122,8 +144,48 @@ def estimate_memory(model: nn.Module, recipe: Recipe, counts: CountReport, proce
     memory["total"] = sum(memory.values())
     if quant is not None:
         notes.append(f"{quant.bits}-bit linear layers; embeddings, lm_head and task heads stay in {dtype_name}")
-    notes.append(f"activations at batch {batch} x {length} tokens, {'bf16/fp16' if mixed else 'fp32'}" + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
+    precision = f"{'bf16/fp16' if mixed else 'fp32'}" + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
+    if widths is None:
+        notes.append(f"activations at batch {batch} x {length} tokens (data.max_length: every batch padded to it, the worst case; "
+                     f"the prepared lengths are not known here), {precision}")
+    else:
+        worst = memory["total"] - activations - logits + sum(activations_at(length))
+        memory[WORST_CASE] = worst
+        notes.append(
+            f"activations at batch {batch} x {width} tokens: the widest batch expected in this run, batches padded to their "
+            f"longest example (prepared lengths: mean {float(np.mean(lengths)):.0f}, longest {int(np.max(lengths))}; a typical batch "
+            f"is {widths[1]} wide), {precision}; worst case, every batch at data.max_length {length}: {_gib(worst)}"
+        )
     return memory, notes
+
+
+#: The memory estimate's second figure: every batch padded to data.max_length.
+WORST_CASE = "total, worst case (every batch at data.max_length)"
+
+
+def expected_max(lengths: np.ndarray, draws: int) -> float:
+    """Expected longest of `draws` examples drawn uniformly (with replacement) from `lengths`:
+    sum over the sorted lengths of L_(j) * ((j/n)^k - ((j-1)/n)^k)."""
+    ordered = np.sort(np.asarray(lengths, dtype=np.float64))
+    n = len(ordered)
+    if draws >= n:  # the run reads every example: its widest batch holds the longest
+        return float(ordered[-1])
+    cdf = (np.arange(n + 1, dtype=np.float64) / n) ** draws
+    return float(np.sum(ordered * np.diff(cdf)))
+
+
+def padded_widths(lengths: np.ndarray, batch: int, examples_read: int) -> tuple[int, int]:
+    """(widest, typical) padded width of a micro-batch: the widest batch the run is expected to
+    meet (the longest of the examples it reads), and the expected width of one batch."""
+    return int(np.ceil(expected_max(lengths, examples_read))), int(np.ceil(expected_max(lengths, batch)))
+
+
+def _examples_read(recipe: Recipe, lengths: np.ndarray, processes: int) -> int:
+    """How many examples one process reads in the run (steps x batch x accumulation)."""
+    cfg = recipe.training
+    if cfg.max_steps is None:  # epochs: every example is read
+        return len(lengths)
+    return cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
 
 
 def available_memory() -> int | None:
@@ -143,20 +205,27 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def check_memory_fits(recipe: Recipe, model_path: str) -> None:
+def check_memory_fits(recipe: Recipe, model_path: str, lengths: np.ndarray | None = None) -> None:
     """Refuse the run when its memory estimate exceeds what is available (see the module
     docstring). The estimate is made on a meta-device model built from the config of the
-    already resolved `model_path`: no weight is read. A recipe the estimate cannot be made
-    for fails here with the error training would meet later."""
+    already resolved `model_path`: no weight is read. With the training split's `lengths`,
+    the estimate refused on is the widest batch expected (not every batch at max_length).
+    A recipe the estimate cannot be made for fails here with the error training would meet later."""
     model = build_on_meta(recipe, config_source=model_path)
     counts = count_adapter(recipe, model)
-    estimate = estimate_memory(model, recipe, counts, launch_world_size())[0]["total"]
+    memory = estimate_memory(model, recipe, counts, launch_world_size(), lengths)[0]
+    estimate = memory["total"]
     have = available_memory()
     if have is not None and estimate > have:
         cfg = recipe.training
+        if WORST_CASE in memory:
+            widest = padded_widths(lengths, cfg.batch_size, _examples_read(recipe, lengths, launch_world_size()))[0]
+            basis = (f"batch_size {cfg.batch_size} x {min(widest, recipe.data.max_length)} tokens, the widest batch expected from the prepared "
+                     f"lengths; {_gib(memory[WORST_CASE])} if every batch filled data.max_length {recipe.data.max_length}")
+        else:
+            basis = f"batch_size {cfg.batch_size} x data.max_length {recipe.data.max_length}"
         raise RecipeError(
-            f"training: the memory estimate ({_gib(estimate)} at batch_size {cfg.batch_size} x data.max_length {recipe.data.max_length}) "
-            f"exceeds the {_gib(have)} available",
+            f"training: the memory estimate ({_gib(estimate)} at {basis}) exceeds the {_gib(have)} available",
             hint="lower training.batch_size or data.max_length, enable training.gradient_checkpointing, "
             "or pass --skip-memory-check if you know the run fits (see tnlora train --dry-run)",
         )
