@@ -15,7 +15,8 @@ from .data.prepare import prepare_data
 from .errors import TnloraError
 from .model.accounting import CountReport, count_adapter
 from .model.inject import adapted_layers
-from .model.loading import load_tokenizer, resolve_model
+from .model.build import load_preprocessor
+from .model.loading import resolve_model
 from .model.meta import build_on_meta, shipped_configs
 from .recipe.sections import Recipe
 from .training.memory import estimate_memory
@@ -36,7 +37,7 @@ def _prepared(recipe: Recipe) -> tuple[Any, Any, str | None]:
         return None, None, f"no tokenizer ships with the '{recipe.model}' config: samples are shown for local or embedded models"
     try:
         path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
-        tokenizer = load_tokenizer(path, recipe.trust_remote_code)
+        tokenizer = load_preprocessor(recipe, path)
         notes: list[str] = []
         data = prepare_data(recipe.data, recipe.task, tokenizer, warn=notes.append)
     except TnloraError as exc:
@@ -49,6 +50,9 @@ def _samples(recipe: Recipe, tokenizer, data, n: int = 2, processes: int = 1) ->
     `warmup_ratio` resolve for this data."""
     out = []
     for example in data.train[:n]:
+        if "pixel_values" in example:
+            out.append({"tokens": [f"image {'x'.join(map(str, example['pixel_values'].shape))}"], "trained": None, "label": data.label_names[example["labels"]]})
+            continue
         ids = example["input_ids"]
         if isinstance(example["labels"], int):
             out.append({"tokens": [tokenizer.decode(ids)], "trained": None, "label": data.label_names[example["labels"]]})

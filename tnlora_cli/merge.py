@@ -26,9 +26,9 @@ from torch import nn
 from .adapters.layers import merged_weight
 from .data.examples import collate
 from .errors import MergeError
-from .model.build import load_adapters_on_meta, load_run
+from .model.build import load_adapters_on_meta, load_preprocessor, load_run
 from .model.inject import merge_units, require_linear
-from .model.loading import DTYPES, load_tokenizer, model_class, resolve_model
+from .model.loading import DTYPES, model_class, resolve_model
 from .model.merging import TOLERANCES, merge_into_base, tied_partners, untie_config, untie_in_memory
 from .model.shards import (
     SAFETENSORS_TO_TORCH,
@@ -187,7 +187,7 @@ def _merge_streaming(
     if untied:
         untie_config(model.config)
     model.config.save_pretrained(tmp)
-    load_tokenizer(model_path, recipe.trust_remote_code).save_pretrained(tmp)
+    load_preprocessor(recipe, model_path).save_pretrained(tmp)  # tokenizer, or image processor
     return MergeReport(tmp, target_name, len(layers), "streaming", n_shards, untied)
 
 

@@ -8,8 +8,7 @@ from typing import Any
 from .data.cache import CacheEntry, PruneResult, data_cache_root, list_entries, prune
 from .data.chat import IGNORE_INDEX
 from .data.prepare import prepare_data
-from .model.build import resolve_checked
-from .model.loading import load_tokenizer
+from .model.build import load_preprocessor, resolve_checked
 from .recipe.sections import Recipe
 from .report.reporter import Reporter
 
@@ -21,7 +20,7 @@ def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None
     (`allow_pickle`, `trust_remote_code`, positions against `data.max_length`)."""
     reporter = reporter or Reporter()
     path = resolve_checked(recipe)
-    tokenizer = load_tokenizer(path, recipe.trust_remote_code)
+    tokenizer = load_preprocessor(recipe, path)
     data = prepare_data(recipe.data, recipe.task, tokenizer, warn=reporter.status)
     report = dict(data.report)
     report["cache"] = "hit" if data.report["cache"]["hit"] else "rebuilt (damaged)" if data.report["cache"]["rebuilt"] else "miss"
@@ -29,6 +28,11 @@ def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None
     report["rows"] = sum(report.get("rows_read", {}).values())
     samples = []
     for example in data.train[:n_samples]:
+        if "pixel_values" in example:  # images: what the model sees, in numbers
+            pixels = example["pixel_values"]
+            said = f"image {'x'.join(map(str, pixels.shape))}, pixel values mean {float(pixels.mean()):.3f} std {float(pixels.std()):.3f}"
+            samples.append({"tokens": [said], "trained": None, "label": data.label_names[example["labels"]], "labels": example["labels"]})
+            continue
         sample = {"input_ids": list(example["input_ids"]), "labels": example["labels"]}
         sample["tokens"] = [tokenizer.decode([t]) for t in example["input_ids"]]
         if isinstance(example["labels"], int):

@@ -54,7 +54,10 @@ class Examples(Sequence):
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded label positions are ignored by the loss."""
+    """Right-pad a batch; padded label positions are ignored by the loss. Images
+    (`pixel_values`, all of one size) are stacked."""
+    if "pixel_values" in examples[0]:
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "labels": torch.tensor([e["labels"] for e in examples])}
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

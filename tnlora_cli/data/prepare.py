@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..recipe.sections import DataConfig
+from ..recipe.sections import CLASSIFICATION_TASKS, IMAGE_TASK, DataConfig
 from ..run.atomic import atomic_directory
 from .cache import (
     cache_key,
@@ -125,13 +125,19 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
 
     warn = warn or (lambda message: None)
     datasets.disable_progress_bars()
-    train_sources = resolve_sources(cfg.train, "data.train")
-    eval_sources = resolve_sources(cfg.eval, "data.eval") if cfg.eval else []
+    if task == IMAGE_TASK:  # `tokenizer` is the model's ImageProcessing
+        from .images import image_sources
+
+        train_sources = image_sources(cfg.train, "data.train")
+        eval_sources = image_sources(cfg.eval, "data.eval") if cfg.eval else []
+    else:
+        train_sources = resolve_sources(cfg.train, "data.train")
+        eval_sources = resolve_sources(cfg.eval, "data.eval") if cfg.eval else []
     section = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY | _SPLIT_KEYS}
     key = cache_key({
         "task": task,
         "data": section,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer.fingerprint() if task == IMAGE_TASK else tokenizer_fingerprint(tokenizer),
         "train": [s.fingerprint() for s in train_sources],
         "eval": [s.fingerprint() for s in eval_sources],
     })
@@ -164,7 +170,8 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
 def _build_entry(cfg: DataConfig, task: str, tokenizer, train_sources, eval_sources, path, about: dict[str, Any]) -> None:
     # on_exists="replace": a damaged entry is replaced whole
     with atomic_directory(path, on_exists="replace") as tmp:
-        report = _build(cfg, task, tokenizer, train_sources, eval_sources, tmp)
+        build = _build_images if task == IMAGE_TASK else _build
+        report = build(cfg, task, tokenizer, train_sources, eval_sources, tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         write_manifest(tmp, about)
 
@@ -211,11 +218,17 @@ def _split(cfg: DataConfig, report: dict[str, Any], train, held_out) -> TaskData
     trained = _column(train, "n_trained")[train_rows].sum()
     report.update(
         train_examples=len(train_rows), eval_examples=len(eval_rows), train_tokens=int(_column(train, "length")[train_rows].sum()),
-        train_trained_tokens=int(trained) if report.get("task") != "classification" else None,
+        train_trained_tokens=int(trained) if report.get("task") not in CLASSIFICATION_TASKS else None,
     )
     if report.get("task") == "chat":
         report["train_tool_calls"] = int(_column(train, "n_tool_calls")[train_rows].sum())
-    return TaskData(train=Examples(train, train_rows), eval=Examples(held_out, eval_rows, extra=("replies", "turns")), label_names=report.get("label_names"), report=report)
+    if report.get("task") == IMAGE_TASK:
+        from .images import ImageExamples
+
+        train_examples, eval_examples = ImageExamples(train, train_rows, report["image"]), ImageExamples(held_out, eval_rows, report["image"])
+    else:
+        train_examples, eval_examples = Examples(train, train_rows), Examples(held_out, eval_rows, extra=("replies", "turns"))
+    return TaskData(train=train_examples, eval=eval_examples, label_names=report.get("label_names"), report=report)
 
 
 def _refuse_empty(report: dict[str, Any], empty: str) -> None:
@@ -265,6 +278,36 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
         held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
         del held_out
     del train
+    shutil.rmtree(parts, ignore_errors=True)
+    return report
+
+
+def _build_images(cfg: DataConfig, task: str, processing, train_sources, eval_sources, tmp) -> dict[str, Any]:
+    """Decode the images into `tmp` (train/, and eval/ with data.eval), before any split:
+    uint8 at the model's input size (`data.images`); the report says what was read and dropped."""
+    from .images import read_images
+
+    report: dict[str, Any] = {"task": task, "rows_read": {}, "dropped": {}, "truncated": 0, "notes": [], "max_length": None,
+                              "image": processing.describe(), "converted": {}, "per_class": {}}
+    parts = tmp / "parts"
+    parts.mkdir()
+    keep = ["pixels", "labels", "length", "n_trained"]
+    train, train_keep, names = read_images(cfg, processing, train_sources, None, parts, "train", report)
+    report["label_names"] = names
+    if not len(train_keep):
+        if not eval_sources:
+            _split_indices(0, cfg.eval_fraction, cfg.split_seed, None, report)
+        _refuse_empty(report, "data.train")
+    train.select(train_keep).select_columns(keep).save_to_disk(str(tmp / "train"))
+    if eval_sources:
+        held_out, eval_keep, _ = read_images(cfg, processing, eval_sources, names, parts, "eval", report)
+        if not len(eval_keep):
+            _refuse_empty(report, "data.eval")
+        held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
+        del held_out
+    del train
+    for conversion, n in report["converted"].items():
+        report["notes"].append(f"{n:,} images converted {conversion} (the model has {processing.channels} channel{'s' if processing.channels > 1 else ''})")
     shutil.rmtree(parts, ignore_errors=True)
     return report
 

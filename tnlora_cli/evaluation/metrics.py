@@ -15,6 +15,7 @@ from torch import nn
 from ..data.chat import IGNORE_INDEX
 from ..data.examples import collate
 from ..model.inject import adapters_disabled
+from ..recipe.sections import CLASSIFICATION_TASKS
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def evaluate_examples(
         batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        if task == "classification":
+        if task in CLASSIFICATION_TASKS:
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             count += labels.numel()
             preds += logits.argmax(-1).tolist()
@@ -56,7 +57,7 @@ def evaluate_examples(
             count += int((shift_labels != IGNORE_INDEX).sum())
     model.train(was_training)
     loss = loss_sum / max(count, 1)
-    if task == "classification":
+    if task in CLASSIFICATION_TASKS:
         return {"loss": loss, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "macro_f1": macro_f1(preds, golds)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -112,7 +113,10 @@ def held_out_digest(examples: list[dict]) -> str:
     for a held-out set are of these very rows."""
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+        if "pixel_values" in e:
+            digest.update(e["pixel_values"].numpy().tobytes() + json.dumps(e["labels"]).encode())
+        else:
+            digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
     return digest.hexdigest()
 
 

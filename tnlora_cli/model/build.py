@@ -15,16 +15,25 @@ import torch
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel
 
+from ..data.images import load_image_processing
 from ..data.prepare import TaskData, prepare_data
 from ..errors import CheckpointError, RecipeError
 from ..recipe.load import load_recipe
-from ..recipe.sections import Recipe
+from ..recipe.sections import IMAGE_TASK, Recipe
 from ..run.checkpoint import load_adapter
 from ..run.layout import find_recipe_file, resolve_adapter_dir
 from .checks import check_max_length
 from .frozen import verify as verify_frozen
 from .inject import InjectionReport, inject_adapter
-from .loading import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
+from .loading import (
+    base_model_reference,
+    check_model_task,
+    head_module_names,
+    load_model,
+    load_tokenizer,
+    output_head_names,
+    resolve_model,
+)
 from .meta import build_on_meta
 from .state import adapter_state_dict, frozen_record, is_adapter_tensor, load_adapter_state_dict
 from .targets import legacy_module_roles
@@ -55,15 +64,25 @@ def resolve_checked(recipe: Recipe) -> str:
     """The recipe's model resolved (alias, directory or hub id) and its positions checked
     against `data.max_length`: the errors that are certain, before any estimate or load."""
     model_path = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
-    check_max_length(model_path, recipe.data.max_length)
+    check_model_task(model_path, recipe.task, recipe.trust_remote_code)
+    if recipe.task != IMAGE_TASK:
+        check_max_length(model_path, recipe.data.max_length)
     return model_path
+
+
+def load_preprocessor(recipe: Recipe, model_path: str):
+    """What turns the recipe's rows into model inputs: the tokenizer, or for images the
+    model's image preprocessing (`data.images.ImageProcessing`)."""
+    if recipe.task == IMAGE_TASK:
+        return load_image_processing(model_path, recipe.trust_remote_code)
+    return load_tokenizer(model_path, recipe.trust_remote_code)
 
 
 def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None) -> Inputs:
     """Tokenizer and prepared data (resolving the model unless `model_path` is given);
     `warn` hears what the data cache has to say (a damaged entry rebuilt, ...)."""
     model_path = model_path or resolve_checked(recipe)
-    tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+    tokenizer = load_preprocessor(recipe, model_path)
     return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn))
 
 
@@ -108,6 +127,9 @@ def prepare(
     for name in modules_to_save:
         if name not in names:
             raise RecipeError(f"adapter.modules_to_save: the model has no module '{name}'", hint="use top-level module names such as classifier or score")
+    note = getattr(model, "tnlora_head_note", None)
+    if note and note not in data.report.setdefault("notes", []):
+        data.report["notes"].append(note)
     initial_head = {k: v.detach().clone() for k, v in model.state_dict().items() if any(k.startswith(m + ".") for m in modules_to_save)}
     injection = inject_adapter(
         model, recipe.adapter, targets=targets, modules_to_save=modules_to_save, excluded=output_head_names(model), roles=roles

@@ -42,6 +42,21 @@ def check_max_length(model_path: str, max_length: int) -> None:
             return
 
 
+def check_task_fits(task: str, config_name: str, is_vision: bool) -> None:
+    """A vision model (an AutoModelForImageClassification architecture without a text
+    classifier) needs task image-classification, and that task needs a vision model."""
+    if is_vision and task != "image-classification":
+        raise ModelError(
+            f"task: {task} is for language models, and the model is a vision model ({config_name})",
+            hint="set task: image-classification (data: an image folder, or a JSONL/CSV/Parquet file with an image column)",
+        )
+    if task == "image-classification" and not is_vision:
+        raise ModelError(
+            f"task: image-classification needs a vision model (an AutoModelForImageClassification architecture), and the model is {config_name}",
+            hint="use task: classification for a text model, or point model at a vision model (ViT, DeiT, ResNet, ConvNeXt, Swin, ...)",
+        )
+
+
 def check_model_dir(path: Path, trust_remote_code: bool = False, allow_pickle: bool = False, weights: bool = True) -> None:
     """Refuse a directory that would fail to load; `weights=False` checks the config alone."""
     config_path = path / "config.json"

@@ -22,7 +22,8 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from ..errors import ModelError
-from .checks import check_cpu_4bit_layers, check_model_dir
+from ..recipe.sections import CLASSIFICATION_TASKS, IMAGE_TASK
+from .checks import check_cpu_4bit_layers, check_model_dir, check_task_fits
 from .embedded import HUB_IDS, MODELS, embedded_hub_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,12 +75,24 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def model_class(task: str, config: object | None = None) -> type:
+    """The Auto class of `task`; with `config`, a model that cannot do the task is refused
+    with the task it needs (a vision model under a text task, or the reverse)."""
+    if config is not None:
+        check_task_fits(
+            task,
+            type(config).__name__,
+            is_vision=type(config) in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+        )
+    if task == IMAGE_TASK:
+        return AutoModelForImageClassification
     if task != "classification":
         return AutoModelForCausalLM
-    if config is not None and type(config) in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-        # Vision backbones (the TensorGuide paper's ResNet-18): counted, not trained.
-        return AutoModelForImageClassification
     return AutoModelForSequenceClassification
+
+
+def check_model_task(path: str, task: str, trust_remote_code: bool = False) -> None:
+    """Refuse a model that cannot do `task` (from its config alone, before any other load)."""
+    model_class(task, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def quantization_config(quantization, keep_full: list[str]):
@@ -140,11 +153,11 @@ def load_model(
     that receive theirs from rank 0 once the model is sharded."""
     check_attn_implementation(attn_implementation)
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    labels = label_config(label_names) if task == "classification" else {}
+    labels = label_config(label_names) if task in CLASSIFICATION_TASKS else {}
     if empty:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **labels)
         with torch.device("meta"), _attn_errors(attn_implementation):
-            model = model_class(task).from_config(
+            model = model_class(task, config).from_config(
                 config, dtype=config.dtype if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code, **attn
             )
         if pad_token_id is not None and model.config.pad_token_id is None:
@@ -156,8 +169,16 @@ def load_model(
         device = device or default_device()
     if device is not None:
         kwargs["device_map"] = {"": device}
+    cls = model_class(task, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    if task == IMAGE_TASK:
+        # A pretrained vision checkpoint's head has its own classes (ImageNet's 1,000, or none):
+        # the head is made anew for the data's labels, and the report says so.
+        kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
     with _attn_errors(attn_implementation):
-        model = model_class(task).from_pretrained(path, **kwargs, **attn)
+        model = cls.from_pretrained(path, **kwargs, **attn)
+    if task == IMAGE_TASK:
+        model, info = model
+        model.tnlora_head_note = new_head_note(model, info)
     if quantization is not None and quantization.bits == 4:
         check_cpu_4bit_layers(model)
     if pad_token_id is not None and model.config.pad_token_id is None:
@@ -185,9 +206,25 @@ def label_config(label_names: list[str] | None) -> dict[str, Any]:
     return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
+def new_head_note(model: nn.Module, info: dict[str, Any]) -> str | None:
+    """What loading did to a vision checkpoint's classification head: created (the checkpoint
+    has none) or re-created at the data's size (it had another), from the seeded RNG."""
+    heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    head_keys = lambda keys: sorted({k for k in keys if k.split(".")[0] in heads})  # noqa: E731
+    mismatched = [k for k, *_ in info.get("mismatched_keys", []) if k.split(".")[0] in heads]
+    missing = head_keys(info.get("missing_keys", []))
+    if mismatched:
+        shapes = {k: (tuple(old), tuple(new)) for k, old, new in info["mismatched_keys"] if k in mismatched}
+        said = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in shapes.items())
+        return f"classification head re-created for {model.config.num_labels} labels (the checkpoint's has another size: {said})"
+    if missing:
+        return f"classification head created for {model.config.num_labels} labels (the checkpoint has none: {', '.join(missing)})"
+    return None
+
+
 def head_module_names(model: nn.Module, task: str) -> list[str]:
     """Modules trained in full by default: the freshly created classification head."""
-    if task != "classification":
+    if task not in CLASSIFICATION_TASKS:
         return []
     return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 

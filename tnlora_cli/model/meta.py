@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import ModelError
-from ..recipe.sections import Recipe
+from ..recipe.sections import CLASSIFICATION_TASKS, Recipe
 from .embedded import minilm_path
 from .loading import label_config, model_class
 
@@ -53,7 +53,7 @@ def build_on_meta(recipe: Recipe, label_names: list[str] | None = None, config_s
     head has the recipe's `data.labels` (or 2) classes. `config_source` is where the config
     comes from when the recipe's model was resolved already (default: the recipe's model)."""
     config = load_config(config_source or recipe.model, recipe.trust_remote_code)
-    if recipe.task == "classification":
+    if recipe.task in CLASSIFICATION_TASKS:
         config.update(label_config(label_names or recipe.data.labels or ["LABEL_0", "LABEL_1"]))
     with torch.device("meta"):
         return model_class(recipe.task, config).from_config(config, trust_remote_code=recipe.trust_remote_code)

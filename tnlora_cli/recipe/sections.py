@@ -14,7 +14,10 @@ from pydantic import Field, field_validator, model_validator
 
 from ..adapters.configs import CONFIGS, StrictModel
 
-Task = Literal["classification", "causal-lm", "instruction", "chat"]
+Task = Literal["classification", "image-classification", "causal-lm", "instruction", "chat"]
+#: Tasks whose model predicts one label per example through a freshly created, fully trained head.
+CLASSIFICATION_TASKS = ("classification", "image-classification")
+IMAGE_TASK = "image-classification"
 
 # Discriminated on `type`: one strict config class per adapter (adapters/configs.py, no torch).
 AdapterSection = Annotated[
@@ -45,8 +48,11 @@ class DataConfig(StrictModel):
     )
     text_column: str = Field("text", description="Text of each example (classification, causal-lm).")
     text_pair_column: str | None = Field(None, description="Second text for pair classification.")
-    label_column: str | None = Field(None, description="Class labels (classification).")
-    labels: list[str] | None = Field(None, description="Keep only rows with these labels, in this order.")
+    label_column: str | None = Field(None, description="Class labels (classification; image-classification: default `label`).")
+    labels: list[str] | None = Field(None, description="Keep only rows with these labels, in this order (image-classification: the classes, "
+                                     "in this order; an image with another label is a bad row).")
+    image_column: str = Field("image", description="image-classification: the image of each row of a JSONL/CSV/Parquet file (a path relative "
+                              "to the file, or image bytes); an image folder has one sub-folder per class instead.")
     prompt_column: str = Field("prompt", description="instruction: the prompt (masked out of the loss; chat template when the tokenizer has one).")
     response_column: str = Field("response", description="instruction: the response (the loss is on these tokens only).")
     max_length: int = Field(128, ge=8, description="Tokens per example (block size when packing).")
@@ -152,7 +158,8 @@ class EvalGenerateConfig(StrictModel):
 class Recipe(StrictModel):
     model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
     task: Task = Field(
-        description="classification (text or text pair -> label, head trained), causal-lm (next-token loss), "
+        description="classification (text or text pair -> label, head trained), image-classification (image -> label, "
+        "head trained; any AutoModelForImageClassification model), causal-lm (next-token loss), "
         "instruction (loss on the response only; chat template when the tokenizer has one), "
         "chat (multi-turn conversations, loss on the assistant turns as data.train_on says)."
     )

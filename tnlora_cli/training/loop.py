@@ -230,8 +230,9 @@ class _TrainingRun:
         accumulation = self.cfg.gradient_accumulation_steps
         for micro in range(accumulation):
             batch = self._batch(self.step * accumulation + micro)
-            self.window.tokens += int(batch["attention_mask"].sum())
-            self.window.slots += batch["attention_mask"].numel()
+            mask = batch.get("attention_mask")  # images have none: one token per image
+            self.window.tokens += int(mask.sum()) if mask is not None else len(batch["labels"])
+            self.window.slots += mask.numel() if mask is not None else len(batch["labels"])
             with self.engine.accumulation(self.model, last_micro=micro == accumulation - 1):
                 loss = self.model(**batch).loss
                 self.engine.backward(loss)
