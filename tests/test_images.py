@@ -60,13 +60,11 @@ def image_folder(root: Path, per_class: int = 24, seed: int = 0) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def vision_models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny ViT saved with a 5-class head and an image processor (32x32), and a config-only
-    style 1-channel ResNet without one (image_size 32 in its config)."""
+def save_vision_models(root: Path) -> dict[str, Path]:
+    """A tiny ViT saved with a 5-class head and an image processor (32x32), and a 1-channel
+    ResNet without one (image_size 32 in its config)."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    root = tmp_path_factory.mktemp("vision")
     torch.manual_seed(0)
     vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                               intermediate_size=64, num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
@@ -76,6 +74,11 @@ def vision_models(tmp_path_factory) -> dict[str, Path]:
     config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], image_size=32, num_labels=2)
     ResNetForImageClassification(config).save_pretrained(root / "resnet")
     return {"vit": root / "vit", "resnet": root / "resnet"}
+
+
+@pytest.fixture(scope="session")
+def vision_models(tmp_path_factory) -> dict[str, Path]:
+    return save_vision_models(tmp_path_factory.mktemp("vision"))
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +110,6 @@ def test_tiny_vit_trains_with_every_adapter_and_beats_the_base(image_recipe, kin
     raw = image_recipe(kind)
     result = train(validate_recipe(raw))
     rows = result.evaluation
-    print(kind, {k: round(v["accuracy"], 3) for k, v in rows.items()})
     assert set(rows) == {"base", "head only", "tuned"}
     assert rows["tuned"]["accuracy"] > rows["base"]["accuracy"], rows
     assert rows["tuned"]["accuracy"] >= 0.8, rows
@@ -115,3 +117,124 @@ def test_tiny_vit_trains_with_every_adapter_and_beats_the_base(image_recipe, kin
     assert config["task"] == "image-classification" and config["modules_to_save"] == ["classifier"]
     assert config["label_names"] == list(sorted(CLASSES))
     assert all(t.endswith(("q_proj", "v_proj")) for t in config["targets"]) and len(config["targets"]) == 4
+
+
+def test_merged_directory_loads_with_plain_transformers_and_predicts_what_eval_says(image_recipe, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    held_out = image_folder(tmp_path / "held_out", per_class=6, seed=1)
+    raw = image_recipe("trac", eval=str(held_out))
+    train(validate_recipe(raw))
+    report = evaluate_run(raw["output_dir"])
+    merged = merge_run(raw["output_dir"], tmp_path / "merged")
+    assert merged.max_abs_diff <= merged.tolerance
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "merged")
+    files = sorted(held_out.glob("*/*.png"))
+    with torch.no_grad():
+        logits = model(**processor(images=[Image.open(f) for f in files], return_tensors="pt")).logits
+    predicted = [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+    accuracy = np.mean([p == f.parent.name for p, f in zip(predicted, files)])
+    assert accuracy == pytest.approx(report["metrics"]["tuned"]["accuracy"])
+    assert report["metrics"]["tuned"]["accuracy"] > report["metrics"]["base"]["accuracy"]
+    # tnlora's own preprocessing of the same files gives the same logits
+    recipe = validate_recipe(raw)
+    data = prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
+    with torch.no_grad():
+        ours = model(pixel_values=torch.stack([e["pixel_values"] for e in data.eval])).logits
+    torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_grayscale_resnet_without_image_processor_converts_and_reports(image_recipe, tmp_path):
+    """A 1-channel model without preprocessor_config.json: the default preprocessing at the
+    config's image_size; RGB images converted to 1 channel, counted in the report."""
+    raw = image_recipe("lora", model="resnet")
+    raw["adapter"].update(target_modules=["classifier.1"], modules_to_save=[])
+    raw["training"]["max_steps"] = 5
+    result = train(validate_recipe(raw))
+    recipe = validate_recipe(raw)
+    processing = load_preprocessor(recipe, resolve_checked(recipe))
+    assert (processing.source, processing.channels, processing.height, processing.mean) == ("default", 1, 32, [0.5])
+    data = prepare_data(recipe.data, recipe.task, processing)
+    assert data.report["converted"] == {"RGB -> L": 72}
+    assert "72 images converted RGB -> L (the model has 1 channel)" in data.report["notes"]
+    assert data.train[0]["pixel_values"].shape == (1, 32, 32)
+    assert "tuned" in result.evaluation
+
+
+def test_jsonl_and_parquet_sources_with_paths_and_bytes(image_recipe, images, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(images.glob("*/*.png"))
+    rows = [{"picture": str(f.relative_to(images.parent)), "kind": f.parent.name} for f in files]
+    (images.parent / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "label": [f.parent.name for f in files]}), tmp_path / "images.parquet")
+    recipe = validate_recipe(image_recipe(train=str(images.parent / "index.jsonl"), image_column="picture", label_column="kind"))
+    processing = load_preprocessor(recipe, resolve_checked(recipe))
+    from_jsonl = prepare_data(recipe.data, recipe.task, processing)
+    recipe = validate_recipe(image_recipe(train=str(tmp_path / "images.parquet")))
+    from_parquet = prepare_data(recipe.data, recipe.task, processing)
+    recipe = validate_recipe(image_recipe())
+    from_folder = prepare_data(recipe.data, recipe.task, processing)
+    assert from_jsonl.label_names == from_parquet.label_names == from_folder.label_names == sorted(CLASSES)
+    assert from_jsonl.report["per_class"]["train"] == {c: 24 for c in sorted(CLASSES)}
+    for a, b, c in zip(from_jsonl.train, from_parquet.train, from_folder.train):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["pixel_values"], c["pixel_values"])
+        assert a["labels"] == b["labels"] == c["labels"]
+
+
+def _damage(folder: Path) -> None:
+    """One of each bad image, and an empty class folder."""
+    (folder / "red" / "truncated.png").write_bytes((folder / "red" / "000.png").read_bytes()[:200])
+    (folder / "green" / "notes.png").write_text("not an image")
+    draw("red", random.Random(0), (4, 4)).save(folder / "stripes" / "tiny.png")
+    (folder / "empty").mkdir()
+
+
+def test_bad_images_are_dropped_and_counted_per_reason(image_recipe, tmp_path):
+    folder = image_folder(tmp_path / "images", per_class=8)
+    _damage(folder)
+    recipe = validate_recipe(image_recipe(train=str(folder), on_bad_rows="drop"))
+    data = prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
+    assert data.report["dropped"] == {"not a readable image": 2, "smaller than one patch": 1, "empty class folder": 1}
+    assert data.report["train_examples"] + data.report["eval_examples"] == 24
+    assert data.label_names == sorted(CLASSES)
+
+
+def test_bad_image_is_refused_with_its_file_and_nothing_is_cached(image_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "cache"))
+    folder = image_folder(tmp_path / "images", per_class=4)
+    (folder / "green" / "001.png").write_bytes((folder / "green" / "000.png").read_bytes()[:100])
+    recipe = validate_recipe(image_recipe(train=str(folder)))
+    with pytest.raises(DataError, match=r"green/001\.png: not a readable image"):
+        prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_wrong_task_names_the_task_the_model_needs(image_recipe, tiny_models):
+    raw = image_recipe()
+    raw.update(task="classification")
+    raw["data"]["label_column"] = "label"
+    with pytest.raises(ModelError, match=r"task: classification is for language models.*\(ViTConfig\)"):
+        resolve_checked(validate_recipe(raw))
+    raw = image_recipe()
+    raw["model"] = str(tiny_models["bert"])
+    with pytest.raises(ModelError, match=r"task: image-classification needs a vision model .* BertConfig"):
+        resolve_checked(validate_recipe(raw))
+
+
+def test_cli_verbs_on_an_image_run(image_recipe, tmp_path):
+    raw = image_recipe("lora")
+    raw["training"]["max_steps"] = 5
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    dry = _cli("train", str(recipe), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "image 3x32x32" in dry.stdout and "adapter total" in dry.stdout
+    assert _cli("train", str(recipe)).returncode == 0
+    generated = _cli("generate", raw["output_dir"], "--prompt", "hello")
+    assert generated.returncode == 2 and "is a image-classification run: its model predicts labels, it does not generate text" in " ".join(generated.stderr.split())
+    counted = _cli("count-params", str(recipe))
+    assert counted.returncode == 0 and "task head (trained in full)" in counted.stdout

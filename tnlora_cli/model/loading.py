@@ -156,6 +156,7 @@ def load_model(
     labels = label_config(label_names) if task in CLASSIFICATION_TASKS else {}
     if empty:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **labels)
+        attn = _without_unused_sdpa(task, config, attn)
         with torch.device("meta"), _attn_errors(attn_implementation):
             model = model_class(task, config).from_config(
                 config, dtype=config.dtype if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code, **attn
@@ -169,7 +170,9 @@ def load_model(
         device = device or default_device()
     if device is not None:
         kwargs["device_map"] = {"": device}
-    cls = model_class(task, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = model_class(task, config)
+    attn = _without_unused_sdpa(task, config, attn)
     if task == IMAGE_TASK:
         # A pretrained vision checkpoint's head has its own classes (ImageNet's 1,000, or none):
         # the head is made anew for the data's labels, and the report says so.
@@ -184,6 +187,16 @@ def load_model(
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def _without_unused_sdpa(task: str, config, attn: dict[str, str]) -> dict[str, str]:
+    """The recipe's default kernel (sdpa) asked of a vision model without attention (a CNN)
+    means nothing: it is not passed, where transformers would refuse it."""
+    if task == IMAGE_TASK and attn.get("attn_implementation") == "sdpa":
+        concrete = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.get(type(config), None)
+        if concrete is not None and not getattr(concrete, "_supports_sdpa", False):
+            return {}
+    return attn
 
 
 @contextlib.contextmanager
