@@ -76,6 +76,28 @@ def _rows(task: str, rows: list, **data: Any) -> Callable[[dict], None]:
     return mutate
 
 
+def _images(damage: Callable[[Path], None] | None = None, model: str = "vit", task: str = "image-classification", **data: Any) -> Callable[[dict], None]:
+    """Train a tiny vision model (test_images) on an image folder beside the recipe, damaged by `damage`."""
+
+    def mutate(raw: dict) -> None:
+        data_ = dict(data)
+        from test_images import image_folder, save_vision_models
+
+        root = Path(raw["output_dir"]).parent
+        folder = image_folder(root / "images", per_class=4)
+        if damage:
+            damage(folder)
+        train = folder / data_.pop("train") if "train" in data_ else folder  # a file inside the folder
+        raw.update(task=task, model=str(save_vision_models(root / "models")[model]), data={"train": str(train), **data_})
+        raw["adapter"]["target_modules"] = ["q_proj", "v_proj"]
+
+    return mutate
+
+
+def _write(name: str, content: bytes | Callable[[Path], bytes]) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_bytes(content(folder) if callable(content) else content)
+
+
 _HI = {"role": "user", "content": "what is the cat"}
 _CALL = {"type": "function", "function": {"name": "find", "arguments": '{"q": "cat"}'}}
 
@@ -191,6 +213,17 @@ RECIPE_CASES = [
       r"data: 5 of 6 rows read were dropped \(5: field 'response' is missing or null\), so 1 example is too few"),
     # cache:
     R("exclude regex invalid", _set("adapter.exclude_modules", "query(["), r"adapter.exclude_modules: 'query\(\[' is not a valid regular expression"),
+    # images:
+    R("image truncated", _images(_write("red/001.png", lambda f: (f / "red/000.png").read_bytes()[:150])), r"data: \S+/red/001\.png: not a readable image"),
+    R("image file not an image", _images(_write("green/readme.txt", b"notes")), r"data: \S+/green/readme\.txt: not a readable image"),
+    R("image path unreadable", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": "red"}\n{"image": "gone.png", "label": "green"}\n'),
+                                       train="index.jsonl"), r"index\.jsonl row 2: cannot read \S+/gone\.png \(No such file or directory\)"),
+    R("image label not in data.labels", _images(labels=["green", "red"]), r"data: \S+/stripes/000\.png: label 'stripes' is not in data.labels \(green, red\)"),
+    R("image class folder empty", _images(lambda f: (f / "blue").mkdir()), r"data.train: class folder \S+/blue is empty"),
+    R("image smaller than one patch", _images(lambda f: __import__("test_images").draw("red", __import__("random").Random(0), (4, 6)).save(f / "red/tiny.png")),
+      r"red/tiny\.png: the image is 4x6, smaller than one 8x8 patch"),
+    R("vision model under a text task", _images(task="classification", label_column="label"), r"task: classification is for language models, and the model is a vision model \(ViTConfig\).*task: image-classification"),
+    R("text model under the image task", _set("task", "image-classification"), r"task: image-classification needs a vision model .* BertConfig"),
 ]
 
 # ----------------------------------------------------------------- recipe files
