@@ -37,6 +37,11 @@ PAPER_COUNTS = [
     ("tensorguide_gpt2_head_algorithm1.yaml", 33_664, "TensorGuide Algorithm 1 on Table 3's last row"),
     ("loretta_official_roberta_large.yaml", 61_440, "LoRETTA official shape table, r=8, t=5"),
     ("loretta_official_llama2_7b.yaml", 249_856, "LoRETTA official large-model script, r=8, t=8"),
+    # images:
+    ("trac_vit_base_cifar10.yaml", 26_304, "TRAC Table 8, ViT-Base: 0.026M"),
+    ("trac_vit_large_cifar10.yaml", 55_808, "TRAC Table 8, ViT-Large: 0.056M"),
+    ("lora_vit_base_cifar10.yaml", 294_912, "TRAC Table 8, LoRA r=8 ViT-Base: 0.295M"),
+    ("lora_vit_large_cifar10.yaml", 786_432, "TRAC Table 8, LoRA r=8 ViT-Large: 0.786M"),
 ]
 
 
@@ -85,3 +90,17 @@ def test_cli_count_params_bad_shape_is_a_recipe_error():
     result = CliRunner().invoke(app, ["count-params", "--model", "llama-2-7b", "--set", "adapter.type=tera",
                                       "--set", "adapter.target_modules=[q_proj]", "--set", "adapter.outdim=3000"])
     assert result.exit_code == 2 and "does not fold" in result.output
+
+
+def test_vit_paper_recipes_print_trac_table_8():
+    """Table 8 counts the adapter only (the classification head, trained by every method, is
+    excluded): TRAC 0.026M / 0.056M, LoRA r=8 0.295M / 0.786M."""
+    runner = CliRunner()
+    for recipe, millions in (("trac_vit_base_cifar10.yaml", "0.026"), ("trac_vit_large_cifar10.yaml", "0.056"),
+                             ("lora_vit_base_cifar10.yaml", "0.295"), ("lora_vit_large_cifar10.yaml", "0.786")):
+        result = runner.invoke(app, ["count-params", str(ROOT / "recipes/paper" / recipe), "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert f"{data['adapter_total']['trainable'] / 1e6:.3f}" == millions, recipe
+        assert data["head"]["trainable"] == (768 if "base" in recipe else 1024) * 10 + 10  # CIFAR-10's head, counted apart
+    assert {"vit-base-patch16-224-in21k", "vit-large-patch16-224-in21k"} <= set(shipped_configs())

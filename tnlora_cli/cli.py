@@ -707,7 +707,7 @@ def _cleanup_on_sigterm() -> None:
 def count_params_(
     recipe: Annotated[Optional[Path], typer.Argument(help="YAML recipe (or give --model and --set adapter...).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model: a shipped config (llama-2-7b, roberta-base, ...), minilm, or a directory.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="classification, causal-lm or instruction (without a recipe: causal-lm).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="classification, image-classification, causal-lm or instruction (without a recipe: causal-lm).")] = None,
     set_: SetOpt = None,
     unset: UnsetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
