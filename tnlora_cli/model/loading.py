@@ -223,9 +223,8 @@ def new_head_note(model: nn.Module, info: dict[str, Any]) -> str | None:
     """What loading did to a vision checkpoint's classification head: created (the checkpoint
     has none) or re-created at the data's size (it had another), from the seeded RNG."""
     heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
-    head_keys = lambda keys: sorted({k for k in keys if k.split(".")[0] in heads})  # noqa: E731
     mismatched = [k for k, *_ in info.get("mismatched_keys", []) if k.split(".")[0] in heads]
-    missing = head_keys(info.get("missing_keys", []))
+    missing = sorted({k for k in info.get("missing_keys", []) if k.split(".")[0] in heads})
     if mismatched:
         shapes = {k: (tuple(old), tuple(new)) for k, old, new in info["mismatched_keys"] if k in mismatched}
         said = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in shapes.items())

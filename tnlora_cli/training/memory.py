@@ -49,7 +49,7 @@ from ..model.accounting import CountReport, count_adapter
 from ..model.loading import DTYPES, HEAD_NAMES
 from ..model.meta import build_on_meta
 from ..model.targets import is_linear_leaf
-from ..recipe.sections import Recipe
+from ..recipe.sections import CLASSIFICATION_TASKS, IMAGE_TASK, Recipe
 from .launch import launch_world_size
 
 
@@ -102,6 +102,9 @@ def estimate_memory(
     trainable = total.trainable + counts.head.trainable
     cfg = recipe.training
     batch, length = cfg.batch_size, recipe.data.max_length
+    if recipe.task == IMAGE_TASK:  # a ViT sees its patches and class token; a CNN is counted as one token
+        side, patch = _config_value(config, "image_size"), _config_value(config, "patch_size")
+        length = (side // patch) ** 2 + 1 if side and patch else 1
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _config_value(config, "num_attention_heads", "n_head")
@@ -118,7 +121,7 @@ def estimate_memory(
             activations = batch * width * (hidden * layers + per_layer_token) * act_elem
         else:
             activations = batch * width * per_layer_token * layers * act_elem
-        logits = 3 * batch * width * vocab * 4 if recipe.task != "classification" else 0
+        logits = 3 * batch * width * vocab * 4 if recipe.task not in CLASSIFICATION_TASKS else 0
         return int(activations), int(logits)
 
     if not hidden or not layers:
@@ -145,7 +148,9 @@ def estimate_memory(
     if quant is not None:
         notes.append(f"{quant.bits}-bit linear layers; embeddings, lm_head and task heads stay in {dtype_name}")
     precision = f"{'bf16/fp16' if mixed else 'fp32'}" + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-    if widths is None:
+    if recipe.task == IMAGE_TASK:  # every image is the same size: no padding, no worst case
+        notes.append(f"activations at batch {batch} x {length} tokens per image, {precision}")
+    elif widths is None:
         notes.append(f"activations at batch {batch} x {length} tokens (data.max_length: every batch padded to it, the worst case; "
                      f"the prepared lengths are not known here), {precision}")
     else:
