@@ -115,7 +115,8 @@ def _merge_streaming(
 ) -> MergeReport | None:
     target = DTYPES[target_name]
     recipe, state = meta["recipe"], meta["state"]
-    plain_keys = {plain_key(k) for k in model.state_dict() if not is_adapter_tensor(k)}
+    shapes = {plain_key(k): tuple(v.shape) for k, v in model.state_dict().items() if not is_adapter_tensor(k)}
+    plain_keys = set(shapes)
     prefix = getattr(model, "base_model_prefix", "")
 
     def to_model_key(key: str) -> str:
@@ -162,6 +163,8 @@ def _merge_streaming(
                     continue  # replaced by the trained head below
                 info = f.get_slice(key)
                 shape, stored = tuple(info.get_shape()), SAFETENSORS_TO_TORCH[info.get_dtype()]
+                if shapes.get(model_key, shape) != shape:
+                    return None  # a head re-created at another size (not stored with the adapter): built in memory
                 if model_key in layers:
                     entries.append(TensorEntry(model_key, shape, target, lambda m=model_key, p=shard, k=key: merged(m, p, k)))
                 else:

@@ -209,7 +209,8 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     if not record.get("saved", True):
         drawn = frozen_record(model)
         verify_frozen(record, drawn.get("seed"), drawn.get("checksum"), str(adapter_dir))
-    missing = set(adapter_state) ^ set(adapter_state_dict(model, [], include_frozen=record.get("saved", True)))
+    expected = {k for k in adapter_state_dict(model, [], include_frozen=record.get("saved", True)) if is_adapter_tensor(k)}
+    missing = set(adapter_state) ^ expected
     if missing:
         raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
     model.load_state_dict(adapter_state, strict=False)

@@ -10,6 +10,10 @@ from torch import nn
 from . import frozen
 
 SHARED_ATTR = "tnlora_shared"
+#: Running statistics of normalisation layers (BatchNorm): buffers of the frozen base that
+#: training changes (in train mode every forward updates them), so they are saved with the
+#: adapter and restored by eval and merge. Models without BatchNorm have none.
+NORM_STATISTICS = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
 def is_adapter_tensor(key: str) -> bool:
@@ -18,12 +22,12 @@ def is_adapter_tensor(key: str) -> bool:
 
 
 def _is_adapter_key(key: str, modules_to_save: list[str]) -> bool:
-    return is_adapter_tensor(key) or any(key.startswith(m + ".") for m in modules_to_save)
+    return is_adapter_tensor(key) or key.endswith(NORM_STATISTICS) or any(key.startswith(m + ".") for m in modules_to_save)
 
 
 def adapter_state_dict(model: nn.Module, modules_to_save: list[str], include_frozen: bool | None = None) -> dict[str, torch.Tensor]:
     """Everything that is not the frozen base: adapter tensors (trainable and frozen),
-    shared tensors once, and the modules trained in full. Frozen random adapter tensors are
+    shared tensors once, the modules trained in full, and normalisation statistics. Frozen random adapter tensors are
     left out when `include_frozen` is false (default: the recipe's `adapter.save_frozen`)."""
     if include_frozen is None:
         include_frozen = frozen_record(model).get("saved", True)
