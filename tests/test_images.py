@@ -245,3 +245,17 @@ def test_cli_verbs_on_an_image_run(image_recipe, tmp_path):
     assert generated.returncode == 2 and "is a image-classification run: its model predicts labels, it does not generate text" in " ".join(generated.stderr.split())
     counted = _cli("count-params", str(recipe))
     assert counted.returncode == 0 and "task head (trained in full)" in counted.stdout
+
+
+def test_shots_per_class_draws_k_of_each_class_by_seed(image_recipe, tmp_path):
+    recipe = validate_recipe(image_recipe(shots_per_class=5, sample_seed=1))
+    processing = load_preprocessor(recipe, resolve_checked(recipe))
+    data = prepare_data(recipe.data, recipe.task, processing)
+    assert len(data.train) == 15 and sorted(e["labels"] for e in data.train) == [0] * 5 + [1] * 5 + [2] * 5
+    assert data.report["shots_per_class"] == {c: 5 for c in sorted(CLASSES)}
+    again = prepare_data(recipe.data, recipe.task, processing)
+    other = prepare_data(validate_recipe(image_recipe(shots_per_class=5, sample_seed=2)).data, recipe.task, processing)
+    assert list(again.train.rows) == list(data.train.rows) != list(other.train.rows)
+    assert other.report["cache"]["hit"]  # another draw reuses the decoded images
+    with pytest.raises(DataError, match=r"data.shots_per_class: class '\w+' has \d+ training examples, fewer than 30"):
+        prepare_data(validate_recipe(image_recipe(shots_per_class=30)).data, recipe.task, processing)

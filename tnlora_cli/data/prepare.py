@@ -63,7 +63,7 @@ CONVERSATION_TASKS = ("instruction", "chat")
 _NOT_IN_KEY = {"group_by_length", "num_proc"}
 #: Data-section keys of the train/held-out split, made when an entry is opened: changing them
 #: reuses the tokenized data.
-_SPLIT_KEYS = {"eval_fraction", "split_seed", "max_train_samples", "max_eval_samples", "max_held_out"}
+_SPLIT_KEYS = {"eval_fraction", "split_seed", "max_train_samples", "max_eval_samples", "max_held_out", "shots_per_class", "sample_seed"}
 
 
 @dataclass
@@ -205,6 +205,8 @@ def _split(cfg: DataConfig, report: dict[str, Any], train, held_out) -> TaskData
         if len(eval_pos) < max(1, round(n * cfg.eval_fraction)):
             key = "data.max_eval_samples" if cfg.max_eval_samples else "data.max_held_out"
             report["notes"].append(f"held out {len(eval_pos):,} of {n:,} examples ({cfg.eval_fraction:.0%} capped by {key}); the rest train")
+    if cfg.shots_per_class:
+        train_pos = _shots(train, train_pos, cfg.shots_per_class, cfg.sample_seed, report)
     if cfg.max_train_samples:
         train_pos = train_pos[: cfg.max_train_samples]
     if cfg.max_eval_samples:
@@ -229,6 +231,26 @@ def _split(cfg: DataConfig, report: dict[str, Any], train, held_out) -> TaskData
     else:
         train_examples, eval_examples = Examples(train, train_rows), Examples(held_out, eval_rows, extra=("replies", "turns"))
     return TaskData(train=train_examples, eval=eval_examples, label_names=report.get("label_names"), report=report)
+
+
+def _shots(train, train_pos: list[int], k: int, seed: int, report: dict[str, Any]) -> list[int]:
+    """K training examples of each class, drawn with `seed` (the split's order kept); the
+    classes and their counts go into the report."""
+    names = report.get("label_names")
+    if not names:
+        raise DataError("data.shots_per_class: only classification data has classes to draw shots from", hint="remove data.shots_per_class")
+    labels = _column(train, "labels")[np.asarray(train_pos, dtype=np.int64)]
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for c, name in enumerate(names):
+        where = np.flatnonzero(labels == c)
+        if len(where) < k:
+            raise DataError(f"data.shots_per_class: class '{name}' has {len(where)} training example{'s' if len(where) != 1 else ''}, fewer than {k}",
+                            hint="lower data.shots_per_class, or add examples of that class")
+        chosen += where[torch.randperm(len(where), generator=generator)[:k].numpy()].tolist()
+    report["shots_per_class"] = {name: k for name in names}
+    report["notes"].append(f"{k} training examples per class ({len(names)} classes) drawn with data.sample_seed {seed}")
+    return [train_pos[i] for i in sorted(chosen)]
 
 
 def _refuse_empty(report: dict[str, Any], empty: str) -> None:

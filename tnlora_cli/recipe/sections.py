@@ -51,6 +51,9 @@ class DataConfig(StrictModel):
     label_column: str | None = Field(None, description="Class labels (classification; image-classification: default `label`).")
     labels: list[str] | None = Field(None, description="Keep only rows with these labels, in this order (image-classification: the classes, "
                                      "in this order; an image with another label is a bad row).")
+    shots_per_class: int | None = Field(None, gt=0, description="Classification: train on K examples of each class, drawn from the training split "
+                                        "with sample_seed (few-shot, as TRAC's 10 per class); a class with fewer is refused.")
+    sample_seed: int = Field(0, description="Seed of the shots_per_class draw.")
     image_column: str = Field("image", description="image-classification: the image of each row of a JSONL/CSV/Parquet file (a path relative "
                               "to the file, or image bytes); an image folder has one sub-folder per class instead.")
     prompt_column: str = Field("prompt", description="instruction: the prompt (masked out of the loss; chat template when the tokenizer has one).")
