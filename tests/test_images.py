@@ -259,3 +259,42 @@ def test_shots_per_class_draws_k_of_each_class_by_seed(image_recipe, tmp_path):
     assert other.report["cache"]["hit"]  # another draw reuses the decoded images
     with pytest.raises(DataError, match=r"data.shots_per_class: class '\w+' has \d+ training examples, fewer than 30"):
         prepare_data(validate_recipe(image_recipe(shots_per_class=30)).data, recipe.task, processing)
+
+
+def test_augmentation_is_drawn_from_the_seeded_rng_and_never_evaluated(image_recipe):
+    recipe = validate_recipe(image_recipe(augment="crop_flip"))
+    processing = load_preprocessor(recipe, resolve_checked(recipe))
+    data = prepare_data(recipe.data, recipe.task, processing)
+    plain = prepare_data(validate_recipe(image_recipe()).data, recipe.task, processing)
+    assert plain.report["cache"]["hit"]  # augmentation does not change what is cached
+    torch.manual_seed(3)
+    first = [e["pixel_values"] for e in data.train.take(list(range(8)))]
+    torch.manual_seed(3)
+    again = [e["pixel_values"] for e in data.train.take(list(range(8)))]
+    unaugmented = [e["pixel_values"] for e in plain.train.take(list(range(8)))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, unaugmented))
+    assert all(a.shape == b.shape for a, b in zip(first, unaugmented))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(data.eval, plain.eval))
+    result = train(validate_recipe(image_recipe("lora", augment="flip")))
+    assert result.evaluation["tuned"]["accuracy"] > result.evaluation["base"]["accuracy"]
+
+
+def test_resumed_augmented_run_equals_an_uninterrupted_one(image_recipe, tmp_path):
+    """Augmentation draws from the RNG the checkpoints save: stop at step 4 of 9, resume, compare."""
+    from safetensors.torch import load_file
+
+    def recipe(out: str):
+        raw = image_recipe("lora", augment="crop_flip")
+        raw["training"].update(max_steps=9, save_every=100)
+        raw["output_dir"] = str(tmp_path / out)
+        return validate_recipe(raw)
+
+    train(recipe("straight"))
+    train(recipe("resumed"), stop_after=4)
+    train(recipe("resumed"), resume="auto")
+    a = load_file(str(tmp_path / "straight/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)

@@ -355,10 +355,13 @@ def read_images(cfg: DataConfig, processing: ImageProcessing, sources: list[Imag
 class ImageExamples(Sequence):
     """Decoded images of the cache as training reads them: items are {'pixel_values': float
     (C, H, W), 'labels': int}, normalised as the model expects when read. `rows` picks and
-    orders the table's rows (a split); `image` is the entry's report of the preprocessing."""
+    orders the table's rows (a split); `image` is the entry's report of the preprocessing.
+    `augment` (training only): flip or crop_flip, drawn from torch's global RNG, which the
+    training loop seeds and checkpoints (as for dropout)."""
 
-    def __init__(self, dataset, rows: np.ndarray | None, image: dict[str, Any]) -> None:
+    def __init__(self, dataset, rows: np.ndarray | None, image: dict[str, Any], augment: str = "none") -> None:
         self.dataset = dataset
+        self.augment = augment
         self._items = dataset.select_columns(["pixels", "labels"])
         self.rows = np.arange(dataset.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         self.shape = (image["channels"], image["height"], image["width"])
@@ -371,6 +374,10 @@ class ImageExamples(Sequence):
 
     def _example(self, pixels: bytes, label: int) -> dict[str, Any]:
         x = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(self.shape).float()
+        if self.augment == "crop_flip":
+            x = random_resized_crop(x)
+        if self.augment in ("flip", "crop_flip") and torch.rand(()) < 0.5:
+            x = x.flip(-1)
         return {"pixel_values": (x * self._rescale - self._mean) / self._std, "labels": int(label)}
 
     def __getitem__(self, i):
@@ -390,3 +397,22 @@ class ImageExamples(Sequence):
     def lengths(self) -> np.ndarray:
         return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)[self.rows]
 
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """A random crop of `x` (C, H, W) with area share in `scale` and aspect ratio in `ratio`,
+    resized back to (H, W) bilinearly; after 10 draws that do not fit, the whole image."""
+    import math
+
+    _, height, width = x.shape
+    area = height * width
+    for _ in range(10):
+        target = area * float(torch.empty(()).uniform_(*scale))
+        aspect = math.exp(float(torch.empty(()).uniform_(math.log(ratio[0]), math.log(ratio[1]))))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()))
+            left = int(torch.randint(0, width - w + 1, ()))
+            crop = x[:, top : top + h, left : left + w]
+            return torch.nn.functional.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return x

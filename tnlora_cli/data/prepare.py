@@ -60,7 +60,7 @@ DEFAULT_MAX_HELD_OUT = 1000
 #: Tasks whose rows are conversations (rendered with the chat template).
 CONVERSATION_TASKS = ("instruction", "chat")
 #: Data-section keys that do not change what is prepared (not part of the cache key).
-_NOT_IN_KEY = {"group_by_length", "num_proc"}
+_NOT_IN_KEY = {"group_by_length", "num_proc", "augment"}
 #: Data-section keys of the train/held-out split, made when an entry is opened: changing them
 #: reuses the tokenized data.
 _SPLIT_KEYS = {"eval_fraction", "split_seed", "max_train_samples", "max_eval_samples", "max_held_out", "shots_per_class", "sample_seed"}
@@ -227,7 +227,8 @@ def _split(cfg: DataConfig, report: dict[str, Any], train, held_out) -> TaskData
     if report.get("task") == IMAGE_TASK:
         from .images import ImageExamples
 
-        train_examples, eval_examples = ImageExamples(train, train_rows, report["image"]), ImageExamples(held_out, eval_rows, report["image"])
+        train_examples = ImageExamples(train, train_rows, report["image"], augment=cfg.augment)
+        eval_examples = ImageExamples(held_out, eval_rows, report["image"])  # evaluation never augments
     else:
         train_examples, eval_examples = Examples(train, train_rows), Examples(held_out, eval_rows, extra=("replies", "turns"))
     return TaskData(train=train_examples, eval=eval_examples, label_names=report.get("label_names"), report=report)

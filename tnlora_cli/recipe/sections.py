@@ -54,6 +54,10 @@ class DataConfig(StrictModel):
     shots_per_class: int | None = Field(None, gt=0, description="Classification: train on K examples of each class, drawn from the training split "
                                         "with sample_seed (few-shot, as TRAC's 10 per class); a class with fewer is refused.")
     sample_seed: int = Field(0, description="Seed of the shots_per_class draw.")
+    augment: Literal["none", "flip", "crop_flip"] = Field(
+        "none", description="image-classification: training images randomly flipped horizontally (flip), or cropped (random-resized crop, "
+        "scale 0.08-1, aspect 3/4-4/3, of the cached image) and flipped (crop_flip); drawn from the training RNG like dropout (deterministic "
+        "in seed and step, resumed exactly); evaluation never augments.")
     image_column: str = Field("image", description="image-classification: the image of each row of a JSONL/CSV/Parquet file (a path relative "
                               "to the file, or image bytes); an image folder has one sub-folder per class instead.")
     prompt_column: str = Field("prompt", description="instruction: the prompt (masked out of the loss; chat template when the tokenizer has one).")
