@@ -403,12 +403,21 @@ def _print_prepare(report: dict[str, Any]) -> None:
         table.add_row(f"rows read: {source}", f"{n:,}")
     table.add_row("training examples", f"{report['train_examples']:,}")
     table.add_row("held-out examples", f"{report['eval_examples']:,}")
-    table.add_row("training tokens", f"{report['train_tokens']:,}")
-    if report.get("train_trained_tokens") is not None:
-        table.add_row("  of which trained (in the loss)", f"{report['train_trained_tokens']:,}")
-    if report.get("train_tool_calls"):
-        table.add_row("  tool calls trained", f"{report['train_tool_calls']:,}")
-    table.add_row(f"truncated at {report['max_length']} tokens", f"{report['truncated']:,}")
+    image = report.get("image")
+    if image:  # images: their size and classes instead of tokens
+        table.add_row(f"image size (channels x height x width; {image['source']})", f"{image['channels']}x{image['height']}x{image['width']}")
+        for split, counts in report.get("per_class", {}).items():
+            for label, n in counts.items():
+                table.add_row(f"{split} images of class {label} (before the split)" if split == "train" else f"{split} images of class {label}", f"{n:,}")
+        for conversion, n in report.get("converted", {}).items():
+            table.add_row(f"converted {conversion}", f"{n:,}")
+    else:
+        table.add_row("training tokens", f"{report['train_tokens']:,}")
+        if report.get("train_trained_tokens") is not None:
+            table.add_row("  of which trained (in the loss)", f"{report['train_trained_tokens']:,}")
+        if report.get("train_tool_calls"):
+            table.add_row("  tool calls trained", f"{report['train_tool_calls']:,}")
+        table.add_row(f"truncated at {report['max_length']} tokens", f"{report['truncated']:,}")
     for reason, n in report["dropped"].items():
         table.add_row(f"dropped: {reason}", f"{n:,}")
     out_console.print(table)
