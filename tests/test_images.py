@@ -300,3 +300,25 @@ def test_resumed_augmented_run_equals_an_uninterrupted_one(image_recipe, tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_export_as_lora_loads_with_peft_onto_the_vision_model(image_recipe, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    from tnlora_cli.export import export_as_lora
+    from tnlora_cli.model.build import load_run
+
+    raw = image_recipe("trac")
+    raw["training"]["max_steps"] = 10
+    train(validate_recipe(raw))
+    export_as_lora(raw["output_dir"], tmp_path / "exported", rank=4)
+    config = json.loads((tmp_path / "exported/adapter_config.json").read_text())
+    assert config["task_type"] is None and config["modules_to_save"] == ["classifier"]
+    base = AutoModelForImageClassification.from_pretrained(Path(raw["model"]), num_labels=3, ignore_mismatched_sizes=True)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "exported").eval()
+    run = load_run(raw["output_dir"])
+    run.load_weights()
+    pixels = torch.stack([e["pixel_values"] for e in run.prepared.data.eval[:4]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(pixel_values=pixels).logits, run.prepared.model.eval()(pixel_values=pixels).logits, atol=1e-4, rtol=1e-4)

@@ -108,7 +108,7 @@ def export_as_lora(
     base = base_model_reference(recipe.model, resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle))
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM",
+        "task_type": {"classification": "SEQ_CLS", "image-classification": None}.get(recipe.task, "CAUSAL_LM"),  # peft has no image task type
         "base_model_name_or_path": base["base_model_name_or_path"],  # a hub id where one is known: portable
         "r": top,
         "lora_alpha": top,
