@@ -322,3 +322,15 @@ def test_export_as_lora_loads_with_peft_onto_the_vision_model(image_recipe, tmp_
     pixels = torch.stack([e["pixel_values"] for e in run.prepared.data.eval[:4]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(pixel_values=pixels).logits, run.prepared.model.eval()(pixel_values=pixels).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_eval_gives_per_class_accuracy_and_a_confusion_matrix(image_recipe):
+    raw = image_recipe("lora")
+    result = train(validate_recipe(raw))
+    report = evaluate_run(raw["output_dir"])
+    counts = report["confusion_matrix"]["counts"]
+    assert report["confusion_matrix"]["labels"] == sorted(CLASSES)
+    assert sum(map(sum, counts)) == report["n_examples"]
+    assert sum(counts[i][i] for i in range(3)) / report["n_examples"] == pytest.approx(result.evaluation["tuned"]["accuracy"])
+    assert report["per_class_accuracy"] == {name: pytest.approx(row[i] / sum(row)) for i, (name, row) in enumerate(zip(sorted(CLASSES), counts))}
+    assert Path(report["confusion_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -456,6 +456,10 @@ def eval_(
         print(json.dumps(report, indent=2))
         return
     out_console.print(_metrics_table(f"{run_dir}: {report['n_examples']} held-out examples", report["metrics"], report["majority_rate"]))
+    for label, accuracy in report.get("per_class_accuracy", {}).items():
+        out_console.print(f"accuracy of class {label}: " + ("no held-out image" if accuracy is None else f"{accuracy:.4f}"))
+    if report.get("confusion_png"):
+        out_console.print(f"confusion matrix: {report['confusion_png']}")
 
 
 def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Optional[int], as_json: bool) -> None:

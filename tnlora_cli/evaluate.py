@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .evaluation.metrics import compare_with_base, held_out_digest, majority_rate
+from .evaluation.metrics import compare_with_base, confusion_matrix, held_out_digest, majority_rate
 from .evaluation.text import SCORED_REPLIES, held_out_replies, score_generations
 from .generation.generator import SamplingSettings, inspect_source, load_generator
 from .model.build import load_run
+from .recipe.sections import IMAGE_TASK
+from .report.plots import plot_confusion
 from .report.reporter import Reporter
 from .run.atomic import write_json, write_jsonl
 from .run.checkpoint import adapter_digest
@@ -29,7 +31,7 @@ def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Repo
     bs = batch_size or recipe.training.eval_batch_size or recipe.training.batch_size
     reporter.status(f"evaluating {len(prepared.data.eval)} held-out examples")
     rows = compare_with_base(prepared.model, prepared.initial_head, prepared.data.eval, recipe.task, prepared.tokenizer.pad_token_id, bs)
-    return {
+    report = {
         "run": str(path),
         "adapter_dir": str(run.adapter_dir),
         "task": recipe.task,
@@ -37,6 +39,15 @@ def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Repo
         "majority_rate": majority_rate(prepared.data.eval),
         "metrics": rows,
     }
+    if recipe.task == IMAGE_TASK:  # per-class accuracy and the confusion matrix of the tuned model
+        names = prepared.data.label_names
+        counts = confusion_matrix(prepared.model, prepared.data.eval, len(names), bs)
+        report["per_class_accuracy"] = {name: (row[i] / sum(row) if sum(row) else None) for i, (name, row) in enumerate(zip(names, counts))}
+        report["confusion_matrix"] = {"labels": names, "counts": counts}
+        png = find_recipe_file(run.adapter_dir).parent / "confusion.png"
+        plot_confusion(counts, names, png, title=f"{path}: tuned, {len(prepared.data.eval)} held-out images")
+        report["confusion_png"] = str(png)
+    return report
 
 
 def evaluate_generation(

@@ -62,6 +62,22 @@ def evaluate_examples(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, examples, n_labels: int, batch_size: int = 16) -> list[list[int]]:
+    """counts[gold][predicted] of a classification model on its held-out examples."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros((n_labels, n_labels), dtype=torch.long)
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], 0).items()}
+        labels = batch.pop("labels").cpu()
+        predicted = model(**batch).logits.argmax(-1).cpu()
+        counts.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    model.train(was_training)
+    return counts.tolist()
+
+
 def macro_f1(preds: list[int], golds: list[int]) -> float:
     """Unweighted mean F1 over the classes that occur in the gold labels or predictions."""
     scores = []

@@ -39,6 +39,33 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     plt.close(fig)
 
 
+def plot_confusion(counts: list[list[int]], labels: list[str], out_path: Path, title: str = "") -> None:
+    """Confusion matrix: rows the true class, columns the predicted one, each cell its count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    side = min(12.0, 2.5 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(side, side), dpi=120)
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        peak = max(max(row) for row in counts) or 1
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > peak / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_file(out_path, keep_suffix=True) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
 def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
     """One panel per module role: rank against layer index, one line per run, max rank dashed."""
     import matplotlib
