@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import ACCELERATE, accelerate_launch
+
 from tnlora_cli.data.prepare import prepare_data
 from tnlora_cli.errors import DataError, ModelError
 from tnlora_cli.evaluate import evaluate_run
@@ -334,3 +336,29 @@ def test_eval_gives_per_class_accuracy_and_a_confusion_matrix(image_recipe):
     assert sum(counts[i][i] for i in range(3)) / report["n_examples"] == pytest.approx(result.evaluation["tuned"]["accuracy"])
     assert report["per_class_accuracy"] == {name: pytest.approx(row[i] / sum(row)) for i, (name, row) in enumerate(zip(sorted(CLASSES), counts))}
     assert Path(report["confusion_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
+def test_two_process_ddp_on_images_matches_one_process_with_the_global_batch(image_recipe, tmp_path, monkeypatch):
+    raw = image_recipe("trac")
+    raw["training"].update(max_steps=10, batch_size=4)
+    raw["output_dir"] = str(tmp_path / "ddp")
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "data-cache"))  # an empty cache: the launch decodes the images once
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = accelerate_launch(["--multi_gpu"], 29617, "train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = [json.loads(line) for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()][-1]
+    assert final["world_size"] == 2 and sorted(final["data_cache_hit_per_rank"]) == [0, 1]
+    checksums = final["adapter_checksum_per_rank"]
+    assert checksums[0] == checksums[1], "ranks ended with different weights"
+    single = image_recipe("trac")
+    single["training"].update(max_steps=10, batch_size=8)
+    single["output_dir"] = str(tmp_path / "single")
+    train(validate_recipe(single))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ddp/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "single/adapter/adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
