@@ -75,6 +75,7 @@ from ..model import frozen
 from ..model.inject import BuiltAdapter, build_adapters
 from ..model.loading import output_head_names
 from ..model.targets import find_targets, module_roles
+from ..run.atomic import write_text
 
 #: Where the shared tensors live on the model, and the prefix of every tnlora tensor key.
 SHARED_HOLDER = "tn_shared"
@@ -159,7 +160,7 @@ def add_card_section(directory: str, config: TnloraPeftConfig) -> None:
         f"model = PeftModel.from_pretrained(base_model, {Path(directory).name!r})\n```\n\n"
         f"To train one: `from tnlora_cli.peft import {name}`.\n"
     )
-    path.write_text(text)
+    write_text(path, text)
 
 
 def _config_class(adapter_type: str) -> type[TnloraPeftConfig]:
