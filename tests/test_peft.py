@@ -15,13 +15,13 @@ from conftest import write_recipe
 
 peft = pytest.importorskip("peft")
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from tnlora_cli.count import count_params  # noqa: E402
-from tnlora_cli.model.inject import inject_adapter  # noqa: E402
-from tnlora_cli.model.state import SHARED_ATTR  # noqa: E402
-from tnlora_cli.peft import LorettaConfig, TensorGuideConfig, TeraConfig, TracConfig  # noqa: E402
-from tnlora_cli.recipe.load import load_recipe  # noqa: E402
+from tnlora_cli.count import count_params
+from tnlora_cli.model.inject import inject_adapter
+from tnlora_cli.model.state import SHARED_ATTR
+from tnlora_cli.peft import LorettaConfig, TensorGuideConfig, TeraConfig, TracConfig
+from tnlora_cli.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj"]
@@ -122,7 +122,7 @@ def test_saved_adapters_reload_in_a_fresh_process(tiny_models, tmp_path):
                 assert (merged(input_ids=x).logits - want).abs().max() < 1e-5, kind
             print("ok", kind)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [w for kind in KINDS for w in ("ok", kind)]
 
@@ -222,7 +222,7 @@ def test_hf_trainer_trains_only_the_adapter_and_resumes(tiny_models, tmp_path):
 
 def test_a_peft_outside_the_tested_range_is_refused_at_import():
     code = "import peft; peft.__version__ = '0.17.1'; import tnlora_cli.peft"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: tnlora_cli.peft: peft 0.17.1 is installed") and "pip install 'tnlora[peft]'" in last
