@@ -74,29 +74,22 @@ from ..errors import TnloraError
 from ..model import frozen
 from ..model.inject import BuiltAdapter, build_adapters
 from ..model.loading import output_head_names
+from ..model.peft_format import PEFT_TYPES, SHARED_HOLDER
 from ..model.targets import find_targets, module_roles
 from ..run.atomic import write_text
 
-#: Where the shared tensors live on the model, and the prefix of every tnlora tensor key.
-SHARED_HOLDER = "tn_shared"
+#: The prefix of every tnlora tensor attribute (`tnlora_adapter`, `tnlora_store`: the names
+#: `model.peft_format` maps); transformers' `load_adapter` inserts the adapter name after it.
 PREFIX = "tnlora_"
 
 
-class TnloraMethod(str, enum.Enum):
-    """tnlora's peft types: `str` members, so `peft_type.value` and JSON both give the name."""
-
-    TNLORA_TRAC = "TNLORA_TRAC"
-    TNLORA_TERA = "TNLORA_TERA"
-    TNLORA_LORETTA = "TNLORA_LORETTA"
-    TNLORA_TENSORGUIDE = "TNLORA_TENSORGUIDE"
-
+#: tnlora's peft types: `str` members, so `peft_type.value` and JSON both give the name.
+TnloraMethod = enum.Enum("TnloraMethod", {name: name for name in PEFT_TYPES.values()}, type=str, module=__name__)
 
 #: tnlora adapter type -> (peft config class name, peft type).
 METHODS = {
-    "trac": ("TracConfig", TnloraMethod.TNLORA_TRAC),
-    "tera": ("TeraConfig", TnloraMethod.TNLORA_TERA),
-    "loretta": ("LorettaConfig", TnloraMethod.TNLORA_LORETTA),
-    "tensorguide": ("TensorGuideConfig", TnloraMethod.TNLORA_TENSORGUIDE),
+    kind: (name, TnloraMethod(PEFT_TYPES[kind]))
+    for kind, name in (("trac", "TracConfig"), ("tera", "TeraConfig"), ("loretta", "LorettaConfig"), ("tensorguide", "TensorGuideConfig"))
 }
 
 
