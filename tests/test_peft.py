@@ -226,3 +226,28 @@ def test_a_peft_outside_the_tested_range_is_refused_at_import():
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: tnlora_cli.peft: peft 0.17.1 is installed") and "pip install 'tnlora[peft]'" in last
+
+
+def test_tnlora_verbs_read_an_adapter_trained_with_peft(tiny_models, tmp_path):
+    from tnlora_cli.errors import CheckpointError
+    from tnlora_cli.evaluate import evaluate_run
+    from tnlora_cli.merge import merge_run
+    from tnlora_cli.ranks import inspect_run
+
+    pm = _peft_model(tiny_models, "tera")
+    _perturb(pm)
+    pm.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a/adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_models["llama"])
+    want = _logits(pm)
+    # inspect-rank reads the peft files: the ranks of the updates peft's model applies.
+    report = inspect_run(tmp_path / "a")
+    ranks = {row["name"]: row["rank"] for row in report["layers"]}
+    layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "get_delta_weight")}
+    assert ranks == {n: int(torch.linalg.matrix_rank(m.get_delta_weight("default"))) for n, m in layers.items()}
+    assert len(ranks) == 4 and max(ranks.values()) > 16
+    # merge: tnlora's streaming merge, verified on probe texts, equals peft's adapter model.
+    merge_run(tmp_path / "a", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (_logits(merged) - want).abs().max() < 1e-5
+    with pytest.raises(CheckpointError, match="brings no held-out data"):
+        evaluate_run(tmp_path / "a")
