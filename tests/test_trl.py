@@ -42,3 +42,12 @@ def test_sft_trainer_trains_a_tera_adapter_on_chat_data(tiny_models, tmp_path):
     trainer.model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert saved["peft_type"] == "TNLORA_TERA" and saved["outdim"] == 4
+    # The adapter TRL trained is a tnlora adapter to tnlora's verbs: generate reads it.
+    from tnlora_cli.generate import generate_rows
+    from tnlora_cli.generation.generator import SamplingSettings, load_generator
+    from tnlora_cli.generation.prompts import PromptRow
+
+    gen = load_generator(tmp_path / "adapter")
+    assert gen.mode == "merged in memory"
+    result = generate_rows(gen, [PromptRow("what is good")], SamplingSettings(max_new_tokens=4))
+    assert len(result.rows) == 1 and isinstance(result.rows[0]["completion"], str)
