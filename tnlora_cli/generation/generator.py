@@ -76,9 +76,9 @@ def inspect_source(path: str | Path) -> Source:
                 hint="give a causal-LM model directory, or a run of an instruction / causal-lm recipe",
             )
         return Source(path, "model", "instruction")
-    from ..model.build import read_adapter
+    from ..model.build import adapter_recipe
 
-    recipe, _, _ = read_adapter(resolve_adapter_dir(path))  # a tnlora run, or a peft-format tnlora adapter
+    recipe = adapter_recipe(resolve_adapter_dir(path))  # a tnlora run, or a peft-format tnlora adapter
     if recipe.task not in GENERATIVE_TASKS:
         raise InputError(
             f"{path} is a {recipe.task} run: its model predicts labels, it does not generate text",

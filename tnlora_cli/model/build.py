@@ -26,7 +26,7 @@ from .frozen import verify as verify_frozen
 from .inject import InjectionReport, inject_adapter
 from .loading import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .meta import build_on_meta
-from .peft_format import load_peft_adapter, read_peft_config
+from .peft_format import load_peft_adapter, peft_adapter_recipe, read_peft_config
 from .state import adapter_state_dict, frozen_record, is_adapter_tensor, load_adapter_state_dict
 from .targets import legacy_module_roles
 
@@ -176,6 +176,13 @@ def read_adapter(adapter_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], di
     if read_peft_config(adapter_dir) is not None:
         return load_peft_adapter(adapter_dir)
     return load_recipe(find_recipe_file(adapter_dir)), *load_adapter(adapter_dir)
+
+
+def adapter_recipe(adapter_dir: Path) -> Recipe:
+    """The recipe of a tnlora adapter directory or of a peft-format tnlora adapter (no tensors read)."""
+    if read_peft_config(adapter_dir) is not None:
+        return peft_adapter_recipe(adapter_dir)
+    return load_recipe(find_recipe_file(adapter_dir))
 
 
 def saved_roles(config: dict[str, Any]) -> dict[str, str]:

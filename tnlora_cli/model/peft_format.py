@@ -75,13 +75,9 @@ def read_peft_config(adapter_dir: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) and config.get("peft_type") in ADAPTER_TYPES else None
 
 
-def load_peft_adapter(adapter_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], dict[str, Any]]:
-    """A peft-format tnlora adapter as tnlora reads its own: a recipe (the base named by
-    `base_model_name_or_path`, the adapter settings of the config), the tensors under tnlora's
-    names and a tnlora adapter config (targets, roles, modules_to_save, frozen record).
-
-    The recipe has no training data: verbs that need the base and the adapter only (merge,
-    inspect-rank, export, generate) work; those that measure on data need a tnlora run."""
+def peft_adapter_recipe(adapter_dir: Path) -> Recipe:
+    """The recipe a peft-format tnlora adapter stands for: the base named by
+    `base_model_name_or_path`, the adapter settings of its config, no training data."""
     adapter_dir = Path(adapter_dir)
     config = read_peft_config(adapter_dir)
     if config is None:
@@ -92,38 +88,46 @@ def load_peft_adapter(adapter_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty, so tnlora cannot tell which base model this adapter is for",
             hint="set it to the base model's hub id or directory in adapter_config.json",
         )
+    if not (config.get("frozen") or {}).get("saved", True):
+        raise CheckpointError(
+            f"{adapter_dir}: this peft adapter was saved with save_frozen=False, so its frozen random tensors are not in the file",
+            hint="load it with peft (import tnlora_cli.peft) and save it again with save_frozen=True",
+        )
+    kind = ADAPTER_TYPES[config["peft_type"]]
+    from ..adapters import REGISTRY
+
+    fields = REGISTRY[kind].config_class.model_fields
+    adapter = {k: v for k, v in config.items() if k in fields and k != "type"} | {"type": kind}
+    if isinstance(adapter.get("target_modules"), list):
+        adapter["target_modules"] = sorted(adapter["target_modules"])
+    task = "classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
+    return validate_recipe(
+        {"model": base, "task": task, "adapter": adapter, "data": {"train": str(adapter_dir / "no-training-data.jsonl")}, "output_dir": str(adapter_dir)},
+        source=str(adapter_dir / ADAPTER_CONFIG),
+    )
+
+
+def load_peft_adapter(adapter_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], dict[str, Any]]:
+    """A peft-format tnlora adapter as tnlora reads its own: the recipe (`peft_adapter_recipe`),
+    the tensors under tnlora's names and a tnlora adapter config (targets, roles,
+    modules_to_save). Verbs that need the base and the adapter only (merge, inspect-rank,
+    export, generate) work; those that measure on data need a tnlora run."""
+    adapter_dir = Path(adapter_dir)
+    recipe = peft_adapter_recipe(adapter_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
     try:
         raw_state = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - missing, truncated or garbage file
         raise CheckpointError(f"{weights} cannot be read ({str(exc).splitlines()[0][:80]})", hint="the adapter directory is damaged") from None
-    kind = ADAPTER_TYPES[config["peft_type"]]
-    from ..adapters import REGISTRY
-
-    fields = REGISTRY[kind].config_class.model_fields
-    adapter = {k: v for k, v in config.items() if k in fields and k != "type"}
-    adapter["type"] = kind
     state = {from_peft_key(k): v for k, v in raw_state.items()}
     # The layers a tnlora-type file adapts: exactly those its tensors name.
     targets = sorted({k.partition(".adapter.")[0] for k in state if ".adapter." in k}, key=_natural)
-    task = "classification" if config.get("task_type") == "SEQ_CLS" else "causal-lm"
-    recipe = validate_recipe(
-        {"model": base, "task": task, "adapter": adapter, "data": {"train": str(adapter_dir / "no-training-data.jsonl")}, "output_dir": str(adapter_dir)},
-        source=str(adapter_dir / ADAPTER_CONFIG),
-    )
-    frozen = config.get("frozen") or {}
-    if not frozen.get("saved", True):
-        raise CheckpointError(
-            f"{adapter_dir}: this peft adapter was saved with save_frozen=False, so its frozen random tensors are not in the file",
-            hint="load it with peft (import tnlora_cli.peft) and save it again with save_frozen=True",
-        )
-    heads = list(config.get("modules_to_save") or [])
     tn_config = {
         "adapter": recipe.adapter.model_dump(mode="json"),
-        "task": task,
+        "task": recipe.task,
         "targets": targets,
         "roles": module_roles(targets),
-        "modules_to_save": heads,
+        "modules_to_save": list(recipe.adapter.modules_to_save or []),
         "label_names": None,
         "frozen": {"saved": True},
         "peft_format": True,
