@@ -265,6 +265,9 @@ COMMAND_CASES = [
     C("count-params nothing", ["count-params"], 2, r"give a RECIPE or --model"),
     C("count-params unknown model", ["count-params", "--model", "no-such-model", "-s", "adapter.type=lora", "-s", "adapter.target_modules=[q]"], 2,
       r"no config for 'no-such-model'"),
+    # peft:
+    C("export as-peft with rank", ["export", "{run}", "--out", "{tmp}/e", "--as-peft", "--rank", "2"], 2, r"--rank and --energy apply to --as-lora only", _no_file("e")),
+    C("export as-peft out exists", ["export", "{run}", "--out", "{tmp}", "--as-peft"], 2, r"already exists"),
 ]
 
 # ----------------------------------------------------------------- runs and checkpoints (need a private copy)
