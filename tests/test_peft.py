@@ -251,3 +251,36 @@ def test_tnlora_verbs_read_an_adapter_trained_with_peft(tiny_models, tmp_path):
     assert (_logits(merged) - want).abs().max() < 1e-5
     with pytest.raises(CheckpointError, match="brings no held-out data"):
         evaluate_run(tmp_path / "a")
+
+
+def test_save_as_lora_of_a_linear_tnlora_adapter(tiny_models, tmp_path):
+    pm = _peft_model(tiny_models, "tera")
+    _perturb(pm)
+    assert pm.supports_lora_conversion()
+    peft.save_as_lora(tmp_path / "lora", pm, rank=1.0)  # every singular value: exact up to rounding
+    lora = peft.PeftModel.from_pretrained(_base(tiny_models), tmp_path / "lora")
+    assert lora.peft_config["default"].peft_type == "LORA"
+    assert (_logits(lora) - _logits(pm)).abs().max() < 1e-4
+
+
+def test_merge_unmerge_inference_mode_and_transformers_add_adapter(tiny_models, tmp_path):
+    pm = _peft_model(tiny_models, "trac")  # TRAC: trained shared cores, frozen shared cores
+    _perturb(pm)
+    want = _logits(pm)
+    weight = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    pm.merge_adapter()
+    assert torch.allclose(_logits(pm), want, atol=1e-5)
+    pm.unmerge_adapter()
+    assert torch.allclose(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight, atol=1e-6)
+    pm.save_pretrained(tmp_path / "a")
+    # Loaded for inference, nothing trains, the shared cores included; loaded trainable, they train.
+    frozen = peft.PeftModel.from_pretrained(_base(tiny_models), tmp_path / "a")
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = peft.PeftModel.from_pretrained(_base(tiny_models), tmp_path / "a", is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == pm.get_nb_trainable_parameters()[0]
+    assert any(p.requires_grad for n, p in trainable.named_parameters() if "tn_shared" in n)
+    # transformers' own adapter API.
+    model = _base(tiny_models)
+    model.add_adapter(TracConfig(target_modules=TARGETS, r=4), adapter_name="fresh")
+    assert any("tnlora_adapter.fresh" in n for n, _ in model.named_parameters())
+    assert torch.equal(_logits(model), _logits(_base(tiny_models)))  # ΔW = 0 at the start

@@ -189,11 +189,7 @@ CONFIG_CLASSES: dict[str, type[TnloraPeftConfig]] = {
 }
 
 
-class TnloraTunerLayer(nn.Module, BaseTunerLayer):
-    """What peft's adapter switching (set_adapter, disable_adapter, delete_adapter) visits."""
-
-
-class TnloraLayer(TnloraTunerLayer):
+class TnloraLayer(nn.Module, BaseTunerLayer):
     """A frozen `nn.Linear` (or GPT-2 `Conv1D`) with one tnlora adapter per peft adapter name."""
 
     adapter_layer_names = ("tnlora_adapter",)
@@ -220,8 +216,10 @@ class TnloraLayer(TnloraTunerLayer):
         return out
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW of one adapter, (out, in) in nn.Linear orientation, at least fp32."""
-        return self.tnlora_adapter[adapter_name].delta_weight()
+        """ΔW of one adapter in the base weight's orientation (peft's convention: (in, out) for
+        GPT-2's Conv1D), at least fp32. peft's `save_as_lora` factorises it."""
+        delta = self.tnlora_adapter[adapter_name].delta_weight()
+        return delta.T if self.fan_in_fan_out else delta
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return all(a.is_linear for a in self.tnlora_adapter.values())
@@ -249,44 +247,38 @@ class TnloraLayer(TnloraTunerLayer):
             base.weight.data = (base.weight.float() - delta.to(base.weight.device)).to(base.weight.dtype)
 
 
-class TnloraSharedTensors(TnloraTunerLayer):
+class TnloraSharedTensors(nn.Module):
     """The shared tensors of every tnlora adapter on a model: `tnlora_store[name]` is that
-    adapter's `SharedStore`. Only the tensors it drew as trainable ever train."""
-
-    adapter_layer_names = ("tnlora_store",)
-    weight = None  # no base layer: peft's device and dtype probes find nothing to follow
+    adapter's `SharedStore`. Only the tensors it drew as trainable ever train. Not a peft tuner
+    layer (it has no weight update of its own, which peft's LoRA conversion would ask for): the
+    tuner selects its tensors for saving and loading and switches them with the layers."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tnlora_store = nn.ModuleDict()
-        self.merged_adapters: list[str] = []
 
-    def _set_trainable(self, names: set[str], requires_grad: bool) -> None:
+    def set_trainable(self, names: set[str], requires_grad: bool) -> None:
         for name, store in self.tnlora_store.items():
             if name in names:
                 for key, tensor in store.tensors.items():
                     tensor.requires_grad_(requires_grad and key in store.trainable_keys)
 
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._set_trainable(set(self.tnlora_store) - set(names), False)
-        self._set_trainable(set(names), not inference_mode)
-        self._active_adapter = names
+    def set_active(self, names: list[str], inference_mode: bool) -> None:
+        self.set_trainable(set(self.tnlora_store) - set(names), False)
+        self.set_trainable(set(names), not inference_mode)
 
-    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        self._set_trainable({adapter_names} if isinstance(adapter_names, str) else set(adapter_names), requires_grad)
 
-    def _freeze_non_trainable_peft_weights(self, adapter_names: Any = None) -> None:
-        for store in self.tnlora_store.values():
-            for key, tensor in store.tensors.items():
-                if key not in store.trainable_keys:
-                    tensor.requires_grad_(False)
+def _holder(model: nn.Module) -> TnloraSharedTensors | None:
+    return getattr(model, SHARED_HOLDER, None)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Nothing to merge here: the layers merge, reading these tensors."""
 
-    def unmerge(self) -> None:
-        """See `merge`."""
+def _holder_prefixes(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """State-dict key prefix of each adapter store on `model` (a PeftModel or the model itself)."""
+    return {
+        f"{name}.tnlora_store.{adapter_name}.": name
+        for name, module in model.named_modules()
+        if isinstance(module, TnloraSharedTensors) and adapter_name in module.tnlora_store
+    }
 
 
 @contextlib.contextmanager
@@ -319,7 +311,7 @@ class TnloraModel(BaseTuner):
     """peft's tuner for tnlora's adapters (one class for all four: the config says which)."""
 
     prefix = PREFIX
-    tuner_layer_cls = TnloraTunerLayer
+    tuner_layer_cls = TnloraLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def inject_adapter(
@@ -357,13 +349,36 @@ class TnloraModel(BaseTuner):
             )
         finally:
             self._building = {}
-        holder = getattr(model, SHARED_HOLDER, None)
+        holder = _holder(model)
         if holder is None:
             holder = TnloraSharedTensors()
             model.add_module(SHARED_HOLDER, holder)
         holder.tnlora_store[adapter_name] = store
-        active = adapter_name in self.active_adapters and not config.inference_mode
-        holder._set_trainable({adapter_name}, active)
+        holder.set_trainable({adapter_name}, adapter_name in self.active_adapters and not config.inference_mode)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if _holder(self.model) is not None:
+            _holder(self.model).set_active([adapter_name] if isinstance(adapter_name, str) else list(adapter_name), inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if _holder(self.model) is not None:
+            if enabled:
+                _holder(self.model).set_active(self.active_adapters, inference_mode=False)
+            else:
+                _holder(self.model).set_trainable(set(_holder(self.model).tnlora_store), False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        if _holder(self.model) is not None:
+            _holder(self.model).set_trainable({adapter_names} if isinstance(adapter_names, str) else set(adapter_names), requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        holder = _holder(self.model)
+        if holder is not None and adapter_name in holder.tnlora_store:
+            del holder.tnlora_store[adapter_name]
 
     def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
         return key in getattr(self, "_building", {})
@@ -395,6 +410,8 @@ class TnloraModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict, unwanted_adapter_names: list[str]) -> dict:
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        holders = tuple(_holder_prefixes(model, adapter_name))
+        selected |= {k: v for k, v in state_dict.items() if k.startswith(holders)} if holders else {}
         if getattr(config, "save_frozen", True):
             return selected
         # save_frozen: false: the file holds the trained tensors only; the config holds the
@@ -407,6 +424,20 @@ class TnloraModel(BaseTuner):
                 store = module.tnlora_store[adapter_name]
                 drop |= {f"{name}.tnlora_store.{adapter_name}.tensors.{k}" for k in store.tensors if k not in store.trainable_keys}
         return {k: v for k, v in selected.items() if k not in drop}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict) -> dict:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        holders = tuple(_holder_prefixes(model, adapter_name))
+        if not holders:
+            return remapped
+        to_model = {}
+        for model_key in model.state_dict():
+            if model_key.startswith(holders):
+                checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
+                to_model[checkpoint_key] = model_key
+                to_model["base_model.model." + checkpoint_key] = model_key  # files always carry peft's prefix
+        return {to_model.get(k, k): v for k, v in remapped.items()}
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
