@@ -284,3 +284,4 @@ def test_merge_unmerge_inference_mode_and_transformers_add_adapter(tiny_models, 
     model.add_adapter(TracConfig(target_modules=TARGETS, r=4), adapter_name="fresh")
     assert any("tnlora_adapter.fresh" in n for n, _ in model.named_parameters())
     assert torch.equal(_logits(model), _logits(_base(tiny_models)))  # ΔW = 0 at the start
+

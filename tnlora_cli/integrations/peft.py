@@ -228,6 +228,11 @@ class TnloraLayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         # merged_weight always checks for non-finite values, so safe_merge changes nothing.
         base = self.get_base_layer()
+        if getattr(base.weight, "quant_state", None) is not None or getattr(base.weight, "SCB", None) is not None:
+            raise ValueError(
+                "this base layer is quantized (bitsandbytes): merging would have to requantize it. Load the base "
+                "unquantized and merge there, or use `tnlora merge` on the adapter directory (it merges into the original weights)"
+            )
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.tnlora_adapter:
                 continue
