@@ -11,7 +11,6 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 
-
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_4bit_base(tiny_models, tmp_path, kind):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
