@@ -285,3 +285,21 @@ def test_merge_unmerge_inference_mode_and_transformers_add_adapter(tiny_models, 
     assert any("tnlora_adapter.fresh" in n for n, _ in model.named_parameters())
     assert torch.equal(_logits(model), _logits(_base(tiny_models)))  # ΔW = 0 at the start
 
+
+
+def test_a_classification_head_is_trained_and_saved_with_the_adapter(tiny_models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    def base():
+        torch.manual_seed(3)  # the new head: drawn the same each time
+        return AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3).eval()
+
+    pm = peft.get_peft_model(base(), TeraConfig(target_modules=["query", "value"], outdim=4, task_type="SEQ_CLS"))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable) and any("tnlora_adapter" in n for n in trainable)
+    _perturb(pm)
+    want = _logits(pm)
+    pm.save_pretrained(tmp_path / "a")
+    torch.manual_seed(99)  # a different fresh head: the saved one must replace it
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=3).eval(), tmp_path / "a")
+    assert torch.equal(_logits(reloaded), want)
