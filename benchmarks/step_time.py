@@ -119,8 +119,9 @@ def main() -> None:
 
     results = {}
     for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--case", case] + [a for a in sys.argv[1:] if not a.startswith("--cases")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        forwarded = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--cases") and sys.argv[i] != "--cases"]
+        cmd = [sys.executable, __file__, "--case", case, *forwarded]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = "peft not installed" if "No module named 'peft'" in proc.stderr else proc.stderr.strip().splitlines()[-1]
             print(f"{case}: skipped ({reason})", file=sys.stderr)
