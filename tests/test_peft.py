@@ -251,6 +251,13 @@ def test_tnlora_verbs_read_an_adapter_trained_with_peft(tiny_models, tmp_path):
     assert (_logits(merged) - want).abs().max() < 1e-5
     with pytest.raises(CheckpointError, match="brings no held-out data"):
         evaluate_run(tmp_path / "a")
+    # export --as-lora of the peft files: exact at full rank, loaded by plain peft.
+    from tnlora_cli.export import export_as_lora
+
+    report = export_as_lora(tmp_path / "a", tmp_path / "lora", rank=32)
+    assert max(row["relative_error"] for row in report.layers) < 1e-6
+    lora = peft.PeftModel.from_pretrained(_base(tiny_models), tmp_path / "lora")
+    assert (_logits(lora) - want).abs().max() < 1e-4
 
 
 def test_save_as_lora_of_a_linear_tnlora_adapter(tiny_models, tmp_path):
