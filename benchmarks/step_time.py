@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                       # MiniLM config, CPU, batch 16 x 128
     python benchmarks/step_time.py --model llama-2-7b --layers 2 --batch 4 --seq 512   # a GPU
     pip install 'tnlora[bench]'                           # adds peft's LoRA as a second baseline
+                                                          # and peft-<type>: tnlora's adapters through peft
 
 Each case runs in its own process (a fresh model from the config, random weights, the
 adapter on the attention query/value layers) for `--steps` timed optimizer steps after
@@ -28,7 +29,9 @@ ADAPTERS = {
     "tera": {"type": "tera", "outdim": 8},
     "tensorguide": {"type": "tensorguide", "hidden": 8, "ranks": 4},
 }
-CASES = ["peft-lora", *ADAPTERS]
+#: tnlora's tensor-network adapters through peft (`import tnlora_cli.peft`): the same modules.
+PEFT_TN = ["trac", "tera", "loretta", "tensorguide"]
+CASES = ["peft-lora", *ADAPTERS, *(f"peft-{kind}" for kind in PEFT_TN)]
 
 
 def _targets(model) -> list[str]:
@@ -58,6 +61,14 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    elif case.startswith("peft-"):
+        from peft import get_peft_model
+
+        from tnlora_cli.integrations.peft import CONFIG_CLASSES
+
+        kind = case.removeprefix("peft-")
+        settings = {k: v for k, v in ADAPTERS[kind].items() if k != "type"}
+        model = get_peft_model(model, CONFIG_CLASSES[kind](target_modules=targets, **settings))
     else:
         cfg = REGISTRY[case].config_class(target_modules=targets, **ADAPTERS[case])
         inject_adapter(model, cfg)
@@ -108,8 +119,9 @@ def main() -> None:
 
     results = {}
     for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--case", case] + [a for a in sys.argv[1:] if not a.startswith("--cases")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        forwarded = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--cases") and sys.argv[i] != "--cases"]
+        cmd = [sys.executable, __file__, "--case", case, *forwarded]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = "peft not installed" if "No module named 'peft'" in proc.stderr else proc.stderr.strip().splitlines()[-1]
             print(f"{case}: skipped ({reason})", file=sys.stderr)

@@ -331,6 +331,9 @@ COMMAND_CASES = [
     C("data cache path under a file", ["eval", "{run}"], 2, r"TNLORA_DATA_CACHE: .*/sub is not a directory \(.*recipe.yaml is a file\)", env={"TNLORA_DATA_CACHE": "{recipe}/sub"}),
     C("count-params directory without config.json", ["count-params", "--model", "{tmp}", "-s", "adapter.type=lora", "-s", "adapter.target_modules=[q]"], 2,
       r"model: .*work has no config.json"),
+    # peft:
+    C("export as-peft with rank", ["export", "{run}", "--out", "{tmp}/e", "--as-peft", "--rank", "2"], 2, r"--rank and --energy apply to --as-lora only", _no_file("e")),
+    C("export as-peft out exists", ["export", "{run}", "--out", "{tmp}", "--as-peft"], 2, r"already exists"),
 ]
 
 # ----------------------------------------------------------------- runs and checkpoints (need a private copy)

@@ -528,17 +528,27 @@ def merge(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for adapter_config.json + adapter_model.safetensors.")],
-    as_lora: Annotated[bool, typer.Option("--as-lora", help="Export as an ordinary LoRA (the only format so far).")] = True,
+    as_lora: Annotated[bool, typer.Option("--as-lora", help="Export the update as an ordinary LoRA (truncated SVD; the default).")] = True,
+    as_peft: Annotated[bool, typer.Option("--as-peft", help="Export the adapter itself in peft's format, no SVD: LoRA and VeRA as peft's own, "
+                                          "the tensor-network adapters as tnlora's peft types (load after `import tnlora_cli.peft`).")] = False,
     rank: Annotated[Optional[int], typer.Option(help="Rank of every exported layer.")] = None,
     energy: Annotated[Optional[float], typer.Option(help="Per layer, the smallest rank keeping this share of the spectrum's energy (e.g. 0.99).")] = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Export any adapter's update as an ordinary LoRA (truncated SVD, peft's format).
+    """Export any adapter's update as an ordinary LoRA (truncated SVD, peft's format), or
+    (--as-peft) the adapter itself as an exact peft adapter.
 
     peft and LoRA-serving engines load the result; the relative error of each layer is printed.
     """
     _quiet_libraries()
-    from .export import export_as_lora
+    from .export import export_as_lora, export_as_peft
+
+    if as_peft:
+        if rank is not None or energy is not None:
+            _run(_input_error, "export --as-peft writes the adapter exactly: --rank and --energy apply to --as-lora only")
+        written = _run(export_as_peft, run_dir, out, force=force)
+        out_console.print(f"peft adapter written to {written}")
+        return
 
     report = _run(export_as_lora, run_dir, out, rank=rank, energy=energy, force=force, reporter=RichReporter())
     _print_export(report.layers, out)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .evaluation.metrics import compare_with_base, held_out_digest, majority_rate
 from .evaluation.text import SCORED_REPLIES, held_out_replies, score_generations
 from .generation.generator import SamplingSettings, inspect_source, load_generator
@@ -23,6 +23,11 @@ def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Repo
     reporter = reporter or Reporter()
     reporter.status(f"loading {path}")
     run = load_run(path, warn=reporter.status)
+    if run.config.get("peft_format"):
+        raise CheckpointError(
+            f"{run.adapter_dir} is a peft-format adapter: it brings no held-out data to evaluate on",
+            hint="evaluate a tnlora run, or load the adapter with peft and evaluate it on your data", exit_code=2,
+        )
     prepared = run.prepared
     run.load_weights()
     recipe = prepared.recipe

@@ -25,7 +25,7 @@ from ..model.inject import adapted_layers, adapters_disabled, merge_units
 from ..model.loading import default_device
 from ..model.merging import merge_into_base
 from ..report.reporter import Reporter
-from ..run.layout import ADAPTER_CONFIG, find_recipe_file, resolve_adapter_dir
+from ..run.layout import ADAPTER_CONFIG, resolve_adapter_dir
 
 GENERATIVE_TASKS = ("instruction", "causal-lm", "chat")
 
@@ -66,8 +66,6 @@ class Source:
 
 def inspect_source(path: str | Path) -> Source:
     """Classify RUN and refuse what cannot generate (a classification run) before loading."""
-    from ..recipe.load import load_recipe
-
     path = Path(path)
     if (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         config = json.loads((path / "config.json").read_text())
@@ -78,8 +76,9 @@ def inspect_source(path: str | Path) -> Source:
                 hint="give a causal-LM model directory, or a run of an instruction / causal-lm recipe",
             )
         return Source(path, "model", "instruction")
-    adapter_dir = resolve_adapter_dir(path)
-    recipe = load_recipe(find_recipe_file(adapter_dir))
+    from ..model.build import adapter_recipe
+
+    recipe = adapter_recipe(resolve_adapter_dir(path))  # a tnlora run, or a peft-format tnlora adapter
     if recipe.task not in GENERATIVE_TASKS:
         raise InputError(
             f"{path} is a {recipe.task} run: its model predicts labels, it does not generate text",

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel
 
+from ..data.examples import probe_examples
 from ..data.prepare import TaskData, prepare_data
 from ..errors import CheckpointError, RecipeError
 from ..recipe.load import load_recipe
@@ -26,6 +27,7 @@ from .frozen import verify as verify_frozen
 from .inject import InjectionReport, inject_adapter
 from .loading import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .meta import build_on_meta
+from .peft_format import load_peft_adapter, peft_adapter_recipe, read_peft_config
 from .state import adapter_state_dict, frozen_record, is_adapter_tensor, load_adapter_state_dict
 from .targets import legacy_module_roles
 
@@ -151,11 +153,17 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
     base model. `warn` hears what the data cache has to say (a damaged entry rebuilt).
     """
     adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
-    state, config = load_adapter(adapter_dir)
+    recipe, state, config = read_adapter(adapter_dir)
+    inputs = None
+    if config.get("peft_format"):
+        # An adapter trained elsewhere brings no data: fixed probe texts stand in for the
+        # held-out examples (merge verification compares logits on them).
+        model_path = resolve_checked(recipe)
+        tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+        inputs = Inputs(model_path, tokenizer, TaskData(train=[], eval=probe_examples(tokenizer)))
     prepared = prepare(
-        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config),
-        warn=warn,
+        recipe, inputs=inputs, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize,
+        roles=saved_roles(config), warn=warn,
     )
     if prepared.data.label_names != config.get("label_names"):
         raise CheckpointError(
@@ -163,6 +171,21 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
             hint="evaluate with the data the adapter was trained on",
         )
     return LoadedRun(prepared, adapter_dir, state, config)
+
+
+def read_adapter(adapter_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], dict[str, Any]]:
+    """Recipe, tensors and adapter config of a tnlora adapter directory, or of a peft-format
+    tnlora adapter (`peft_format.load_peft_adapter`: its base from `base_model_name_or_path`)."""
+    if read_peft_config(adapter_dir) is not None:
+        return load_peft_adapter(adapter_dir)
+    return load_recipe(find_recipe_file(adapter_dir)), *load_adapter(adapter_dir)
+
+
+def adapter_recipe(adapter_dir: Path) -> Recipe:
+    """The recipe of a tnlora adapter directory or of a peft-format tnlora adapter (no tensors read)."""
+    if read_peft_config(adapter_dir) is not None:
+        return peft_adapter_recipe(adapter_dir)
+    return load_recipe(find_recipe_file(adapter_dir))
 
 
 def saved_roles(config: dict[str, Any]) -> dict[str, str]:
@@ -178,8 +201,7 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     merge, export). Task-head weights stay in the returned state, not in the model.
     """
     adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
-    state, config = load_adapter(adapter_dir)
+    recipe, state, config = read_adapter(adapter_dir)
     model = build_on_meta(recipe, label_names=config.get("label_names"))
     inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
     adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}

@@ -17,7 +17,9 @@ from ..errors import CheckpointError, MergeError
 def protected_paths(given: str | Path, adapter_dir: str | Path, model_path: str | Path) -> dict[str, Path]:
     """What a merge or export of `given` reads: the path given, its run, adapter and base model."""
     adapter = Path(adapter_dir)
-    paths = {"the run": adapter.parent, "its adapter": adapter, "the path given": Path(given)}
+    # A standalone adapter (peft's format, no recipe.yaml beside it) is its own run.
+    run = adapter.parent if (adapter.parent / "recipe.yaml").is_file() or not (adapter / "adapter_config.json").is_file() else adapter
+    paths = {"the run": run, "its adapter": adapter, "the path given": Path(given)}
     if adapter.parent.parent.name == "checkpoints":
         paths["the checkpoint"] = adapter.parent
         paths["the run"] = adapter.parent.parent.parent
