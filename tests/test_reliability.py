@@ -214,21 +214,51 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
 
 
-def test_sigterm_in_training_says_what_was_saved(make_recipe, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_saves_a_checkpoint_that_resumes_bit_for_bit(make_recipe, tmp_path, sig):
+    """No save_every: SIGTERM (a preemption) or SIGINT (Ctrl-C) mid-run still saves a checkpoint
+    after the step in progress and says so; resuming it ends with the uninterrupted run's adapter.
+    A constant learning rate makes the straight run's length irrelevant to the steps before it."""
     from conftest import write_recipe
 
-    raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=100000, log_every=50)
-    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    killed = _raw(make_recipe, tmp_path, max_steps=100000, log_every=1, lr_scheduler="constant")
+    recipe = write_recipe(tmp_path / "r.yaml", killed)
+    run = Path(killed["output_dir"])
     proc = subprocess.Popen(_cli("train", str(recipe)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = Path(raw["output_dir"])
     deadline = time.time() + 120
-    while not checkpoint_dirs(run) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "training interrupted: the newest checkpoint is" in " ".join(err.split()) and "--resume auto" in err
-    assert "Traceback" not in err
+    err = " ".join(err.split())
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    (saved,) = checkpoint_dirs(run)
+    step = int(saved.name.split("-")[1])
+    assert 3 <= step < 100000
+    assert f"training interrupted by {signal.Signals(sig).name} at step {step}/100000: saved checkpoint {saved}" in err, err
+    assert "--resume auto" in err and not (run / "adapter").exists()
+
+    killed["training"]["max_steps"] = step + 2  # a safe change on resume
+    train(validate_recipe(killed), resume="auto")
+    straight = dict(killed, output_dir=str(tmp_path / "straight"))
+    train(validate_recipe(straight))
+    a, b = _adapter(tmp_path / "straight"), _adapter(run)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in _records(run) if "train_loss" in r] == list(range(1, step + 3))
+
+
+def test_a_checkpoint_is_saved_every_save_every_minutes(make_recipe, tmp_path, monkeypatch):
+    """The default cadence is by the clock (training.save_every_minutes, 30): here the clock
+    runs 20 minutes per step, so steps 2 and 4 of 5 are saved (and no other)."""
+    from tnlora_cli.training import loop
+
+    clock = iter(range(0, 10**6, 20 * 60))
+    monkeypatch.setattr(loop, "_clock", lambda: next(clock))
+    raw = _raw(make_recipe, tmp_path, max_steps=5, save_total_limit=None)
+    assert validate_recipe(raw).training.save_every_minutes == 30
+    train(validate_recipe(raw))
+    assert [c.name for c in checkpoint_dirs(Path(raw["output_dir"]))] == ["step-000002", "step-000004"]
 
 
 def test_sigkill_during_merge_leaves_nothing_a_later_merge_trips_over(make_recipe, tmp_path):
@@ -335,3 +365,33 @@ def test_sigkill_during_training_then_resume_equals_the_uninterrupted_run(make_r
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     steps = [r["step"] for r in _records(tmp_path / "killed") if "train_loss" in r]
     assert steps == list(range(1, 9)), steps
+
+
+class _Messages:
+    """A reporter that keeps its status lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __getattr__(self, name):
+        return (lambda *a, **k: self.lines.append(str(a[0]))) if name == "status" else (lambda *a, **k: None)
+
+
+def test_a_diverged_overwrite_names_no_checkpoint_that_the_restore_removed(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    failing = _raw(make_recipe, tmp_path, learning_rate=1e30, max_grad_norm=None, max_steps=6, save_every=1)
+    with pytest.raises(DivergenceError) as info:
+        train(validate_recipe(failing), overwrite=True)
+    message = str(info.value)
+    assert "training diverged at step" in message and f"the previous run in {run} was put back" in message, message
+    assert "step-0000" not in message and "--resume auto" not in message, message
+    assert not checkpoint_dirs(run) and (run / "adapter").is_dir()  # the previous run had none; its adapter is back
+
+
+def test_resume_auto_in_an_empty_directory_says_it_starts_fresh(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=1)
+    messages = _Messages()
+    train(validate_recipe(raw), resume="auto", reporter=messages)
+    assert any("holds no checkpoint yet; starting a new run from step 0" in m for m in messages.lines), messages.lines

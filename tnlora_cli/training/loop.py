@@ -47,11 +47,15 @@ from ..run.resume import check_resumed_recipe, checkpoint_step, resume_point, wr
 from .batches import BatchStream
 from .engines import Engine, choose_engine
 from .guard import DivergenceGuard
+from .interrupt import StopRequest, StoppedBySignal
 from .launch import is_main_launch_process, launch_world_size
 from .memory import enable_gradient_checkpointing
 from .optim import param_groups
 from .schedule import lr_schedule, resolve_schedule
 from .tracking import check_trackers, finish_trackers, log_record, start_trackers
+
+
+_clock = time.monotonic  # what training.save_every_minutes is measured with
 
 
 @dataclass
@@ -91,14 +95,18 @@ def run_training(
     """
     run = _TrainingRun.set_up(recipe, model_path, resume, overwrite, reporter)
     run.start()
-    while run.step < run.cfg.max_steps:
-        run.optimizer_step()
-        run.log_step()
-        run.evaluate_if_due()
-        if run.checkpoint_due(stop_after):
-            run.save_checkpoint()
-        if stop_after is not None and run.step >= stop_after:
-            break
+    with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop
+        while run.step < run.cfg.max_steps:
+            run.optimizer_step(stop)
+            run.log_step()
+            run.evaluate_if_due()
+            if run.checkpoint_due(stop_after):
+                run.save_checkpoint()
+            if run.stop_requested:
+                run.reporter.finish()
+                raise StoppedBySignal(stop.signal_name or "a signal to another process", run.step, run.cfg.max_steps, checkpoint_dirs(run.out)[-1])
+            if stop_after is not None and run.step >= stop_after:
+                break
     run.reporter.finish()
     return run.publish(stopped=stop_after is not None and run.step < run.cfg.max_steps)
 
@@ -118,6 +126,9 @@ class _TrainingRun:
         self.eval_batch_size = self.cfg.eval_batch_size or self.cfg.batch_size
         self.step = 0
         self.last_loss: float | None = None
+        self.stop_requested = False  # by a signal, on any process: save a checkpoint and stop after this step
+        self.save_due_by_time = False  # training.save_every_minutes have passed since the last checkpoint
+        self.last_save = _clock()
 
     @classmethod
     def set_up(cls, recipe: Recipe, model_path: str, resume: str | None, overwrite: bool, reporter: Reporter) -> _TrainingRun:
@@ -215,26 +226,31 @@ class _TrainingRun:
         self.guard = DivergenceGuard(self.out, self.accelerator, check_gradients=self.accelerator.scaler is None)
 
     def _batch(self, micro_index: int) -> dict[str, torch.Tensor]:
+        """A micro-batch on the device; its token and slot counts are taken on the host
+        before the copy (counting on the device would stall every micro-batch)."""
         train = self.prepared.data.train
         idx = self.stream.indices(micro_index, self.cfg.batch_size, self.world, self.rank)
         examples = train.take(idx) if hasattr(train, "take") else [train[i] for i in idx]
-        return {k: v.to(self.accelerator.device) for k, v in collate(examples, self.pad_id).items()}
+        batch = collate(examples, self.pad_id)
+        self.window.tokens += int(batch["attention_mask"].sum())
+        self.window.slots += batch["attention_mask"].numel()
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def optimizer_step(self) -> None:
-        """Forward and backward over the accumulated micro-batches, the divergence guard,
-        clipping, and one optimizer and scheduler step."""
+    def optimizer_step(self, stop: StopRequest | None = None) -> None:
+        """Forward and backward over the accumulated micro-batches, the gradient norm (with
+        clipping), the divergence guard, and one optimizer and scheduler step. The guard's
+        check is the step's one host synchronisation."""
         accumulation = self.cfg.gradient_accumulation_steps
         for micro in range(accumulation):
             batch = self._batch(self.step * accumulation + micro)
-            self.window.tokens += int(batch["attention_mask"].sum())
-            self.window.slots += batch["attention_mask"].numel()
             with self.engine.accumulation(self.model, last_micro=micro == accumulation - 1):
                 loss = self.model(**batch).loss
                 self.engine.backward(loss)
             self.window.loss += loss.detach() / accumulation
             self.guard.add(loss / accumulation, batch.get("labels"))
-        self.guard.check(self.step + 1, self.model)
-        self.engine.clip_gradients()
+        minutes = self.cfg.save_every_minutes
+        requests = (stop is not None and stop.requested, minutes is not None and _clock() - self.last_save >= 60 * minutes)
+        self.stop_requested, self.save_due_by_time = self.guard.check(self.step + 1, self.engine.gradient_norm(), requests)
         self.guard.optimizer_step(self.optimizer, self.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +290,9 @@ class _TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def checkpoint_due(self, stop_after: int | None) -> bool:
-        return bool(self.cfg.save_every and self.step % self.cfg.save_every == 0) or (stop_after is not None and self.step == stop_after)
+        """Every `save_every` steps, every `save_every_minutes`, and when stopping early."""
+        return (bool(self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.save_due_by_time or self.stop_requested
+                or (stop_after is not None and self.step == stop_after))
 
     def save_checkpoint(self) -> None:
         """Every rank helps gather the adapter and optimizer state (collective under sharding);
@@ -305,6 +323,7 @@ class _TrainingRun:
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
         accelerator.wait_for_everyone()
+        self.last_save, self.save_due_by_time = _clock(), False
 
     def publish(self, stopped: bool) -> TrainResult:
         """The final adapter, the base-vs-tuned comparison on the held-out set, eval.json and
