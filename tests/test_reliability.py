@@ -5,6 +5,7 @@ full disks. Tiny BERT, a few steps per run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -395,3 +396,48 @@ def test_resume_auto_in_an_empty_directory_says_it_starts_fresh(make_recipe, tmp
     messages = _Messages()
     train(validate_recipe(raw), resume="auto", reporter=messages)
     assert any("holds no checkpoint yet; starting a new run from step 0" in m for m in messages.lines), messages.lines
+
+
+def test_a_destroyed_adapter_is_published_with_a_loud_verdict(make_recipe, tmp_path):
+    """lr 1e20 leaves finite but enormous adapter values: the run ends, and its table and
+    eval.json say the tuned model is worse than the base and collapsed."""
+    from conftest import write_recipe
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    raw = make_recipe("llama", "causal-lm")
+    raw["training"].update(max_steps=3, batch_size=4, learning_rate=1e20, log_every=1)
+    raw["output_dir"] = str(tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw))], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    verdict = json.loads((tmp_path / "run/eval.json").read_text())["verdict"]
+    assert verdict["worse_than_base"] and verdict["collapsed"], verdict
+    output = " ".join(result.output.split())
+    assert "WARNING: see below" in output and "WARNING: the tuned model is worse than the base" in output, output
+    assert "WARNING: the tuned model's outputs collapsed" in output
+
+
+@pytest.mark.parametrize("model, task", [("llama", "causal-lm"), ("bert", "classification")])
+def test_a_sound_run_has_a_clean_verdict(make_recipe, tmp_path, model, task):
+    raw = make_recipe(model, task)
+    raw["training"].update(max_steps=60)
+    result = train(validate_recipe(raw))
+    assert result.verdict == {"worse_than_base": False, "collapsed": False, "warnings": []}, (result.evaluation, result.verdict)
+    assert json.loads((Path(raw["output_dir"]) / "eval.json").read_text())["verdict"] == result.verdict
+
+
+def test_the_verdict_rules():
+    from tnlora_cli.evaluation.verdict import judge
+
+    base, uniform = {"loss": 2.0}, math.log(1000)
+    varied = {"outputs": 1000, "predictions": [3, 7], "labels": [1, 2]}
+    constant = {"outputs": 1000, "predictions": [3], "labels": [1, 2]}
+    assert judge({"base": base, "tuned": {"loss": 1.5}}, varied)["warnings"] == []
+    assert judge({"base": base, "tuned": {"loss": 2.0001}}, varied)["warnings"] == []  # within 1e-4: noise, not a finding
+    assert judge({"base": base, "tuned": {"loss": 1.5}}, constant)["warnings"] == []  # constant but better than the base
+    finding = judge({"base": base, "tuned": {"loss": 2.5}}, constant)
+    assert finding["worse_than_base"] and finding["collapsed"] and "predicts 3 at every held-out position" in finding["warnings"][1]
+    assert judge({"base": base, "tuned": {"loss": 2.5}}, varied) | {"warnings": None} == {"worse_than_base": True, "collapsed": False, "warnings": None}
+    assert judge({"tuned": {"loss": uniform}}, varied)["collapsed"]  # no base row (sharded head): ln K still tells
+    assert not judge({"base": {"loss": uniform * 1.001}, "tuned": {"loss": uniform}}, varied)["collapsed"]  # a random base is at ln K too

@@ -25,6 +25,7 @@ from accelerate.utils import broadcast_object_list
 from ..data.examples import collate
 from ..data.report import data_summary
 from ..evaluation.metrics import compare_with_base, evaluate_examples, held_out_digest, majority_rate
+from ..evaluation.verdict import judge
 from ..model.build import Prepared, adapter_metadata, load_inputs, prepare
 from ..model.state import count_parameters, load_adapter_state_dict
 from ..recipe.load import recipe_to_yaml
@@ -67,6 +68,7 @@ class TrainResult:
     majority_rate: float | None
     parameters: dict[str, int]
     completed: bool = True  # False when stopped early (stop_after): no final adapter was published
+    verdict: dict | None = None  # evaluation.verdict.judge: worse than the base, collapsed
 
 
 @dataclass
@@ -342,13 +344,16 @@ class _TrainingRun:
         if self.is_main:
             with atomic_directory(out / "adapter", on_exists="replace") as tmp:
                 save_adapter(tmp, final_state, adapter_metadata(prepared))
-        evaluation = None
+        evaluation = verdict = None
         held_out = prepared.data.eval
         if self.is_main or self.engine.sharded:
             self.reporter.status(f"evaluating base and tuned model on {len(held_out)} held-out examples")
             # A sharded task head cannot be swapped for its initial copy: those rows come from `tnlora eval`.
             initial_head = None if self.engine.sharded and prepared.initial_head else prepared.initial_head
-            evaluation = compare_with_base(self.engine.unwrap(self.model), initial_head, held_out, self.recipe.task, self.pad_id, self.eval_batch_size)
+            diagnostics: dict[str, dict] = {}
+            evaluation = compare_with_base(self.engine.unwrap(self.model), initial_head, held_out, self.recipe.task, self.pad_id, self.eval_batch_size,
+                                           diagnostics=diagnostics)
+            verdict = judge(evaluation, diagnostics["tuned"])
         if self.is_main:
             self._log({"step": self.step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": self.world,
                        "engine": self.engine.name, "adapter_checksum_per_rank": checksums, "peak_memory_mib_per_rank": peaks,
@@ -356,11 +361,12 @@ class _TrainingRun:
             # The digests let `eval --generate` reuse these losses instead of computing them again.
             write_json(out / "eval.json", {"task": self.recipe.task, "n_examples": len(held_out), "majority_rate": majority_rate(held_out),
                                            "held_out_sha256": held_out_digest(held_out), "adapter_sha256": adapter_digest(out / "adapter"),
-                                           "metrics": evaluation})
+                                           "metrics": evaluation, "verdict": verdict})
             plot_loss_curve(self.metrics_file, out / "loss.png")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters)
+        return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters,
+                           verdict=verdict if self.is_main else None)
 
 
 def _checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:
