@@ -441,3 +441,19 @@ def test_the_verdict_rules():
     assert judge({"base": base, "tuned": {"loss": 2.5}}, varied) | {"warnings": None} == {"worse_than_base": True, "collapsed": False, "warnings": None}
     assert judge({"tuned": {"loss": uniform}}, varied)["collapsed"]  # no base row (sharded head): ln K still tells
     assert not judge({"base": {"loss": uniform * 1.001}, "tuned": {"loss": uniform}}, varied)["collapsed"]  # a random base is at ln K too
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_out_on_a_mount_point_is_refused_before_the_work(make_recipe, tmp_path, small_tmpfs, command):
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    raw = _raw(make_recipe, tmp_path, max_steps=1)
+    train(validate_recipe(raw))
+    extra = ["--rank", "2"] if command == "export" else []
+    result = CliRunner().invoke(app, [command, raw["output_dir"], "--out", str(small_tmpfs), "--force", *extra], env={"COLUMNS": "400"})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"--out {small_tmpfs} is a mount point" in output and f"--out {small_tmpfs / 'merged'}" in output, output
+    assert list(small_tmpfs.iterdir()) == [] and not list(tmp_path.glob(".tmpfs.tmp-*"))

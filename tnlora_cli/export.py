@@ -26,7 +26,7 @@ from .model.loading import base_model_reference, resolve_model
 from .model.state import is_adapter_tensor
 from .report.reporter import Reporter
 from .run.atomic import atomic_directory
-from .run.outputs import protected_paths, refuse_overlap, require_finite
+from .run.outputs import protected_paths, refuse_mount_point, refuse_overlap, require_finite
 
 
 @dataclass
@@ -73,6 +73,7 @@ def export_as_lora(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise RecipeError(f"--energy {energy}: must be in (0, 1]")
     out = Path(out)
+    refuse_mount_point(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
     model, meta = load_adapters_on_meta(path)

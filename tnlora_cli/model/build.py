@@ -23,6 +23,7 @@ from ..run.layout import find_recipe_file, resolve_adapter_dir
 from .checks import check_max_length
 from .frozen import verify as verify_frozen
 from .inject import InjectionReport, inject_adapter
+from .embedded import MODELS
 from .loading import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .meta import build_on_meta
 from .state import adapter_state_dict, frozen_record, is_adapter_tensor, load_adapter_state_dict
@@ -148,8 +149,10 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
     base model.
     """
     adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
+    recipe_file = find_recipe_file(adapter_dir)
+    recipe = load_recipe(recipe_file)
     state, config = load_adapter(adapter_dir)
+    require_base_model(recipe, recipe_file, config)
     prepared = prepare(
         recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config)
     )
@@ -159,6 +162,22 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
             hint="evaluate with the data the adapter was trained on",
         )
     return LoadedRun(prepared, adapter_dir, state, config)
+
+
+def require_base_model(recipe: Recipe, recipe_file: Path, config: dict[str, Any]) -> None:
+    """A run whose base was a local directory needs it where training found it; when it has
+    moved, say so (a lookup of the path as a hub id would only find "no config")."""
+    name = recipe.model
+    if name in MODELS or Path(name).expanduser().is_dir():
+        return
+    was_local = config.get("base_model_local_path") is not None  # recorded at training: a directory then
+    if was_local or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(
+            f"the run's base model {name} (model: in {recipe_file}) is missing: it was moved or deleted after training"
+            + ("" if Path(name).expanduser().is_absolute() else f" (a relative path, read from the current directory {Path.cwd()})"),
+            hint=f"put the base model back at {name}, or set model: in {recipe_file} to the directory it is in now",
+            exit_code=2,
+        )
 
 
 def saved_roles(config: dict[str, Any]) -> dict[str, str]:
@@ -174,8 +193,10 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     merge, export). Task-head weights stay in the returned state, not in the model.
     """
     adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
+    recipe_file = find_recipe_file(adapter_dir)
+    recipe = load_recipe(recipe_file)
     state, config = load_adapter(adapter_dir)
+    require_base_model(recipe, recipe_file, config)
     model = build_on_meta(recipe, label_names=config.get("label_names"))
     inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
     adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}
