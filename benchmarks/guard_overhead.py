@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,10 +141,7 @@ def _guard_work(run, guard, norm_for_guard_only, steps: int) -> float:
 
         return wrapper
 
-    class Timed:
-        add, check, optimizer_step = timed(guard.add), timed(guard.check), guard.optimizer_step
-
-    run.guard = Timed()
+    run.guard = SimpleNamespace(add=timed(guard.add), check=timed(guard.check), optimizer_step=guard.optimizer_step)
     if norm_for_guard_only is not None:
         run.engine.gradient_norm = timed(norm_for_guard_only)
     per_step = []

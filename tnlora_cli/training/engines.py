@@ -339,6 +339,11 @@ class DeepSpeedEngine(Engine):
                     hint=f"set {key}: auto in the DeepSpeed config (tnlora fills it from the recipe)",
                 )
         config["train_batch_size"] = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+        if config.get("zero_optimization", {}).get("compute_grad_norm") is False:
+            raise RecipeError(
+                "the DeepSpeed config sets zero_optimization.compute_grad_norm: false, but tnlora's divergence guard reads that norm every step",
+                hint="remove compute_grad_norm from the DeepSpeed config",
+            )
         return accelerator
 
     def unwrap(self, model):
@@ -355,7 +360,7 @@ class DeepSpeedEngine(Engine):
     def gradient_norm(self):
         """DeepSpeed's own global norm of this step (`get_global_grad_norm`): ZeRO computes it
         in its step (clipping by `gradient_clipping` there) and, finding it non-finite, skips
-        the update and reports inf. None if the DeepSpeed config turned it off."""
+        the update and reports inf (compute_grad_norm: false is refused when the engine is built)."""
         norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
         if norm is None:
             return None
