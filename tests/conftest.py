@@ -177,12 +177,13 @@ def _seed():
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 
 
-def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: float = 300, module: str = "tnlora_cli") -> subprocess.CompletedProcess:
     """`accelerate launch FLAGS --num_processes 2 ... -m tnlora_cli TNLORA_ARGS`, one torch thread
-    per process. A launch that outlives `timeout` fails the test with the Python stacks of every
-    process in it (faulthandler prints them on SIGABRT), so a hang says where it hangs."""
+    per process (`module`: another entry point that ends by running tnlora's CLI). A launch that
+    outlives `timeout` fails the test with the Python stacks of every process in it
+    (faulthandler prints them on SIGABRT), so a hang says where it hangs."""
     args = [ACCELERATE, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "tnlora_cli", *tnlora_args]
+            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module, *tnlora_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

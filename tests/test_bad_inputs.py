@@ -191,6 +191,10 @@ RECIPE_CASES = [
       r"data: 5 of 6 rows read were dropped \(5: field 'response' is missing or null\), so 1 example is too few"),
     # cache:
     R("exclude regex invalid", _set("adapter.exclude_modules", "query(["), r"adapter.exclude_modules: 'query\(\[' is not a valid regular expression"),
+    # train:
+    R("max_steps 1e29", _set("training.max_steps", 10**29), r"training.max_steps: Input should be less than or equal to 1000000000"),
+    R("epochs 1e15", lambda r: r["training"].update(max_steps=None, epochs=1e15), r"training.epochs: Input should be less than or equal to 1000000000"),
+    R("save_every_minutes 0", _set("training.save_every_minutes", 0), r"training.save_every_minutes: Input should be greater than 0"),
 ]
 
 # ----------------------------------------------------------------- recipe files
@@ -355,6 +359,10 @@ def _nan_adapter(run: Path) -> None:
     save_file(state, str(f))
 
 
+def _move_base(run: Path) -> None:
+    (run.parent.parent / "base").rename(run.parent.parent / "base-moved")
+
+
 def _damage_all_checkpoints(run: Path) -> None:
     for ckpt in (run / "checkpoints").iterdir():
         (ckpt / "training_state.safetensors").write_bytes(b"broken")
@@ -376,6 +384,10 @@ RUN_CASES = [
      r"data.max_eval_samples \(16 -> 8\)"),
     ("resume with max_steps below checkpoint", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "training.max_steps=1"], 2,
      r"training.max_steps: 1 is below the checkpoint's step 2"),
+    # train:
+    ("merge with the base moved", _move_base, ["merge", "{run}", "--out", "{tmp}/m"], 2,
+     r"base model \S+/base \(model: in \S+recipe.yaml\) is missing: it was moved or deleted after training.*put the base model back at"),
+    ("eval with the base moved", _move_base, ["eval", "{run}"], 2, r"base model \S+/base \(model: in \S+recipe.yaml\) is missing"),
 ]
 
 

@@ -287,7 +287,11 @@ def train(
     if result.evaluation is None:
         return
     out_console.print(f"trainable parameters: {result.parameters['trainable']:,} of {result.parameters['total']:,}")
-    out_console.print(_metrics_table(f"held-out metrics after {result.steps} steps", result.evaluation, result.majority_rate))
+    warnings = (result.verdict or {}).get("warnings", [])
+    table = _metrics_table(f"held-out metrics after {result.steps} steps" + (" -- WARNING: see below" if warnings else ""), result.evaluation, result.majority_rate)
+    out_console.print(table)
+    for line in warnings:  # a destroyed adapter is not a success: said in words, visible in a log without colour
+        out_console.print(f"[bold red]WARNING:[/bold red] {escape(line)}", highlight=False)
     out_console.print(f"run written to {result.output_dir} (adapter/, metrics.jsonl, loss.png, eval.json)")
 
 

@@ -31,7 +31,7 @@ from .model.state import SHARED_ATTR, is_adapter_tensor
 from .model.targets import module_roles
 from .report.reporter import Reporter
 from .run.atomic import atomic_directory
-from .run.outputs import protected_paths, refuse_overlap, require_finite
+from .run.outputs import protected_paths, refuse_mount_point, refuse_overlap, require_finite
 
 
 @dataclass
@@ -78,6 +78,7 @@ def export_as_lora(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise RecipeError(f"--energy {energy}: must be in (0, 1]")
     out = Path(out)
+    refuse_mount_point(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
     model, meta = load_adapters_on_meta(path)

@@ -25,14 +25,21 @@ def evaluate_examples(
     pad_token_id: int,
     batch_size: int = 16,
     device: torch.device | str | None = None,
+    diagnostics: dict | None = None,
 ) -> dict[str, float]:
-    """Metrics of `model` on tokenized examples (no gradients, small batches)."""
+    """Metrics of `model` on tokenized examples (no gradients, small batches).
+
+    `diagnostics`, when given, receives what `evaluation.verdict` judges a collapse by:
+    `outputs` (classes or vocabulary size), `predictions` and `labels` (the distinct argmax
+    predictions and gold labels over every scored position, up to two of each)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
     preds: list[int] = []
     golds: list[int] = []
+    seen_preds: set[int] = set()
+    seen_golds: set[int] = set()
     # Batches of similar length pad less; every metric here is order-free (predictions and
     # gold labels stay paired, the loss is a sum over tokens). Rows are read batch by batch.
     lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
@@ -54,8 +61,18 @@ def evaluate_examples(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             ).item()
             count += int((shift_labels != IGNORE_INDEX).sum())
+            if diagnostics is not None and len(seen_preds) < 2:
+                scored = shift_labels != IGNORE_INDEX
+                seen_preds.update(shift_logits.argmax(-1)[scored].unique()[:2].tolist())
+                seen_golds.update(shift_labels[scored].unique()[:2].tolist())
+        if diagnostics is not None:
+            diagnostics["outputs"] = logits.size(-1)
     model.train(was_training)
     loss = loss_sum / max(count, 1)
+    if diagnostics is not None:
+        if task == "classification":
+            seen_preds, seen_golds = set(preds), set(golds)
+        diagnostics.update(predictions=sorted(seen_preds)[:2], labels=sorted(seen_golds)[:2])
     if task == "classification":
         return {"loss": loss, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "macro_f1": macro_f1(preds, golds)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -92,10 +109,12 @@ def compare_with_base(
     task: str,
     pad_token_id: int,
     batch_size: int = 16,
+    diagnostics: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
     adapters off, trained head) and 'tuned'. `initial_head=None`: the trained head cannot be
-    swapped out (it is sharded), so there is no 'base' row."""
+    swapped out (it is sharded), so there is no 'base' row. `diagnostics` receives the
+    tuned row's (see `evaluate_examples`) under 'tuned'."""
     rows: dict[str, dict[str, float]] = {}
     if initial_head is not None:
         with adapters_disabled(model), _swapped_head(model, initial_head):
@@ -103,7 +122,8 @@ def compare_with_base(
     if initial_head is None or initial_head:
         with adapters_disabled(model):
             rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+    tuned = None if diagnostics is None else diagnostics.setdefault("tuned", {})
+    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size, diagnostics=tuned)
     return rows
 
 

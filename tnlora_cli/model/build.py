@@ -25,6 +25,7 @@ from ..run.layout import find_recipe_file, resolve_adapter_dir
 from .checks import check_max_length
 from .frozen import verify as verify_frozen
 from .inject import InjectionReport, inject_adapter
+from .embedded import MODELS
 from .loading import base_model_reference, head_module_names, load_model, load_tokenizer, output_head_names, resolve_model
 from .meta import build_on_meta
 from .peft_format import load_peft_adapter, peft_adapter_recipe, read_peft_config
@@ -161,6 +162,8 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
         model_path = resolve_checked(recipe)
         tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
         inputs = Inputs(model_path, tokenizer, TaskData(train=[], eval=probe_examples(tokenizer)))
+    else:
+        require_base_model(recipe, find_recipe_file(adapter_dir), config)
     prepared = prepare(
         recipe, inputs=inputs, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize,
         roles=saved_roles(config), warn=warn,
@@ -188,6 +191,22 @@ def adapter_recipe(adapter_dir: Path) -> Recipe:
     return load_recipe(find_recipe_file(adapter_dir))
 
 
+def require_base_model(recipe: Recipe, recipe_file: Path, config: dict[str, Any]) -> None:
+    """A run whose base was a local directory needs it where training found it; when it has
+    moved, say so (a lookup of the path as a hub id would only find "no config")."""
+    name = recipe.model
+    if name in MODELS or Path(name).expanduser().is_dir():
+        return
+    was_local = config.get("base_model_local_path") is not None  # recorded at training: a directory then
+    if was_local or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(
+            f"the run's base model {name} (model: in {recipe_file}) is missing: it was moved or deleted after training"
+            + ("" if Path(name).expanduser().is_absolute() else f" (a relative path, read from the current directory {Path.cwd()})"),
+            hint=f"put the base model back at {name}, or set model: in {recipe_file} to the directory it is in now",
+            exit_code=2,
+        )
+
+
 def saved_roles(config: dict[str, Any]) -> dict[str, str]:
     """The roles an adapter was built with; files written before roles were saved used the
     layers' attribute names."""
@@ -202,6 +221,8 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     """
     adapter_dir = resolve_adapter_dir(Path(path))
     recipe, state, config = read_adapter(adapter_dir)
+    if not config.get("peft_format"):
+        require_base_model(recipe, find_recipe_file(adapter_dir), config)
     model = build_on_meta(recipe, label_names=config.get("label_names"))
     inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
     adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}

@@ -64,13 +64,19 @@ class DataConfig(StrictModel):
 
 #: Optimizer steps when neither `training.max_steps` nor `training.epochs` is given.
 DEFAULT_MAX_STEPS = 200
+#: The most optimizer steps a run may have (a typo such as 1e29 would otherwise overflow the
+#: progress display and the schedule; a billion steps is years of training).
+MAX_STEPS_LIMIT = 1_000_000_000
 
 
 class TrainingConfig(StrictModel):
-    max_steps: int | None = Field(None, gt=0, description=f"Optimizer steps ({DEFAULT_MAX_STEPS} when `epochs` is not set either).")
+    max_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS_LIMIT, description=f"Optimizer steps ({DEFAULT_MAX_STEPS} when `epochs` is not set either; at most {MAX_STEPS_LIMIT:,})."
+    )
     epochs: float | None = Field(
         None,
         gt=0.0,
+        le=MAX_STEPS_LIMIT,
         description="Passes over the training split instead of `max_steps`: steps = ceil(epochs x train examples / "
         "(batch_size x gradient_accumulation_steps x processes)); the resolved count is saved in the run's recipe.yaml.",
     )
@@ -95,6 +101,12 @@ class TrainingConfig(StrictModel):
     log_every: int = Field(10, gt=0, description="Write a metrics.jsonl record (and a log line) every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
+    save_every_minutes: float | None = Field(
+        30,
+        gt=0,
+        description="Also checkpoint when this many minutes of training have passed since the last checkpoint (null: by steps "
+        "only). SIGINT/SIGTERM always save a checkpoint after the step in progress.",
+    )
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(
         default_factory=list,

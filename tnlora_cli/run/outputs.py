@@ -7,6 +7,7 @@ base with a merged model would make a later `eval` apply the adapter twice).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -42,6 +43,18 @@ def refuse_overlap(out: str | Path, protected: dict[str, Path]) -> None:
                 hint="choose an --out outside the run directory and the base model",
                 exit_code=2,
             )
+
+
+def refuse_mount_point(out: str | Path) -> None:
+    """`--out` is replaced as a whole (a finished temporary sibling is renamed onto it), which
+    a mount point cannot be (EBUSY): refused before any work."""
+    target = Path(out).expanduser()
+    if target.is_dir() and os.path.ismount(target):
+        raise MergeError(
+            f"--out {out} is a mount point; tnlora writes a complete directory beside --out and renames it into place, which a mount point cannot take",
+            hint=f"choose a directory inside it, e.g. --out {target / 'merged'}",
+            exit_code=2,
+        )
 
 
 def require_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
