@@ -135,12 +135,12 @@ def test_cli_file_base_and_compare(memorised, tmp_path):
     assert [r["prompt"] for r in rows] == [p for p, _ in PAIRS]  # input order, whatever the batching
     assert [r["completion"] for r in rows] == [r["reference"] for r in rows] == REPLIES
 
-    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--base"])
+    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--base", "--force"])
     assert result.exit_code == 0, result.output
     base = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert not any(b == r for b, r in zip(base, REPLIES))
 
-    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--compare"])
+    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--compare", "--force"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["base_completion"] for r in rows] == base and [r["completion"] for r in rows] == REPLIES

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,8 +26,10 @@ def evaluate_examples(
     pad_token_id: int,
     batch_size: int = 16,
     device: torch.device | str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of `model` on tokenized examples (no gradients, small batches)."""
+    """Metrics of `model` on tokenized examples (no gradients, small batches); `progress`
+    is told how many examples are done after each batch."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -54,6 +57,8 @@ def evaluate_examples(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             ).item()
             count += int((shift_labels != IGNORE_INDEX).sum())
+        if progress is not None:
+            progress(min(i + batch_size, len(order)))
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     if task == "classification":
@@ -92,19 +97,36 @@ def compare_with_base(
     task: str,
     pad_token_id: int,
     batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
     adapters off, trained head) and 'tuned'. `initial_head=None`: the trained head cannot be
-    swapped out (it is sharded), so there is no 'base' row."""
+    swapped out (it is sharded), so there is no 'base' row. `progress` counts the examples
+    evaluated over all rows (`compared_rows` of them, each over every example)."""
     rows: dict[str, dict[str, float]] = {}
+    done = 0
+
+    def evaluate() -> dict[str, float]:
+        nonlocal done
+        offset = done
+        tick = None if progress is None else lambda n: progress(offset + n)
+        metrics = evaluate_examples(model, examples, task, pad_token_id, batch_size, progress=tick)
+        done += len(examples)
+        return metrics
+
     if initial_head is not None:
         with adapters_disabled(model), _swapped_head(model, initial_head):
-            rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+            rows["base"] = evaluate()
     if initial_head is None or initial_head:
         with adapters_disabled(model):
-            rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+            rows["head only"] = evaluate()
+    rows["tuned"] = evaluate()
     return rows
+
+
+def compared_rows(initial_head: dict[str, torch.Tensor] | None) -> int:
+    """How many rows `compare_with_base` evaluates (base, head only, tuned: those that apply)."""
+    return (initial_head is not None) + (initial_head is None or bool(initial_head)) + 1
 
 
 def held_out_digest(examples: list[dict]) -> str:
