@@ -516,12 +516,14 @@ def generate(
         _run(_input_error, f"{run_dir} is a model directory without an adapter: --base/--compare need a run")
     rows = [_run(prompt_option, prompt)] if prompt is not None else _run(read_prompt_file, input_, source.prompt_column, source.response_column)
     reporter = RichReporter()
-    kept = lambda: "no completions were written" if output is None else f"nothing was written to {output}"  # noqa: E731
+    def kept() -> str:
+        return "no completions were written" if output is None else f"nothing was written to {output}"
+
     with _interruptible("generate", reporter, kept):
         gen = _run(load_generator, run_dir, merge=merge_, reporter=reporter)
         if prompt is not None and not compare:
             text = gen.encode(gen.format([{"role": "user", "content": prompt}], raw=raw))
-            reporter.status(f"generating ({'base' if base else 'tuned'})")
+            reporter.status("generating" + (" (base)" if base else " (tuned)" if gen.has_adapter else ""))
             completion = _run(gen.stream, text, settings, _write_stdout, adapters=not base)
             sys.stdout.write("\n")
             console.print(f"[dim]{'base model (adapters off)' if base else gen.mode}[/dim]")

@@ -39,7 +39,7 @@ def generate_rows(
     for name, adapters in passes:
         if adapters and prompts:  # the merge and its check are a phase of their own, before the pass
             gen.use_tuned(min(prompts, key=len))
-        reporter.start(len(prompts), f"generating ({name})")
+        reporter.start(len(prompts), f"generating ({name})" if gen.has_adapter else "generating")
         try:
             outputs[name] = gen.generate(prompts, settings, adapters=adapters, progress=reporter.advance, where=where)
         finally:
