@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +198,6 @@ class Generator:
         """Merge ΔW into the weights and check the logits on `probe` against the adapter path."""
         from ..model.merging import TOLERANCES, untie_in_memory
 
-        started = time.perf_counter()
         self.reporter.status("merging the adapters into the weights in memory and checking the logits against the adapter path")
         ids = torch.tensor([probe[:64] or [self.tokenizer.eos_token_id or 0]], device=self.device)
         reference = self.model(input_ids=ids).logits.float()
@@ -216,7 +214,6 @@ class Generator:
                 f"the merged weights differ from the adapter path by up to {self.merge_max_diff:.3g} in the logits (tolerance {tolerance:.3g})",
                 hint="generate with --no-merge (adapter path) or report this as a bug",
             )
-        self.reporter.status(f"merged and verified in {time.perf_counter() - started:.1f} s (max |logit difference| {self.merge_max_diff:.2g})")
 
     # ----------------------------------------------------------- generation
 
@@ -313,7 +310,6 @@ def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.
     """Load RUN for generation. Linear adapters are merged on first tuned use when `merge`."""
     reporter = reporter or Reporter()
     source = inspect_source(path)
-    started = time.perf_counter()
     if source.kind == "model":
         from transformers import AutoModelForCausalLM
 
@@ -323,14 +319,12 @@ def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.
         tokenizer = load_tokenizer(str(source.path))
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype="auto")
         model.to(device or default_device())
-        reporter.status(f"loaded in {time.perf_counter() - started:.1f} s")
         return _finish(Generator(model, tokenizer, source, mergeable=False, mode="plain model", reporter=reporter))
     from ..model.build import load_run
 
     reporter.status(f"loading {path}: its recipe's tokenizer and data, the base model {source.recipe.model}, the adapter")
     run = load_run(path)
     run.load_weights()
-    reporter.status(f"loaded in {time.perf_counter() - started:.1f} s")
     model = run.prepared.model
     if run.prepared.recipe.quantization is None:
         model.to(device or default_device())
