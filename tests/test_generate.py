@@ -234,7 +234,7 @@ def test_eval_generate_reuses_training_losses_only_for_the_same_adapter_and_rows
     shutil.copytree(memorised, run)
     trained = json.loads((memorised.parent / "train_eval.json").read_text())
     assert trained["adapter_sha256"] == adapter_digest(run / "adapter")
-    assert trained["held_out_sha256"] == held_out_digest(load_generator(run).run.prepared.data.eval)
+    assert trained["held_out_sha256"] == held_out_digest(load_generator(run, data=True).run.prepared.data.eval)
     marked = {**trained, "metrics": {"base": {"loss": 123.0, "perplexity": 1.0}, "tuned": {"loss": 0.5, "perplexity": 2.0}}}
     (run / "eval.json").write_text(json.dumps(marked))
     reused = evaluate_generation(run, max_new_tokens=2)["metrics"]
@@ -329,7 +329,7 @@ def test_every_phase_is_reported_in_a_log(memorised, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["generate", str(memorised), "--input", str(prompts), "--compare", "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     log = " ".join(result.output.split())
-    for phase in (r"loading .*run: its recipe's tokenizer and data, the base model", "generating \\(base\\) finished at step 6/6",
+    for phase in (r"loading .*run: the tokenizer, the base model .* and the adapter", "generating \\(base\\) finished at step 6/6",
                   "merging the adapters into the weights in memory and checking", "generating \\(tuned\\) finished at step 6/6"):
         assert re.search(phase, log), (phase, result.output)
     assert log.index("generating (base) finished") < log.index("merging the adapters") < log.index("generating (tuned) finished")
@@ -387,3 +387,17 @@ def test_an_interruption_names_the_phase_exits_130_and_writes_nothing(memorised,
     assert "Traceback" not in result.output and not out.exists()
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert not [p for p in [*run.iterdir(), *tmp_path.iterdir()] if ".tmp-" in p.name]
+
+
+def test_generation_needs_no_training_data(memorised, tmp_path):
+    """The run's data file may be gone: generate reads none (eval --generate needs its held-out split)."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(memorised, run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["train"] = recipe["data"]["eval"] = str(tmp_path / "moved-away.jsonl")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "what is the dog", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert "the dog ran fast" in result.stdout

@@ -68,7 +68,7 @@ def evaluate_generation(
     adapter_dir = resolve_adapter_dir(Path(path))
     run_dir = find_recipe_file(adapter_dir).parent
     eval_json = _read_eval_json(run_dir / "eval.json")  # refuse a broken file before the long part
-    gen = load_generator(path, reporter=reporter)
+    gen = load_generator(path, reporter=reporter, data=True)
     prepared = gen.run.prepared
     examples = prepared.data.eval[: cfg.max_examples] if cfg.max_examples else prepared.data.eval
     split = [split_prompt_reference(e) for e in examples]

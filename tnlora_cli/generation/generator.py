@@ -306,8 +306,12 @@ class Generator:
         return self.decode(self._completion_ids(result[0, len(prompt) :].tolist()))
 
 
-def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.device | None = None, reporter: Reporter | None = None) -> Generator:
-    """Load RUN for generation. Linear adapters are merged on first tuned use when `merge`."""
+def load_generator(
+    path: str | Path, *, merge: bool = True, device: str | torch.device | None = None, reporter: Reporter | None = None, data: bool = False
+) -> Generator:
+    """Load RUN for generation. Linear adapters are merged on first tuned use when `merge`.
+    `data` also prepares the run's data (its held-out split, for `eval --generate`); plain
+    generation reads none, so it works where the training data is gone."""
     reporter = reporter or Reporter()
     source = inspect_source(path)
     if source.kind == "model":
@@ -322,8 +326,8 @@ def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.
         return _finish(Generator(model, tokenizer, source, mergeable=False, mode="plain model", reporter=reporter))
     from ..model.build import load_run
 
-    reporter.status(f"loading {path}: its recipe's tokenizer and data, the base model {source.recipe.model}, the adapter")
-    run = load_run(path)
+    reporter.status(f"loading {path}: the tokenizer{', the data' if data else ''}, the base model {source.recipe.model} and the adapter")
+    run = load_run(path, data=data)
     run.load_weights()
     model = run.prepared.model
     if run.prepared.recipe.quantization is None:

@@ -141,17 +141,24 @@ class LoadedRun:
         load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save, self.config.get("frozen"))
 
 
-def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True) -> LoadedRun:
+def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True, data: bool = True) -> LoadedRun:
     """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
 
     The adapter weights are returned, not yet loaded, so the caller can first measure the
-    base model.
+    base model. `data=False` skips the recipe's data (generation needs none: the run's data
+    files need not exist any more, and nothing is read or tokenized); its `prepared.data`
+    is then empty, with the adapter's label names.
     """
     adapter_dir = resolve_adapter_dir(Path(path))
     recipe = load_recipe(find_recipe_file(adapter_dir))
     state, config = load_adapter(adapter_dir)
+    inputs = None
+    if not data:
+        model_path = resolve_checked(recipe)
+        inputs = Inputs(model_path, load_tokenizer(model_path, recipe.trust_remote_code), TaskData([], [], config.get("label_names")))
     prepared = prepare(
-        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config)
+        recipe, inputs=inputs, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize,
+        roles=saved_roles(config),
     )
     if prepared.data.label_names != config.get("label_names"):
         raise CheckpointError(
