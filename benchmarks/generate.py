@@ -6,7 +6,8 @@
 For each adapter: a run on the embedded SmolLM2-135M (q_proj/v_proj, random non-zero adapter
 weights, so the update is not zero), `tnlora merge`d to a directory once. Two measurements:
 
-- **Decoding** (in one process, loading not timed, one warm-up each): `load_generator(run)` +
+- **Decoding** (in one process, loading not timed, one warm-up each, then `--repeats` runs of
+  each side, alternating which goes first): `load_generator(run)` +
   `Generator.generate` (linear adapters merged in memory, a nonlinear one on the adapter path)
   against `AutoModelForCausalLM.from_pretrained(merged)` + `generate` on the same chat-formatted
   prompts, greedy, the same length-sorted left-padded batches. Tokens/s of each, the ratio
@@ -283,16 +284,22 @@ def main() -> None:
             merge_run(run, merged, verify=False)
         if not args.skip_decoding:
             prompts = [gen.encode(gen.format([{"role": "user", "content": p}])) for p in (PROMPTS * 4)[: args.prompts]]
-            gen.generate(prompts[:1], settings)  # warm-up (and the merge, for linear adapters)
-            start = time.perf_counter()
-            texts = gen.generate(prompts, settings)
-            tnlora_s = time.perf_counter() - start
             tokenizer = gen.tokenizer
-            del gen
             model = AutoModelForCausalLM.from_pretrained(reference).to(device).eval()
+            gen.generate(prompts[:1], settings)  # warm-up (and the merge, for linear adapters)
             plain_generate(model, tokenizer, prompts[:1], args.max_new_tokens, args.batch_size)  # warm-up
-            outputs, plain_s = plain_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-            tokens = sum(len(o) for o in outputs)
+            tnlora_s = plain_s = 0.0
+            for repeat in range(args.repeats):  # alternating which goes first, as end to end
+                for side in ("tnlora", "plain") if repeat % 2 == 0 else ("plain", "tnlora"):
+                    start = time.perf_counter()
+                    if side == "tnlora":
+                        texts = gen.generate(prompts, settings)
+                        tnlora_s += time.perf_counter() - start
+                    else:
+                        outputs, seconds = plain_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+                        plain_s += seconds
+            del gen
+            tokens = sum(len(o) for o in outputs) * args.repeats
             same = "- (vs base)" if reference == base else all(t == tokenizer.decode(o, skip_special_tokens=True).strip() for t, o in zip(texts, outputs))
             decoding.append(f"| {name} | {mode} | {tokens} | {tokens / tnlora_s:.1f} | {tokens / plain_s:.1f}{' (base)' if reference == base else ''} "
                             f"| {plain_s / tnlora_s:.2f} | {same} |")
@@ -305,7 +312,7 @@ def main() -> None:
             e2e.append(f"| {name} | {command} | {ours:.1f} | {theirs:.1f}{' (base)' if reference == base else ''} | {ours / theirs:.2f} |")
             print(e2e[-1], flush=True)
     if decoding:
-        print("\ndecoding (in one process, loading not timed)\n")
+        print(f"\ndecoding (in one process, loading not timed, {args.repeats} interleaved runs per side)\n")
         print("| adapter | tnlora path | tokens | tnlora tok/s | plain tok/s | ratio | same text |\n|---|---|---:|---:|---:|---:|---|")
         print("\n".join(decoding))
     if e2e:
