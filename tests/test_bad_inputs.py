@@ -526,3 +526,77 @@ def test_damaged_runs(name, damage, argv, exit_code, message, trained, tiny_mode
     _assert_one_message(_invoke(argv, ctx), exit_code, message)
     assert not list(Path(ctx["tmp"]).iterdir()), "nothing may be written"
     assert not (Path(ctx["run"]) / "adapter").exists() or "resume" not in name
+
+
+# ----------------------------------------------------------------- generation
+# gen:
+# `generate`, `chat` and `eval --generate` on generative models: a tiny Llama instruction run
+# ({llama_run}), the tiny GPT-2 and Llama model directories ({gpt2}, {llama}, 128 positions
+# each) and prompt files in {inputs}. Nothing may be written to {tmp}, and {inputs}/exists.jsonl
+# keeps its text.
+GENERATE_CASES = [
+    C("generate output exists", ["generate", "{gpt2}", "--prompt", "hi", "--output", "{inputs}/exists.jsonl"], 2, r"--output .*exists.jsonl already exists.*--force"),
+    C("generate output is a directory", ["generate", "{gpt2}", "--input", "{inputs}/ok.jsonl", "--output", "{tmp}"], 2, r"--output .* is a directory"),
+    C("generate output folder is a file", ["generate", "{gpt2}", "--prompt", "hi", "--output", "{inputs}/ok.jsonl/out.jsonl"], 2, r"ok.jsonl is a file, not a folder"),
+    C("generate input not UTF-8", ["generate", "{gpt2}", "--input", "{inputs}/latin1.jsonl", "--output", "{tmp}/o.jsonl"], 2, r"latin1.jsonl is not UTF-8 text \(byte \d+, line 2\)"),
+    C("generate input is a directory", ["generate", "{gpt2}", "--input", "{inputs}"], 2, r"--input: .* is a directory"),
+    C("generate input empty prompt", ["generate", "{gpt2}", "--input", "{inputs}/empty_prompt.jsonl", "--output", "{tmp}/o.jsonl"], 2, r"line 2 has an empty 'prompt'"),
+    C("generate prompt empty", ["generate", "{gpt2}", "--prompt", ""], 2, r"--prompt is empty"),
+    C("generate prompt blank", ["generate", "{llama_run}", "--prompt", "  "], 2, r"--prompt is empty"),
+    C("generate temperature nan", ["generate", "{gpt2}", "--prompt", "hi", "--temperature", "nan"], 2, r"--temperature is nan"),
+    C("generate temperature inf", ["generate", "{gpt2}", "--prompt", "hi", "--temperature", "inf"], 2, r"--temperature is inf"),
+    C("generate temperature negative", ["generate", "{gpt2}", "--prompt", "hi", "--temperature", "-1"], 2, r"--temperature is -1"),
+    C("generate top-p nan", ["generate", "{gpt2}", "--prompt", "hi", "--top-p", "nan"], 2, r"--top-p is nan"),
+    C("generate max-new-tokens 1e9", ["generate", "{gpt2}", "--prompt", "hi", "--max-new-tokens", "1000000000"], 2,
+      r"--prompt: \d+ prompt tokens \+ --max-new-tokens 1000000000 .* exceed the 128 positions the model has"),
+    C("generate gpt2 long prompt after short ones", ["generate", "{gpt2}", "--input", "{inputs}/long_last.jsonl", "--output", "{tmp}/o.jsonl", "--batch-size", "1"], 2,
+      r"line 3: 2\d\d prompt tokens .* exceed the 128 positions"),
+    C("generate llama prompt beyond positions", ["generate", "{llama}", "--input", "{inputs}/long_last.jsonl", "--raw"], 2,
+      r"line 3: 200 prompt tokens .* exceed the 128 positions the model has \(max_position_embeddings\).*shorten the prompt"),
+    C("generate run max-new-tokens beyond positions", ["generate", "{llama_run}", "--input", "{inputs}/ok.jsonl", "--max-new-tokens", "126"], 2,
+      r"line 1: \d+ prompt tokens \+ --max-new-tokens 126 .*lower --max-new-tokens to at most \d+"),
+    C("eval generate max-new-tokens 0", ["eval", "{llama_run}", "--generate", "--max-new-tokens", "0"], 2, r"--max-new-tokens is 0"),
+    C("eval generate max-new-tokens 1e9", ["eval", "{llama_run}", "--generate", "--max-new-tokens", "1000000000"], 2, r"held-out example \d+: .* exceed the 128 positions"),
+    C("chat temperature nan", ["chat", "{llama_run}", "--temperature", "nan"], 2, r"--temperature is nan"),
+]
+
+
+@pytest.fixture(scope="module")
+def generative(tiny_models, data_files, tmp_path_factory):
+    """A two-step LoRA instruction run on the tiny Llama, and prompt files."""
+    from tnlora_cli.recipe.load import validate_recipe
+    from tnlora_cli.train import train
+
+    root = tmp_path_factory.mktemp("bad_generation")
+    raw = {
+        "model": str(tiny_models["llama"]), "task": "instruction",
+        "adapter": {"type": "lora", "target_modules": ["q_proj", "v_proj"], "r": 4, "alpha": 8},
+        "data": {"train": str(data_files["instruction"]), "max_length": 32, "max_eval_samples": 4},
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "seed": 0},
+        "output_dir": str(root / "run"),
+    }
+    train(validate_recipe(raw))
+    inputs = root / "inputs"
+    inputs.mkdir()
+    line = json.dumps({"prompt": "what is the cat"}) + "\n"
+    (inputs / "ok.jsonl").write_text(line)
+    (inputs / "exists.jsonl").write_text("keep me\n")
+    (inputs / "latin1.jsonl").write_bytes(line.encode() + b'{"prompt": "caf\xe9"}\n')
+    (inputs / "empty_prompt.jsonl").write_text(line + json.dumps({"prompt": " "}) + "\n")
+    (inputs / "long_last.jsonl").write_text(line + line + json.dumps({"prompt": " ".join(["cat"] * 200)}) + "\n")
+    return {"llama_run": str(root / "run"), "gpt2": str(tiny_models["gpt2"]), "llama": str(tiny_models["llama"]), "inputs": str(inputs)}
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES, ids=lambda c: c.id)
+def test_bad_generation_inputs(case: C, generative, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    run = Path(generative["llama_run"])
+    before = {p: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    ctx = {**generative, "tmp": str(work)}
+    _assert_one_message(_invoke(case.argv, ctx), case.exit, case.message)
+    assert not list(work.iterdir()), "nothing may be written"
+    assert (Path(generative["inputs"]) / "exists.jsonl").read_text() == "keep me\n"
+    assert {p: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "the run's files are left as they were"
+    if case.check:
+        case.check(ctx)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -494,3 +495,51 @@ def test_out_on_a_mount_point_is_refused_before_the_work(make_recipe, tmp_path, 
     assert result.exit_code == 2 and "Traceback" not in output, output
     assert f"--out {small_tmpfs} is a mount point" in output and f"--out {small_tmpfs / 'merged'}" in output, output
     assert list(small_tmpfs.iterdir()) == [] and not list(tmp_path.glob(".tmpfs.tmp-*"))
+def _stderr_until(proc: subprocess.Popen, text: str) -> str:
+    """The process's stderr up to the end of the first line holding `text` (or to its end),
+    read byte by byte from an unbuffered pipe so that `communicate` returns exactly the rest."""
+    seen = b""
+    while True:
+        byte = proc.stderr.read(1)
+        if not byte:
+            return seen.decode()
+        seen += byte
+        if byte == b"\n" and text.encode() in seen.splitlines()[-1]:
+            return seen.decode()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval --generate"])
+def test_sigterm_in_generation_says_what_was_interrupted(make_recipe, tmp_path, command):
+    """SIGTERM while the tuned model generates (generate) or once the run is loaded (eval
+    --generate): exit 130, one message naming the phase, nothing written."""
+    raw = make_recipe("llama", "instruction")
+    raw["data"]["max_eval_samples"] = 48
+    raw["training"].update(max_steps=2, batch_size=4)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    out = tmp_path / "out.jsonl"
+    if command == "generate":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"what is the {w}"}) + "\n" for w in ["cat", "dog", "sun", "team"] * 100))
+        argv = ["generate", str(run), "--input", str(prompts), "--output", str(out), "--batch-size", "1", "--max-new-tokens", "90"]
+        ready = "merging the adapters"
+    else:
+        argv = ["eval", str(run), "--generate", "--batch-size", "1", "--max-new-tokens", "90"]
+        ready = "loading"
+    env = {**_env(), "TNLORA_PROGRESS": "plain"}
+    proc = subprocess.Popen(_cli(*argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    seen = _stderr_until(proc, ready)
+    assert proc.poll() is None, seen
+    time.sleep(1)  # into the phase
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    err = seen + rest.decode()
+    assert proc.returncode == 130, err
+    flat = " ".join(err.split())
+    kept = f"nothing was written to {out}" if command == "generate" else "generations.jsonl and eval.json were left as they were"
+    phase = r"generating \(tuned\) \(\d+/400 done\)" if command == "generate" else r"(loading|held-out loss|generating|merging)[^;]*"
+    assert re.search(rf"error: {re.escape(command)} interrupted while {phase}; {re.escape(kept)}", flat), err
+    assert "Traceback" not in err and "finished at step" not in err and flat.count("error:") == 1
+    assert not out.exists() and not [p for p in [*run.iterdir(), *tmp_path.iterdir()] if ".tmp-" in p.name]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -147,11 +147,16 @@ class LoadedRun:
         load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save, self.config.get("frozen"))
 
 
-def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True, warn: Callable[[str], None] | None = None) -> LoadedRun:
+def load_run(
+    path: str | Path, *, dtype: str | None = None, quantize: bool = True, data: bool = True, warn: Callable[[str], None] | None = None
+) -> LoadedRun:
     """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
 
     The adapter weights are returned, not yet loaded, so the caller can first measure the
-    base model. `warn` hears what the data cache has to say (a damaged entry rebuilt).
+    base model. `data=False` skips the recipe's data (generation needs none: the run's data
+    files need not exist any more, and nothing is read or tokenized); its `prepared.data`
+    is then empty, with the adapter's label names. `warn` hears what the data cache has to
+    say (a damaged entry rebuilt).
     """
     adapter_dir = resolve_adapter_dir(Path(path))
     recipe, state, config = read_adapter(adapter_dir)
@@ -164,6 +169,9 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
         inputs = Inputs(model_path, tokenizer, TaskData(train=[], eval=probe_examples(tokenizer)))
     else:
         require_base_model(recipe, find_recipe_file(adapter_dir), config)
+        if not data:
+            model_path = resolve_checked(recipe)
+            inputs = Inputs(model_path, load_tokenizer(model_path, recipe.trust_remote_code), TaskData([], [], config.get("label_names")))
     prepared = prepare(
         recipe, inputs=inputs, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize,
         roles=saved_roles(config), warn=warn,

@@ -1,4 +1,4 @@
-"""Guards for commands that write a new directory from a run (merge, export).
+"""Guards for what commands write: a new directory from a run (merge, export), a new file (generate --output).
 
 `--out --force` replaces its destination, so the destination must not be, contain or lie
 inside anything the command reads: the run, its adapter, or the base model (overwriting the
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, MergeError
+from ..errors import CheckpointError, InputError, MergeError
 
 
 def protected_paths(given: str | Path, adapter_dir: str | Path, model_path: str | Path) -> dict[str, Path]:
@@ -65,3 +65,18 @@ def require_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
             f"{where}: the adapter holds non-finite values ({len(bad)} tensors, e.g. {bad[0]}); the training run diverged",
             hint="use an earlier checkpoint, or train again with a lower learning rate",
         )
+
+
+def check_output_file(path: str | Path, option: str, force: bool) -> None:
+    """Before any work: `path` can take a new file (written atomically at the end). A directory,
+    a folder that is a file, an existing file without `--force`, or an unwritable folder is refused."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{option} {path} is a directory", hint=f"give a file path, e.g. {option} {target / 'out.jsonl'}")
+    folder = next((p for p in target.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"{option} {path}: {folder} is a file, not a folder", hint="choose a path in a folder")
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: cannot write in {folder} (permission denied)", hint="choose a writable folder")
+    if target.exists() and not force:
+        raise InputError(f"{option} {path} already exists", hint=f"pass --force to replace it, or choose another {option}")
