@@ -216,3 +216,30 @@ def _signal_tree(pid: int, sig: int) -> None:
         with contextlib.suppress(*gone):
             os.kill(member, sig)
 
+
+
+def trained_token_runs(example) -> list[list[int]]:
+    """The runs of consecutive trained tokens of a prepared example (each label equal to its token)."""
+    from tnlora_cli.data.chat import IGNORE_INDEX
+
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    return runs + ([current] if current else [])
+
+
+@pytest.fixture
+def wide_console():
+    """Messages on one line each (rich would wrap them at 80 columns)."""
+    from tnlora_cli import cli
+
+    widths = cli.console.width, cli.out_console.width
+    cli.console.width = cli.out_console.width = 4000
+    yield
+    cli.console.width, cli.out_console.width = widths

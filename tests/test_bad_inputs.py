@@ -32,14 +32,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def _wide_console():
+def _wide_console(wide_console):
     """Messages on one line each (rich would wrap them at 80 columns)."""
-    from tnlora_cli import cli
-
-    widths = cli.console.width, cli.out_console.width
-    cli.console.width = cli.out_console.width = 4000
-    yield
-    cli.console.width, cli.out_console.width = widths
 
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
