@@ -31,6 +31,15 @@ def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> tor
     return multi_mode_dot(core, factors, list(range(core.dim())))
 
 
+def outer_vectors(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """v_1 ⊗ ... ⊗ v_N flattened row-major: (prod len(v_i),). Scaling a tensor's modes by
+    these vectors is one elementwise product with this (reshaped), not N passes."""
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = (out[:, None] * v[None, :]).reshape(-1)
+    return out
+
+
 def mode_dot_cost(shape: Sequence[int], matrices: Sequence[tuple[int, int]], modes: Sequence[int]) -> int:
     """Multiply-adds of `multi_mode_dot` on a tensor of `shape` (same ordering)."""
     shape = list(shape)
