@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo as dynamo
+from test_adapters import ALL, _build, _randomise
 
 from tnlora_cli.errors import RecipeError
 from tnlora_cli.recipe.load import validate_recipe
-
-from test_adapters import ALL, _build, _randomise
 
 #: Variants whose forward takes another path than the defaults.
 VARIANTS = [(kind, {}) for kind in ALL] + [
