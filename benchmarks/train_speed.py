@@ -24,6 +24,7 @@ causal LM on packed blocks of `--seq` tokens; meant for a GPU).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -120,7 +121,7 @@ def run_tnlora(args: argparse.Namespace, adapter: str, out: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "train_loss" in r]
     tokens = seconds = 0.0
-    for before, window in zip(windows, windows[1:]):  # every window but the first (warm-up)
+    for before, window in itertools.pairwise(windows):  # every window but the first (warm-up)
         elapsed = window["seconds_per_step"] * (window["step"] - before["step"])
         seconds += elapsed
         tokens += window["tokens_per_s"] * elapsed
@@ -132,13 +133,13 @@ def _baseline_inputs(args: argparse.Namespace, out: Path):
     micro-batches tnlora draws for these steps."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     from tnlora_cli.data.examples import collate
     from tnlora_cli.model.build import load_inputs
     from tnlora_cli.model.loading import head_module_names, load_model
     from tnlora_cli.recipe.load import validate_recipe
     from tnlora_cli.training.batches import BatchStream
-    from transformers import set_seed
 
     recipe = validate_recipe(_recipe(args, ADAPTERS["lora"], out))
     inputs = load_inputs(recipe)
@@ -241,8 +242,9 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
 def _table(task: str, args: argparse.Namespace, results: dict[str, dict]) -> list[str]:
     spec = TASKS[task]
     lora, trainer, bare = results.get("tnlora:lora"), results.get("trainer"), results.get("bare")
-    lines = [f"{task}: batch {args.batch or spec['batch']} x {args.seq or spec['seq']} tokens (max), accumulation {spec['accumulation']}, "
-             f"{args.steps} timed steps after {args.warmup}, device {results[next(iter(results))]['device']}", "",
+    title = (f"{task}: batch {args.batch or spec['batch']} x {args.seq or spec['seq']} tokens (max), accumulation {spec['accumulation']}, "
+             f"{args.steps} timed steps after {args.warmup}, device {results[next(iter(results))]['device']}")
+    lines = [title, "",
              "| trainer | trainable | tokens/s | x Trainer+peft | x bare loop | x tnlora lora | peak MiB | x Trainer+peft |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -301,9 +303,10 @@ def main() -> None:
         results: dict[str, dict] = {}
         for round_ in range(args.rounds):
             for case in cases:  # interleaved: a burst of load hits every trainer alike
-                cmd = [sys.executable, __file__, "--case", case, "--task", task, *extra] + [a for a in sys.argv[1:] if not a.startswith(("--json", "--markdown"))]
+                cmd = [sys.executable, __file__, "--case", case, "--task", task, *extra, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--layers", str(args.layers)]
                 started = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, check=False)
                 if proc.returncode != 0:
                     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                     print(f"{task} {case}: failed ({tail})", file=sys.stderr)
