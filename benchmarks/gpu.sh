@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement tnlora needs, in one command, within about 8 minutes:
+# Every GPU measurement tnlora needs, in one command, within about 8 minutes on one GPU:
 #
 #   bash benchmarks/gpu.sh [OUTPUT.md]        # default: gpu-results.md in the current directory
 #
@@ -7,7 +7,8 @@
 #    tnlora train (lora, trac, tera) against HF Trainer + peft LoRA and a bare loop;
 # 2. step_time.py for every adapter at the same shapes against peft's LoRA;
 # 3. generate.py (decoding speed against plain transformers) when the embedded SmolLM2 is installed;
-# 4. engines.py (DDP, FSDP2, ZeRO-2/3) when there are at least two GPUs (one GPU cannot hold
+# 4. the GPU-marked tests (when pytest is installed);
+# 5. engines.py (DDP, FSDP2, ZeRO-2/3) when there are at least two GPUs (one GPU cannot hold
 #    two NCCL ranks, and one process is what train_speed already measures).
 # Installs nothing. Each part has its own time limit; a part that fails or runs out of time is
 # reported in the output and the others still run. Without a GPU it says so and exits 0.
@@ -55,17 +56,23 @@ part() {
     echo
 } >"$TMP/report.md"
 
-part train_speed 250 "$PY" benchmarks/train_speed.py --tasks llama-2-7b --layers 2 --batch 4 --seq 512 \
+part train_speed 220 "$PY" benchmarks/train_speed.py --tasks llama-2-7b --layers 2 --batch 4 --seq 512 \
     --steps 10 --warmup 5 --adapters lora,trac,tera --markdown "$TMP/train_speed.md"
 [ -s "$TMP/train_speed.md" ] && cp "$TMP/train_speed.md" "$TMP/train_speed.out"
 
-part step_time 130 "$PY" benchmarks/step_time.py --model llama-2-7b --layers 2 --batch 4 --seq 512 --steps 5 --warmup 2
+part step_time 120 "$PY" benchmarks/step_time.py --model llama-2-7b --layers 2 --batch 4 --seq 512 --steps 5 --warmup 2
 
 if "$PY" -c 'from tnlora_cli.model.embedded import smollm2_path; smollm2_path()' 2>/dev/null; then
-    part generate 80 "$PY" benchmarks/generate.py --adapters lora,tensorguide-tanh,tera --prompts 8 --max-new-tokens 32 --batch-size 8
+    part generate 70 "$PY" benchmarks/generate.py --adapters lora,tensorguide-tanh,tera --prompts 8 --max-new-tokens 32 --batch-size 8
 else
     echo "## generate" >>"$TMP/report.md"; echo >>"$TMP/report.md"
     echo "not run: the embedded SmolLM2-135M is not installed on this machine" >>"$TMP/report.md"; echo >>"$TMP/report.md"
+fi
+
+if "$PY" -c 'import pytest' 2>/dev/null; then
+    part tests 60 "$PY" -m pytest -q -p no:cacheprovider tests -m gpu
+else
+    { echo "## tests"; echo; echo "not run: pytest is not installed"; echo; } >>"$TMP/report.md"
 fi
 
 if [ "$GPUS" -ge 2 ] && command -v accelerate >/dev/null; then

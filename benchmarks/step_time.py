@@ -144,6 +144,7 @@ def main() -> None:
                     print(f"{case}{' (before)' if src else ''}: skipped ({reason})", file=sys.stderr)
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{case}{' (before)' if src else ''}: {1e3 * r['step_s']:.1f} ms", file=sys.stderr, flush=True)
                 if case not in store or r["step_s"] < store[case]["step_s"]:
                     store[case] = r
     if "lora" not in results:
