@@ -15,7 +15,10 @@ import torch
 def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
     """tensor ×_mode matrix, matrix: (J, I_mode)."""
     moved = tensor.movedim(mode, -1)  # (..., I)
-    return (moved @ matrix.T).movedim(-1, mode)
+    # One (rows, I) @ (I, J) product: matmul on the N-d view would fall back to a batch of
+    # small products (bmm) when the view is not contiguous and only the tensor needs a gradient.
+    out = moved.reshape(-1, moved.shape[-1]) @ matrix.T
+    return out.reshape(*moved.shape[:-1], matrix.shape[0]).movedim(-1, mode)
 
 
 def multi_mode_dot(tensor: torch.Tensor, matrices: Sequence[torch.Tensor], modes: Sequence[int]) -> torch.Tensor:
