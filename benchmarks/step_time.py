@@ -93,13 +93,16 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    # cpu: this process's CPU time, which other processes' load barely moves (with one thread,
+    # OMP_NUM_THREADS=1, it is the step's own compute); wall: elapsed time (always on a GPU).
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
     times = []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start = clock()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"case": case, "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
 
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: time steps by process CPU time (CPU runs; robust to a busy machine)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
@@ -126,7 +130,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     before: dict[str, dict] = {}
     own = ["--model", args.model, "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu"] if args.cpu else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--clock", args.clock] + (["--cpu"] if args.cpu else [])
     for _ in range(args.rounds):
         for case in args.cases.split(","):
             # now and before back to back: a burst of load from elsewhere hits both alike
@@ -151,7 +155,8 @@ def main() -> None:
         sys.exit("the lora baseline did not run")
     base, peft = results["lora"], results.get("peft-lora")
     device = base["device"]
-    print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} steps")
+    print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} steps, "
+          f"{'process CPU' if args.clock == 'cpu' and device == 'cpu' else 'wall'} time")
     header = f"{'adapter':<12} {'trainable':>10} {'step ms':>9} {'x lora':>7} {'x peft':>7} {'peak MB':>9} {'x lora':>7} {'x peft':>7}"
     if before:
         header += f" {'before ms':>10} {'now/before':>10}"
