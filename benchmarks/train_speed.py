@@ -113,18 +113,40 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _clock(args: argparse.Namespace):
+    """cpu: this process's CPU time (robust to other processes' load on a busy CPU machine);
+    wall: elapsed time (always on a GPU)."""
+    import torch
+
+    return time.process_time if args.clock == "cpu" and not torch.cuda.is_available() else time.perf_counter
+
+
 def run_tnlora(args: argparse.Namespace, adapter: str, out: Path) -> dict:
+    import torch
+
     from tnlora_cli import train
     from tnlora_cli.recipe.load import validate_recipe
+    from tnlora_cli.report.reporter import Reporter
 
-    result = train(validate_recipe(_recipe(args, ADAPTERS[adapter], out)), check_memory=False)
+    clock, total = _clock(args), args.warmup + args.steps
+    marks: dict[int, float] = {}
+
+    class Clock(Reporter):
+        """The loop reports every finished step: the timed span runs from the end of the
+        last warm-up step to the end of the last step, as for the other trainers."""
+
+        def advance(self, completed: int, fields: dict | None = None) -> None:
+            if completed in (args.warmup, total):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks[completed] = clock()
+
+    result = train(validate_recipe(_recipe(args, ADAPTERS[adapter], out)), check_memory=False, reporter=Clock())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "train_loss" in r]
-    tokens = seconds = 0.0
-    for before, window in itertools.pairwise(windows):  # every window but the first (warm-up)
-        elapsed = window["seconds_per_step"] * (window["step"] - before["step"])
-        seconds += elapsed
-        tokens += window["tokens_per_s"] * elapsed
+    # tokens of every window but the first (warm-up): its tokens/s times its own elapsed time
+    tokens = sum(w["tokens_per_s"] * w["seconds_per_step"] * (w["step"] - b["step"]) for b, w in itertools.pairwise(windows))
+    seconds = marks[total] - marks[args.warmup]
     return {"tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "peak_bytes": _peak_bytes(), "trainable": result.parameters["trainable"]}
 
 
@@ -173,12 +195,12 @@ def run_bare(args: argparse.Namespace, out: Path) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.0, 1 - s / cfg.max_steps))
     acc, cuda = cfg.gradient_accumulation_steps, device.type == "cuda"
     model.train()
-    start = 0.0
+    clock, start = _clock(args), 0.0
     for step in range(cfg.max_steps):
         if step == args.warmup:
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
         for batch in micro[step * acc : (step + 1) * acc]:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -189,7 +211,7 @@ def run_bare(args: argparse.Namespace, out: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     return {"tokens_per_s": _tokens(micro, args, acc) / seconds, "step_s": seconds / args.steps, "peak_bytes": _peak_bytes(), "trainable": sum(p.numel() for p in params)}
 
 
@@ -201,13 +223,14 @@ def run_trainer(args: argparse.Namespace, out: Path) -> dict:
     recipe, model, micro, device = _baseline_inputs(args, out)
     cfg, cuda = recipe.training, device.type == "cuda"
     marks: dict[int, float] = {}
+    clock = _clock(args)
 
     class Clock(TrainerCallback):
         def on_step_end(self, _args, state, _control, **_kwargs):
             if state.global_step in (args.warmup, cfg.max_steps):
                 if cuda:
                     torch.cuda.synchronize()
-                marks[state.global_step] = time.perf_counter()
+                marks[state.global_step] = clock()
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *_a, **_k):
@@ -243,7 +266,7 @@ def _table(task: str, args: argparse.Namespace, results: dict[str, dict]) -> lis
     spec = TASKS[task]
     lora, trainer, bare = results.get("tnlora:lora"), results.get("trainer"), results.get("bare")
     title = (f"{task}: batch {args.batch or spec['batch']} x {args.seq or spec['seq']} tokens (max), accumulation {spec['accumulation']}, "
-             f"{args.steps} timed steps after {args.warmup}, device {results[next(iter(results))]['device']}")
+             f"{args.steps} timed steps after {args.warmup}, device {results[next(iter(results))]['device']}, {args.clock} clock")
     lines = [title, "",
              "| trainer | trainable | tokens/s | x Trainer+peft | x bare loop | x tnlora lora | peak MiB | x Trainer+peft |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -271,6 +294,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="llama-2-7b: decoder layers")
     parser.add_argument("--compile", action="store_true", help="also tnlora's lora with training.compile: true")
     parser.add_argument("--quick", action="store_true", help="a few minutes on a small CPU: 6 timed steps after 3, lora, trac and tensorguide")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: time by process CPU time (CPU runs; robust to a busy machine)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -304,7 +328,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             for case in cases:  # interleaved: a burst of load hits every trainer alike
                 cmd = [sys.executable, __file__, "--case", case, "--task", task, *extra, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--layers", str(args.layers)]
+                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--layers", str(args.layers),
+                       "--clock", args.clock]
                 started = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, check=False)
                 if proc.returncode != 0:
