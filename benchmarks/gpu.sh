@@ -5,6 +5,7 @@
 #
 # 1. train_speed.py at Llama-2-7B layer shapes (2 random layers, bf16, batch 4 x 512):
 #    tnlora train (lora, trac, tera) against HF Trainer + peft LoRA and a bare loop;
+#    then tnlora's lora with and without training.compile at the same shapes;
 # 2. step_time.py for every adapter at the same shapes against peft's LoRA;
 # 3. generate.py (decoding speed against plain transformers) when the embedded SmolLM2 is installed;
 # 4. the GPU-marked tests (when pytest is installed);
@@ -56,9 +57,13 @@ part() {
     echo
 } >"$TMP/report.md"
 
-part train_speed 220 "$PY" benchmarks/train_speed.py --tasks llama-2-7b --layers 2 --batch 4 --seq 512 \
+part train_speed 200 "$PY" benchmarks/train_speed.py --tasks llama-2-7b --layers 2 --batch 4 --seq 512 \
     --steps 10 --warmup 5 --adapters lora,trac,tera --markdown "$TMP/train_speed.md"
 [ -s "$TMP/train_speed.md" ] && cp "$TMP/train_speed.md" "$TMP/train_speed.out"
+
+part compile 100 "$PY" benchmarks/train_speed.py --tasks llama-2-7b --layers 2 --batch 4 --seq 512 \
+    --steps 10 --warmup 5 --cases tnlora:lora,tnlora:lora+compile --markdown "$TMP/compile.md"
+[ -s "$TMP/compile.md" ] && cp "$TMP/compile.md" "$TMP/compile.out"
 
 part step_time 120 "$PY" benchmarks/step_time.py --model llama-2-7b --layers 2 --batch 4 --seq 512 --steps 5 --warmup 2
 

@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=0, help="data.max_length (0: the task's)")
     parser.add_argument("--layers", type=int, default=2, help="llama-2-7b: decoder layers")
     parser.add_argument("--compile", action="store_true", help="also tnlora's lora with training.compile: true")
+    parser.add_argument("--cases", help="exactly these cases, e.g. tnlora:lora,tnlora:lora+compile (trainer, bare, tnlora:<adapter>[+compile])")
     parser.add_argument("--quick", action="store_true", help="a few minutes on a small CPU: 6 timed steps after 3, lora, trac and tensorguide")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: time by process CPU time (CPU runs; robust to a busy machine)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -316,6 +317,8 @@ def main() -> None:
 
     adapters = ["lora"] + [a for a in args.adapters.split(",") if a and a != "lora"]
     cases = ["trainer", "bare"] + [f"tnlora:{a}" for a in adapters] + (["tnlora:lora+compile"] if args.compile else [])
+    if args.cases:
+        cases = args.cases.split(",")
     report, everything = [], {}
     for task in args.tasks.split(","):
         extra: list[str] = []
