@@ -94,6 +94,11 @@ class TrainingConfig(StrictModel):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
     seed: int = Field(0, description="Seeds data order, task-head initialisation and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward (non-reentrant): less memory, ~30% more compute.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the adapted model (adapters included) before training: the first steps pay for "
+        "compilation, later ones run fused kernels. One process or DDP (not fsdp or deepspeed).",
+    )
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
         "auto",
         description="Multi-process engine under `accelerate launch`; auto: what the accelerate config asks for (FSDP, DeepSpeed), else DDP.",

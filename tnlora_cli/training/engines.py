@@ -67,6 +67,12 @@ class EngineChoice:
 
     def build(self, training: Any) -> Engine:
         """Create the accelerator and the engine object, from the run's resolved settings."""
+        if getattr(training, "compile", False) and self.engine_class is not Engine:
+            raise RecipeError(
+                f"training.compile: not supported under {self.engine_class.name} (sharded parameters are gathered by hooks "
+                "that tnlora does not compile)",
+                hint="remove training.compile, or train with training.distributed: ddp",
+            )
         if self.engine_class is DeepSpeedEngine:
             engine: Engine = DeepSpeedEngine(training, self.zero_stage)
         else:
@@ -134,6 +140,8 @@ class Engine:
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Place and wrap the model, then build the optimizer over the parameters training will use."""
+        if getattr(self.training, "compile", False):
+            compile_in_place(model)
         return self.accelerator.prepare(model, self._remember(make_optimizer(model)))
 
     def _remember(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -191,6 +199,17 @@ class Engine:
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         _base_optimizer(optimizer).load_state_dict(state)
+
+
+#: torch.compile's backend for `training.compile` (tests use a cheaper one).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """torch.compile the model's forward in place (`nn.Module.compile`): the module object,
+    its parameter names and its state dict stay what they were, so checkpoints, DDP and
+    evaluation see the same model."""
+    model.compile(backend=COMPILE_BACKEND)
 
 
 def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
