@@ -2,7 +2,13 @@
 
     python benchmarks/step_time.py                       # MiniLM config, CPU, batch 16 x 128
     python benchmarks/step_time.py --model llama-2-7b --layers 2 --batch 4 --seq 512   # a GPU
+    python benchmarks/step_time.py --before /tmp/old      # each case also with the tnlora_cli in /tmp/old
     pip install 'tnlora[bench]'                           # adds peft's LoRA as a second baseline
+                                                          # and peft-<type>: tnlora's adapters through peft
+
+`--before DIR` times every case a second time with the `tnlora_cli` package found in DIR (e.g.
+`git archive REV tnlora_cli | tar -x -C DIR`), interleaved with the current one, and adds the
+ratio now / before: how a change to the forward paths moved each adapter's whole step.
 
 Each case runs in its own process (a fresh model from the config, random weights, the
 adapter on the attention query/value layers) for `--steps` timed optimizer steps after
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -28,7 +35,16 @@ ADAPTERS = {
     "tera": {"type": "tera", "outdim": 8},
     "tensorguide": {"type": "tensorguide", "hidden": 8, "ranks": 4},
 }
-CASES = ["peft-lora", *ADAPTERS]
+#: Variants timed by step_time only: TeRA_iden (identity factors) and LoRA on the q and v
+#: slices of GPT-2's fused c_attn (a GPT-2 model of the same depth, whatever --model says).
+VARIANTS = {
+    "tera-iden": {"type": "tera", "outdim": 8, "variant": "iden"},
+    "lora-fused": {"type": "lora", "r": 8, "alpha": 16},
+}
+CASE_MODEL = {"lora-fused": ("gpt2", ["c_attn.q", "c_attn.v"])}
+#: tnlora's tensor-network adapters through peft (`import tnlora_cli.peft`): the same modules.
+PEFT_TN = ["trac", "tera", "loretta", "tensorguide"]
+CASES = ["peft-lora", *ADAPTERS, *VARIANTS, *(f"peft-{kind}" for kind in PEFT_TN)]
 
 
 def _targets(model) -> list[str]:
@@ -46,20 +62,30 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.manual_seed(0)
-    config = load_config(args.model)
+    model_name, fixed_targets = CASE_MODEL.get(case, (args.model, None))
+    config = load_config(model_name)
     if args.layers:
         for key in ("num_hidden_layers", "n_layer"):
             if hasattr(config, key):
                 setattr(config, key, args.layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModel.from_config(config).to(device=device, dtype=dtype)
-    targets = _targets(model)
+    targets = fixed_targets or _targets(model)
     if case == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    elif case.startswith("peft-"):
+        from peft import get_peft_model
+
+        from tnlora_cli.integrations.peft import CONFIG_CLASSES
+
+        kind = case.removeprefix("peft-")
+        settings = {k: v for k, v in ADAPTERS[kind].items() if k != "type"}
+        model = get_peft_model(model, CONFIG_CLASSES[kind](target_modules=targets, **settings))
     else:
-        cfg = REGISTRY[case].config_class(target_modules=targets, **ADAPTERS[case])
+        settings = {**ADAPTERS, **VARIANTS}[case]
+        cfg = REGISTRY[settings["type"]].config_class(target_modules=targets, **settings)
         inject_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -78,13 +104,16 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    # cpu: this process's CPU time, which other processes' load barely moves (with one thread,
+    # OMP_NUM_THREADS=1, it is the step's own compute); wall: elapsed time (always on a GPU).
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
     times = []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start = clock()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"case": case, "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
 
@@ -98,29 +127,50 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: time steps by process CPU time (CPU runs; robust to a busy machine)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--before", help="a directory holding an earlier tnlora_cli: time every case with it too")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every case, interleaved; the fastest round counts")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return
 
-    results = {}
-    for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--case", case] + [a for a in sys.argv[1:] if not a.startswith("--cases")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            reason = "peft not installed" if "No module named 'peft'" in proc.stderr else proc.stderr.strip().splitlines()[-1]
-            print(f"{case}: skipped ({reason})", file=sys.stderr)
-            continue
-        results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results: dict[str, dict] = {}
+    before: dict[str, dict] = {}
+    own = ["--model", args.model, "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--clock", args.clock] + (["--cpu"] if args.cpu else [])
+    for _ in range(args.rounds):
+        for case in args.cases.split(","):
+            # now and before back to back: a burst of load from elsewhere hits both alike
+            for store, src in ((results, None), (before, args.before)):
+                if src is None and store is before:
+                    continue
+                if store is before and case == "peft-lora":
+                    continue  # peft does not change with tnlora
+                env = dict(os.environ)
+                if src is not None:
+                    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+                proc = subprocess.run([sys.executable, __file__, "--case", case, *own], capture_output=True, text=True, env=env, check=False)
+                if proc.returncode != 0:
+                    reason = "peft not installed" if "No module named 'peft'" in proc.stderr else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{case}{' (before)' if src else ''}: skipped ({reason})", file=sys.stderr)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{case}{' (before)' if src else ''}: {1e3 * r['step_s']:.1f} ms", file=sys.stderr, flush=True)
+                if case not in store or r["step_s"] < store[case]["step_s"]:
+                    store[case] = r
     if "lora" not in results:
         sys.exit("the lora baseline did not run")
     base, peft = results["lora"], results.get("peft-lora")
     device = base["device"]
-    print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} steps")
+    print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} steps, "
+          f"{'process CPU' if args.clock == 'cpu' and device == 'cpu' else 'wall'} time")
     header = f"{'adapter':<12} {'trainable':>10} {'step ms':>9} {'x lora':>7} {'x peft':>7} {'peak MB':>9} {'x lora':>7} {'x peft':>7}"
+    if before:
+        header += f" {'before ms':>10} {'now/before':>10}"
     print(header)
     print("-" * len(header))
     for case, r in results.items():
@@ -129,7 +179,11 @@ def main() -> None:
         print(
             f"{case:<12} {r['trainable']:>10,} {1e3 * r['step_s']:>9.1f} {r['step_s'] / base['step_s']:>7.2f} {t_peft:>7} "
             f"{r['peak_bytes'] / 2**20:>9.0f} {r['peak_bytes'] / base['peak_bytes']:>7.2f} {m_peft:>7}"
+            + (f" {1e3 * before[case]['step_s']:>10.1f} {r['step_s'] / before[case]['step_s']:>10.2f}" if case in before else "")
         )
+    if os.path.exists("/proc/loadavg"):
+        with open("/proc/loadavg") as f:
+            print(f"load average at the end: {' '.join(f.read().split()[:3])}; cores: {os.cpu_count()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

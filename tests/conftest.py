@@ -177,12 +177,13 @@ def _seed():
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 
 
-def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: float = 300, module: str = "tnlora_cli") -> subprocess.CompletedProcess:
     """`accelerate launch FLAGS --num_processes 2 ... -m tnlora_cli TNLORA_ARGS`, one torch thread
-    per process. A launch that outlives `timeout` fails the test with the Python stacks of every
-    process in it (faulthandler prints them on SIGABRT), so a hang says where it hangs."""
+    per process (`module`: another entry point that ends by running tnlora's CLI). A launch that
+    outlives `timeout` fails the test with the Python stacks of every process in it
+    (faulthandler prints them on SIGABRT), so a hang says where it hangs."""
     args = [ACCELERATE, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "tnlora_cli", *tnlora_args]
+            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module, *tnlora_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -215,3 +216,30 @@ def _signal_tree(pid: int, sig: int) -> None:
         with contextlib.suppress(*gone):
             os.kill(member, sig)
 
+
+
+def trained_token_runs(example) -> list[list[int]]:
+    """The runs of consecutive trained tokens of a prepared example (each label equal to its token)."""
+    from tnlora_cli.data.chat import IGNORE_INDEX
+
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    return runs + ([current] if current else [])
+
+
+@pytest.fixture
+def wide_console():
+    """Messages on one line each (rich would wrap them at 80 columns)."""
+    from tnlora_cli import cli
+
+    widths = cli.console.width, cli.out_console.width
+    cli.console.width = cli.out_console.width = 4000
+    yield
+    cli.console.width, cli.out_console.width = widths

@@ -32,14 +32,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def _wide_console():
+def _wide_console(wide_console):
     """Messages on one line each (rich would wrap them at 80 columns)."""
-    from tnlora_cli import cli
-
-    widths = cli.console.width, cli.out_console.width
-    cli.console.width = cli.out_console.width = 4000
-    yield
-    cli.console.width, cli.out_console.width = widths
 
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
@@ -213,6 +207,10 @@ RECIPE_CASES = [
       r"data: 5 of 6 rows read were dropped \(5: field 'response' is missing or null\), so 1 example is too few"),
     # cache:
     R("exclude regex invalid", _set("adapter.exclude_modules", "query(["), r"adapter.exclude_modules: 'query\(\[' is not a valid regular expression"),
+    # train:
+    R("max_steps 1e29", _set("training.max_steps", 10**29), r"training.max_steps: Input should be less than or equal to 1000000000"),
+    R("epochs 1e15", lambda r: r["training"].update(max_steps=None, epochs=1e15), r"training.epochs: Input should be less than or equal to 1000000000"),
+    R("save_every_minutes 0", _set("training.save_every_minutes", 0), r"training.save_every_minutes: Input should be greater than 0"),
     # images:
     R("image truncated", _images(_write("red/001.png", lambda f: (f / "red/000.png").read_bytes()[:150])), r"data: \S+/red/001\.png: not a readable image"),
     R("image file not an image", _images(_write("green/readme.txt", b"notes")), r"data: \S+/green/readme\.txt: not a readable image"),
@@ -364,6 +362,9 @@ COMMAND_CASES = [
     C("data cache path under a file", ["eval", "{run}"], 2, r"TNLORA_DATA_CACHE: .*/sub is not a directory \(.*recipe.yaml is a file\)", env={"TNLORA_DATA_CACHE": "{recipe}/sub"}),
     C("count-params directory without config.json", ["count-params", "--model", "{tmp}", "-s", "adapter.type=lora", "-s", "adapter.target_modules=[q]"], 2,
       r"model: .*work has no config.json"),
+    # peft:
+    C("export as-peft with rank", ["export", "{run}", "--out", "{tmp}/e", "--as-peft", "--rank", "2"], 2, r"--rank and --energy apply to --as-lora only", _no_file("e")),
+    C("export as-peft out exists", ["export", "{run}", "--out", "{tmp}", "--as-peft"], 2, r"already exists"),
 ]
 
 # ----------------------------------------------------------------- runs and checkpoints (need a private copy)
@@ -383,6 +384,10 @@ def _nan_adapter(run: Path) -> None:
     state = load_file(str(f))
     state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
     save_file(state, str(f))
+
+
+def _move_base(run: Path) -> None:
+    (run.parent.parent / "base").rename(run.parent.parent / "base-moved")
 
 
 def _damage_all_checkpoints(run: Path) -> None:
@@ -406,6 +411,10 @@ RUN_CASES = [
      r"data.max_eval_samples \(16 -> 8\)"),
     ("resume with max_steps below checkpoint", lambda run: None, ["train", "{recipe}", "--resume", "auto", "--set", "training.max_steps=1"], 2,
      r"training.max_steps: 1 is below the checkpoint's step 2"),
+    # train:
+    ("merge with the base moved", _move_base, ["merge", "{run}", "--out", "{tmp}/m"], 2,
+     r"base model \S+/base \(model: in \S+recipe.yaml\) is missing: it was moved or deleted after training.*put the base model back at"),
+    ("eval with the base moved", _move_base, ["eval", "{run}"], 2, r"base model \S+/base \(model: in \S+recipe.yaml\) is missing"),
 ]
 
 
@@ -544,3 +553,77 @@ def test_damaged_runs(name, damage, argv, exit_code, message, trained, tiny_mode
     _assert_one_message(_invoke(argv, ctx), exit_code, message)
     assert not list(Path(ctx["tmp"]).iterdir()), "nothing may be written"
     assert not (Path(ctx["run"]) / "adapter").exists() or "resume" not in name
+
+
+# ----------------------------------------------------------------- generation
+# gen:
+# `generate`, `chat` and `eval --generate` on generative models: a tiny Llama instruction run
+# ({llama_run}), the tiny GPT-2 and Llama model directories ({gpt2}, {llama}, 128 positions
+# each) and prompt files in {inputs}. Nothing may be written to {tmp}, and {inputs}/exists.jsonl
+# keeps its text.
+GENERATE_CASES = [
+    C("generate output exists", ["generate", "{gpt2}", "--prompt", "hi", "--output", "{inputs}/exists.jsonl"], 2, r"--output .*exists.jsonl already exists.*--force"),
+    C("generate output is a directory", ["generate", "{gpt2}", "--input", "{inputs}/ok.jsonl", "--output", "{tmp}"], 2, r"--output .* is a directory"),
+    C("generate output folder is a file", ["generate", "{gpt2}", "--prompt", "hi", "--output", "{inputs}/ok.jsonl/out.jsonl"], 2, r"ok.jsonl is a file, not a folder"),
+    C("generate input not UTF-8", ["generate", "{gpt2}", "--input", "{inputs}/latin1.jsonl", "--output", "{tmp}/o.jsonl"], 2, r"latin1.jsonl is not UTF-8 text \(byte \d+, line 2\)"),
+    C("generate input is a directory", ["generate", "{gpt2}", "--input", "{inputs}"], 2, r"--input: .* is a directory"),
+    C("generate input empty prompt", ["generate", "{gpt2}", "--input", "{inputs}/empty_prompt.jsonl", "--output", "{tmp}/o.jsonl"], 2, r"line 2 has an empty 'prompt'"),
+    C("generate prompt empty", ["generate", "{gpt2}", "--prompt", ""], 2, r"--prompt is empty"),
+    C("generate prompt blank", ["generate", "{llama_run}", "--prompt", "  "], 2, r"--prompt is empty"),
+    C("generate temperature nan", ["generate", "{gpt2}", "--prompt", "hi", "--temperature", "nan"], 2, r"--temperature is nan"),
+    C("generate temperature inf", ["generate", "{gpt2}", "--prompt", "hi", "--temperature", "inf"], 2, r"--temperature is inf"),
+    C("generate temperature negative", ["generate", "{gpt2}", "--prompt", "hi", "--temperature", "-1"], 2, r"--temperature is -1"),
+    C("generate top-p nan", ["generate", "{gpt2}", "--prompt", "hi", "--top-p", "nan"], 2, r"--top-p is nan"),
+    C("generate max-new-tokens 1e9", ["generate", "{gpt2}", "--prompt", "hi", "--max-new-tokens", "1000000000"], 2,
+      r"--prompt: \d+ prompt tokens \+ --max-new-tokens 1000000000 .* exceed the 128 positions the model has"),
+    C("generate gpt2 long prompt after short ones", ["generate", "{gpt2}", "--input", "{inputs}/long_last.jsonl", "--output", "{tmp}/o.jsonl", "--batch-size", "1"], 2,
+      r"line 3: 2\d\d prompt tokens .* exceed the 128 positions"),
+    C("generate llama prompt beyond positions", ["generate", "{llama}", "--input", "{inputs}/long_last.jsonl", "--raw"], 2,
+      r"line 3: 200 prompt tokens .* exceed the 128 positions the model has \(max_position_embeddings\).*shorten the prompt"),
+    C("generate run max-new-tokens beyond positions", ["generate", "{llama_run}", "--input", "{inputs}/ok.jsonl", "--max-new-tokens", "126"], 2,
+      r"line 1: \d+ prompt tokens \+ --max-new-tokens 126 .*lower --max-new-tokens to at most \d+"),
+    C("eval generate max-new-tokens 0", ["eval", "{llama_run}", "--generate", "--max-new-tokens", "0"], 2, r"--max-new-tokens is 0"),
+    C("eval generate max-new-tokens 1e9", ["eval", "{llama_run}", "--generate", "--max-new-tokens", "1000000000"], 2, r"held-out example \d+(, turn \d+)?: .* exceed the 128 positions"),
+    C("chat temperature nan", ["chat", "{llama_run}", "--temperature", "nan"], 2, r"--temperature is nan"),
+]
+
+
+@pytest.fixture(scope="module")
+def generative(tiny_models, data_files, tmp_path_factory):
+    """A two-step LoRA instruction run on the tiny Llama, and prompt files."""
+    from tnlora_cli.recipe.load import validate_recipe
+    from tnlora_cli.train import train
+
+    root = tmp_path_factory.mktemp("bad_generation")
+    raw = {
+        "model": str(tiny_models["llama"]), "task": "instruction",
+        "adapter": {"type": "lora", "target_modules": ["q_proj", "v_proj"], "r": 4, "alpha": 8},
+        "data": {"train": str(data_files["instruction"]), "max_length": 32, "max_eval_samples": 4},
+        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "seed": 0},
+        "output_dir": str(root / "run"),
+    }
+    train(validate_recipe(raw))
+    inputs = root / "inputs"
+    inputs.mkdir()
+    line = json.dumps({"prompt": "what is the cat"}) + "\n"
+    (inputs / "ok.jsonl").write_text(line)
+    (inputs / "exists.jsonl").write_text("keep me\n")
+    (inputs / "latin1.jsonl").write_bytes(line.encode() + b'{"prompt": "caf\xe9"}\n')
+    (inputs / "empty_prompt.jsonl").write_text(line + json.dumps({"prompt": " "}) + "\n")
+    (inputs / "long_last.jsonl").write_text(line + line + json.dumps({"prompt": " ".join(["cat"] * 200)}) + "\n")
+    return {"llama_run": str(root / "run"), "gpt2": str(tiny_models["gpt2"]), "llama": str(tiny_models["llama"]), "inputs": str(inputs)}
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES, ids=lambda c: c.id)
+def test_bad_generation_inputs(case: C, generative, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    run = Path(generative["llama_run"])
+    before = {p: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    ctx = {**generative, "tmp": str(work)}
+    _assert_one_message(_invoke(case.argv, ctx), case.exit, case.message)
+    assert not list(work.iterdir()), "nothing may be written"
+    assert (Path(generative["inputs"]) / "exists.jsonl").read_text() == "keep me\n"
+    assert {p: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "the run's files are left as they were"
+    if case.check:
+        case.check(ctx)

@@ -8,9 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer
+from conftest import make_tokenizer, trained_token_runs
 
-from tnlora_cli.data.chat import IGNORE_INDEX, format_prompt, render, tokenize_conversation
+from tnlora_cli.data.chat import (
+    IGNORE_INDEX,
+    format_prompt,
+    render,
+    tokenize_conversation,
+)
 from tnlora_cli.data.prepare import prepare_data
 from tnlora_cli.recipe.sections import DataConfig
 
@@ -62,17 +67,6 @@ def _style(make, name):
     return tok, end
 
 
-def _trained_runs(example) -> list[list[int]]:
-    runs, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == token
-            current.append(token)
-    return runs + ([current] if current else [])
 
 
 @pytest.mark.parametrize("style", ["chatml-default-system", "llama3", "smollm2"])
@@ -88,7 +82,7 @@ def test_mask_covers_exactly_the_assistant_turns(smol_tokenizer, style, train_on
     # Earlier reasoning is stripped by the ChatML template (not by the others); the last turn keeps its text.
     first = "Hello! How can I help?" if style == "chatml-default-system" else CONVERSATION[1]["content"]
     expected = [tok(first + end, add_special_tokens=False)["input_ids"], tok("yes" + end, add_special_tokens=False)["input_ids"]]
-    assert _trained_runs(example) == (expected if train_on == "assistant" else expected[-1:])
+    assert trained_token_runs(example) == (expected if train_on == "assistant" else expected[-1:])
     masked = tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX])
     assert "Say yes" in masked and ("Hello!" in masked) == (train_on == "last")
 
@@ -102,9 +96,9 @@ def test_generation_markers_are_used_when_the_template_has_them():
     messages = [{"role": "user", "content": "what is the cat"}, {"role": "assistant", "content": "the cat sat"},
                 {"role": "user", "content": "why"}, {"role": "assistant", "content": "the dog ran"}]
     example = tokenize_conversation(tok, messages, "assistant", 128)
-    assert [tok.decode(run) for run in _trained_runs(example)] == ["the cat sat <eos>", "the dog ran <eos>"]
+    assert [tok.decode(run) for run in trained_token_runs(example)] == ["the cat sat <eos>", "the dog ran <eos>"]
     last = tokenize_conversation(tok, messages, "last", 128)
-    assert [tok.decode(run) for run in _trained_runs(last)] == ["the dog ran <eos>"]
+    assert [tok.decode(run) for run in trained_token_runs(last)] == ["the dog ran <eos>"]
 
 
 def _write(path: Path, rows: list) -> Path:
@@ -134,7 +128,7 @@ def test_sharegpt_and_openai_rows_give_identical_examples(tmp_path):
     assert len(a.train) == 18 and list(a.train) == list(b.train) and list(a.eval) == list(b.eval)
     assert a.report["cache"]["path"] != b.report["cache"]["path"]
     # Both assistant turns of every conversation are in the loss.
-    assert all(len(_trained_runs(e)) == 2 for e in a.train)
+    assert all(len(trained_token_runs(e)) == 2 for e in a.train)
 
 
 def test_format_prompt_is_what_training_sees_before_the_reply(smol_tokenizer):

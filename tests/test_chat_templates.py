@@ -16,9 +16,9 @@ import string
 from pathlib import Path
 
 import pytest
+from conftest import trained_token_runs
 
 from tnlora_cli.data.chat import (
-    IGNORE_INDEX,
     format_prompt,
     render,
     tokenize_conversation,
@@ -124,17 +124,7 @@ def _tokenizer(kind: str, name: str):
 
 def trained_runs(tok, example) -> list[str]:
     """The trained tokens, decoded run by run (special tokens kept)."""
-    runs, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == token
-            current.append(token)
-    runs += [current] if current else []
-    return [tok.decode(run) for run in runs]
+    return [tok.decode(run) for run in trained_token_runs(example)]
 
 
 @pytest.mark.parametrize("kind", ["chars", "smollm2-bpe"])

@@ -29,13 +29,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _wide_console():
-    from tnlora_cli import cli
-
-    widths = cli.console.width, cli.out_console.width
-    cli.console.width = cli.out_console.width = 4000
-    yield
-    cli.console.width, cli.out_console.width = widths
+def _wide_console(wide_console):
+    """Messages on one line each (rich would wrap them at 80 columns)."""
 
 
 def _entries(cache: Path) -> list[Path]:

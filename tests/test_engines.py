@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,50 @@ def test_frozen_shared_tensors_under_sharding_match_one_process(make_recipe, tmp
     _assert_same(sharded, load_file(str(tmp_path / "single" / ADAPTER)), 1e-5)
 
 
+# `python -m tnlora_cli` with a NaN in every LoRA gradient and a finite loss: 0 * sqrt(0 * sum(A))
+# adds exactly 0 to the branch, and sqrt's infinite slope at 0 makes A's gradient 0 * inf = NaN.
+NAN_GRADIENT_ENTRY = """
+import torch
+from tnlora_cli.adapters.base import LowRankAdapter
+
+forward = LowRankAdapter.forward
+
+
+def poisoned(self, x):
+    a, _ = self.factors()
+    return forward(self, x) + 0 * torch.sqrt(0 * a.sum())
+
+
+LowRankAdapter.forward = poisoned
+from tnlora_cli.cli import main
+
+main()
+"""
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
+@pytest.mark.parametrize("engine", ["ddp", *sorted(ENGINES)])
+def test_a_nan_gradient_stops_training_under_every_engine(make_recipe, tmp_path, monkeypatch, engine):
+    """The guard reads the engine's gradient norm, so a NaN gradient with a finite loss stops
+    the run at step 1 under DDP, FSDP2 and ZeRO-2/3 alike (ZeRO leaves `p.grad` empty: a check
+    of `p.grad` saw nothing there, and DeepSpeed skipped the steps silently)."""
+    if engine.startswith("deepspeed") and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed not installed")
+    flags, setting = ENGINES.get(engine, (["--multi_gpu"], "ddp"))
+    flags = [f.format(zero3=_zero3_config(tmp_path)) for f in flags]
+    (tmp_path / "nan_gradient_entry.py").write_text(NAN_GRADIENT_ENTRY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    raw = make_recipe("llama", "causal-lm")
+    raw["training"].update(max_steps=3, batch_size=2, log_every=1, distributed=setting)
+    raw["output_dir"] = str(tmp_path / "run")
+    result = accelerate_launch(flags, 29570 + ["ddp", *sorted(ENGINES)].index(engine), "train", str(write_recipe(tmp_path / "run.yaml", raw)),
+                               module="nan_gradient_entry")
+    err = " ".join(result.stderr.split())
+    assert result.returncode == 1, err[-3000:]
+    assert "training diverged at step 1: a gradient is not finite" in err and "no adapter was published" in err, err[-3000:]
+    assert not (tmp_path / "run/adapter").exists()
+
+
 def test_engine_choice_conflicts_are_recipe_errors(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
@@ -157,3 +202,77 @@ def test_engine_choice_conflicts_are_recipe_errors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="quantized"):
         build_engine("fsdp", TrainingConfig(), quantized=True)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, None])
+def test_gradients_are_walked_once_per_step_with_one_host_sync(make_recipe, tmp_path, monkeypatch, max_grad_norm):
+    """Per optimizer step: one gradient norm (shared by clipping and the guard; torch's
+    clip_grad_norm_, a second walk, is never called) and one host synchronisation in tnlora's
+    training code (the guard's; log steps aside), none per micro-batch."""
+    import sys
+
+    from tnlora_cli.training import loop
+
+    training_dir = str(Path(loop.__file__).parent)
+    norms, syncs, inside = [], [], []
+    get_total_norm = torch.nn.utils.get_total_norm
+
+    def counted_norm(*args, **kwargs):
+        norms.append(len(inside))
+        return get_total_norm(*args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("clip_grad_norm_ walks the gradients a second time")
+
+    def counting(name):
+        method = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            # Host tensors by construction, no sync: `_batch` counts tokens before the copy to the
+            # device, `_perm` draws the data order on the CPU.
+            if inside and caller.f_code.co_filename.startswith(training_dir) and caller.f_code.co_name not in ("_batch", "_perm"):
+                syncs.append(f"{caller.f_code.co_name}: {name}")
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", never)
+    step = loop._TrainingRun.optimizer_step
+
+    def counted_step(self, *args, **kwargs):
+        inside.append(1)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(loop._TrainingRun, "optimizer_step", counted_step)
+    raw = make_recipe("bert", "classification")
+    raw["training"].update(max_steps=3, batch_size=4, gradient_accumulation_steps=3, log_every=100, max_grad_norm=max_grad_norm)
+    train(validate_recipe(raw))
+    assert norms == [1, 1, 1], "one gradient norm per optimizer step"
+    assert len(syncs) == 3 and set(syncs) == {"check: tolist"}, syncs
+
+
+def test_the_engine_clips_like_torch_with_the_norm_it_returns():
+    """`Engine.gradient_norm` computes torch's total norm once and clips with it: the same
+    gradients and norm as `torch.nn.utils.clip_grad_norm_`."""
+    from tnlora_cli.training.engines import Engine
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    engine = Engine(TrainingConfig(max_grad_norm=0.1, mixed_precision="no"))
+    engine._remember(torch.optim.AdamW(model.parameters()))
+    model(torch.randn(4, 5)).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for r, g in zip(reference, expected):
+        r.grad = g.clone()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, 0.1)
+    norm = engine.gradient_norm()
+    assert torch.equal(norm, expected_norm) and norm > 0.1
+    for p, r in zip(model.parameters(), reference):
+        assert torch.equal(p.grad, r.grad)

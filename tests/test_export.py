@@ -74,3 +74,33 @@ def test_truncated_export_error_is_reported_and_bounded(make_recipe, tmp_path):
 def test_export_needs_one_of_rank_or_energy(tmp_path):
     with pytest.raises(RecipeError, match="exactly one"):
         export_as_lora(tmp_path, tmp_path / "x")
+
+
+@pytest.mark.parametrize("kind, frozen_saved", [("lora", True), ("vera", False), ("trac", False), ("tera", True), ("loretta", True), ("tensorguide", True)])
+def test_export_as_peft_is_exact_for_every_adapter(make_recipe, tmp_path, kind, frozen_saved):
+    import tnlora_cli.peft  # noqa: F401  (registers the tensor-network types with peft)
+    from tnlora_cli.export import export_as_peft
+
+    raw = _recipe(make_recipe, kind, "llama", "causal-lm", save_frozen=frozen_saved)
+    raw["training"]["max_steps"] = 3
+    raw["training"]["learning_rate"] = 0.1  # a visible update in three steps
+    train(validate_recipe(raw))
+    export_as_peft(raw["output_dir"], tmp_path / "peft")
+    config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    native = {"lora": "LORA", "vera": "VERA"}
+    assert config["peft_type"] == native.get(kind, f"TNLORA_{kind.upper()}")
+    card = (tmp_path / "peft/README.md").read_text()
+    if kind not in native:
+        assert config["tnlora_version"] and "pip install tnlora" in card and "import tnlora_cli.peft" in card
+    expected, got = _adapter_logits_and_peft(Path(raw["output_dir"]), tmp_path / "peft")
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert model_moved(Path(raw["output_dir"]))
+
+
+def model_moved(run: Path) -> bool:
+    """The run's update is not zero (else an export of nothing would pass)."""
+    from tnlora_cli.model.build import load_adapters_on_meta
+    from tnlora_cli.model.inject import adapted_layers
+
+    model, _ = load_adapters_on_meta(run)
+    return any(layer.adapter.delta_weight().abs().max() > 1e-4 for _, layer in adapted_layers(model) if layer.adapter.is_linear)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -135,12 +136,12 @@ def test_cli_file_base_and_compare(memorised, tmp_path):
     assert [r["prompt"] for r in rows] == [p for p, _ in PAIRS]  # input order, whatever the batching
     assert [r["completion"] for r in rows] == [r["reference"] for r in rows] == REPLIES
 
-    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--base"])
+    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--base", "--force"])
     assert result.exit_code == 0, result.output
     base = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert not any(b == r for b, r in zip(base, REPLIES))
 
-    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--compare"])
+    result = runner.invoke(app, ["generate", str(memorised), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "12", "--compare", "--force"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["base_completion"] for r in rows] == base and [r["completion"] for r in rows] == REPLIES
@@ -233,7 +234,7 @@ def test_eval_generate_reuses_training_losses_only_for_the_same_adapter_and_rows
     shutil.copytree(memorised, run)
     trained = json.loads((memorised.parent / "train_eval.json").read_text())
     assert trained["adapter_sha256"] == adapter_digest(run / "adapter")
-    assert trained["held_out_sha256"] == held_out_digest(load_generator(run).run.prepared.data.eval)
+    assert trained["held_out_sha256"] == held_out_digest(load_generator(run, data=True).run.prepared.data.eval)
     marked = {**trained, "metrics": {"base": {"loss": 123.0, "perplexity": 1.0}, "tuned": {"loss": 0.5, "perplexity": 2.0}}}
     (run / "eval.json").write_text(json.dumps(marked))
     reused = evaluate_generation(run, max_new_tokens=2)["metrics"]
@@ -299,3 +300,104 @@ def test_fused_slices_merge_in_memory_like_the_adapter_path(make_recipe, tiny_mo
     prompts = _prompts(adapter_path)[:2]
     assert merged.generate(prompts, settings) == adapter_path.generate(prompts, settings)
     assert merged.merged and merged.merge_max_diff < 1e-4
+
+
+def test_output_is_checked_before_loading_and_replaced_only_with_force(memorised, tmp_path, monkeypatch):
+    from tnlora_cli.generation import generator
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    args = ["generate", str(memorised), "--prompt", "what is the dog", "--max-new-tokens", "12", "--output", str(out)]
+    loads = []
+    original = generator.load_generator
+    monkeypatch.setattr(generator, "load_generator", lambda *a, **k: (loads.append(a), original(*a, **k))[1])
+    refused = CliRunner().invoke(app, args)
+    flat = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and f"--output {out} already exists" in flat and "pass --force to replace it" in flat
+    assert not loads and out.read_text() == "earlier results\n"  # refused before the model was loaded
+    replaced = CliRunner().invoke(app, [*args, "--force"])
+    assert replaced.exit_code == 0, replaced.output
+    assert loads and json.loads(out.read_text())["completion"] == "the dog ran fast"
+
+
+def test_every_phase_is_reported_in_a_log(memorised, tmp_path, monkeypatch):
+    """Written to a file (plain lines): loading, the merge and its check, each pass, and for
+    eval --generate the held-out losses, each with its end."""
+    monkeypatch.setenv("TNLORA_PROGRESS", "plain")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in PAIRS))
+    result = CliRunner().invoke(app, ["generate", str(memorised), "--input", str(prompts), "--compare", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    log = " ".join(result.output.split())
+    for phase in (r"loading .*run: the tokenizer, the base model .* and the adapter", "generating \\(base\\) finished at step 6/6",
+                  "merging the adapters into the weights in memory and checking", "generating \\(tuned\\) finished at step 6/6"):
+        assert re.search(phase, log), (phase, result.output)
+    assert log.index("generating (base) finished") < log.index("merging the adapters") < log.index("generating (tuned) finished")
+
+    run = tmp_path / "run"
+    shutil.copytree(memorised, run)
+    (run / "eval.json").unlink()  # no training losses to reuse: they are computed, with progress
+    result = CliRunner().invoke(app, ["eval", str(run), "--generate", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    log = " ".join(result.output.split())
+    for phase in ("held-out loss of base and tuned \\(6 examples each\\) finished at step 12/12", "generating \\(base\\) finished at step 6/6",
+                  "merging the adapters", "generating \\(tuned\\) finished at step 6/6"):
+        assert re.search(phase, log), (phase, result.output)
+
+
+def test_a_conversation_past_the_positions_drops_the_turn_and_goes_on(memorised):
+    long_turn = " ".join(["cat"] * 120)
+    lines = f"{long_turn}\n/reset\nwhat is the cat\n"
+    result = CliRunner().invoke(app, ["chat", str(memorised), "--max-new-tokens", "12"], input=lines)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.stdout.split())
+    assert re.search(r"the conversation: \d+ prompt tokens \+ --max-new-tokens 12 = \d+ exceed the 128 positions .* /reset starts over", flat)
+    assert "assistant: the cat sat on the mat" in result.stdout and result.stdout.count("assistant: ") == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "eval --generate"])
+def test_an_interruption_names_the_phase_exits_130_and_writes_nothing(memorised, tmp_path, monkeypatch, command):
+    """Ctrl-C (KeyboardInterrupt) in the middle of the tuned pass, after its first batch."""
+    from tnlora_cli.generation.generator import Generator
+
+    run = tmp_path / "run"
+    shutil.copytree(memorised, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    original = Generator.generate
+
+    def interrupted(self, prompts, settings, *, adapters=True, progress=None, where=None):
+        if not adapters:
+            return original(self, prompts, settings, adapters=adapters, progress=progress, where=where)
+        progress(2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Generator, "generate", interrupted)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in PAIRS))
+    out = tmp_path / "out.jsonl"
+    if command == "generate":
+        args = ["generate", str(run), "--input", str(prompts), "--output", str(out), "--compare", "--max-new-tokens", "4", "--batch-size", "2"]
+    else:
+        args = ["eval", str(run), "--generate", "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    flat = " ".join(result.output.split())
+    kept = f"nothing was written to {out}" if command == "generate" else "generations.jsonl and eval.json were left as they were"
+    assert f"error: {command} interrupted while generating (tuned) (2/6 done); {kept}" in flat, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not [p for p in [*run.iterdir(), *tmp_path.iterdir()] if ".tmp-" in p.name]
+
+
+def test_generation_needs_no_training_data(memorised, tmp_path):
+    """The run's data file may be gone: generate reads none (eval --generate needs its held-out split)."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(memorised, run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["train"] = recipe["data"]["eval"] = str(tmp_path / "moved-away.jsonl")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "what is the dog", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert "the dog ran fast" in result.stdout

@@ -5,7 +5,9 @@ full disks. Tiny BERT, a few steps per run."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,21 +216,51 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
 
 
-def test_sigterm_in_training_says_what_was_saved(make_recipe, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_saves_a_checkpoint_that_resumes_bit_for_bit(make_recipe, tmp_path, sig):
+    """No save_every: SIGTERM (a preemption) or SIGINT (Ctrl-C) mid-run still saves a checkpoint
+    after the step in progress and says so; resuming it ends with the uninterrupted run's adapter.
+    A constant learning rate makes the straight run's length irrelevant to the steps before it."""
     from conftest import write_recipe
 
-    raw = _raw(make_recipe, tmp_path, save_every=1, max_steps=100000, log_every=50)
-    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    killed = _raw(make_recipe, tmp_path, max_steps=100000, log_every=1, lr_scheduler="constant")
+    recipe = write_recipe(tmp_path / "r.yaml", killed)
+    run = Path(killed["output_dir"])
     proc = subprocess.Popen(_cli("train", str(recipe)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = Path(raw["output_dir"])
     deadline = time.time() + 120
-    while not checkpoint_dirs(run) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "training interrupted: the newest checkpoint is" in " ".join(err.split()) and "--resume auto" in err
-    assert "Traceback" not in err
+    err = " ".join(err.split())
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    (saved,) = checkpoint_dirs(run)
+    step = int(saved.name.split("-")[1])
+    assert 3 <= step < 100000
+    assert f"training interrupted by {signal.Signals(sig).name} at step {step}/100000: saved checkpoint {saved}" in err, err
+    assert "--resume auto" in err and not (run / "adapter").exists()
+
+    killed["training"]["max_steps"] = step + 2  # a safe change on resume
+    train(validate_recipe(killed), resume="auto")
+    straight = dict(killed, output_dir=str(tmp_path / "straight"))
+    train(validate_recipe(straight))
+    a, b = _adapter(tmp_path / "straight"), _adapter(run)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in _records(run) if "train_loss" in r] == list(range(1, step + 3))
+
+
+def test_a_checkpoint_is_saved_every_save_every_minutes(make_recipe, tmp_path, monkeypatch):
+    """The default cadence is by the clock (training.save_every_minutes, 30): here the clock
+    runs 20 minutes per step, so steps 2 and 4 of 5 are saved (and no other)."""
+    from tnlora_cli.training import loop
+
+    clock = iter(range(0, 10**6, 20 * 60))
+    monkeypatch.setattr(loop, "_clock", lambda: next(clock))
+    raw = _raw(make_recipe, tmp_path, max_steps=5, save_total_limit=None)
+    assert validate_recipe(raw).training.save_every_minutes == 30
+    train(validate_recipe(raw))
+    assert [c.name for c in checkpoint_dirs(Path(raw["output_dir"]))] == ["step-000002", "step-000004"]
 
 
 def test_sigkill_during_merge_leaves_nothing_a_later_merge_trips_over(make_recipe, tmp_path):
@@ -372,3 +404,142 @@ def test_a_preparation_killed_while_building_leaves_nothing_the_next_trips_over(
     assert data.report["cache"]["hit"] is False and len(data.train) > 0
     assert [w for w in warnings if leftovers[0] in w and "interrupted process" in w], warnings
     assert [p.name for p in cache.iterdir()] == [leftovers[1].removesuffix(".lock")]  # the entry alone
+
+
+class _Messages:
+    """A reporter that keeps its status lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __getattr__(self, name):
+        return (lambda *a, **k: self.lines.append(str(a[0]))) if name == "status" else (lambda *a, **k: None)
+
+
+def test_a_diverged_overwrite_names_no_checkpoint_that_the_restore_removed(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=2)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    failing = _raw(make_recipe, tmp_path, learning_rate=1e30, max_grad_norm=None, max_steps=6, save_every=1)
+    with pytest.raises(DivergenceError) as info:
+        train(validate_recipe(failing), overwrite=True)
+    message = str(info.value)
+    assert "training diverged at step" in message and f"the previous run in {run} was put back" in message, message
+    assert "step-0000" not in message and "--resume auto" not in message, message
+    assert not checkpoint_dirs(run) and (run / "adapter").is_dir()  # the previous run had none; its adapter is back
+
+
+def test_resume_auto_in_an_empty_directory_says_it_starts_fresh(make_recipe, tmp_path):
+    raw = _raw(make_recipe, tmp_path, max_steps=1)
+    messages = _Messages()
+    train(validate_recipe(raw), resume="auto", reporter=messages)
+    assert any("holds no checkpoint yet; starting a new run from step 0" in m for m in messages.lines), messages.lines
+
+
+def test_a_destroyed_adapter_is_published_with_a_loud_verdict(make_recipe, tmp_path):
+    """lr 1e20 leaves finite but enormous adapter values: the run ends, and its table and
+    eval.json say the tuned model is worse than the base and collapsed."""
+    from conftest import write_recipe
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    raw = make_recipe("llama", "causal-lm")
+    raw["training"].update(max_steps=3, batch_size=4, learning_rate=1e20, log_every=1)
+    raw["output_dir"] = str(tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw))], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    verdict = json.loads((tmp_path / "run/eval.json").read_text())["verdict"]
+    assert verdict["worse_than_base"] and verdict["collapsed"], verdict
+    output = " ".join(result.output.split())
+    assert "WARNING: see below" in output and "WARNING: the tuned model is worse than the base" in output, output
+    assert "WARNING: the tuned model's outputs collapsed" in output
+
+
+@pytest.mark.parametrize("model, task", [("llama", "causal-lm"), ("bert", "classification")])
+def test_a_sound_run_has_a_clean_verdict(make_recipe, tmp_path, model, task):
+    raw = make_recipe(model, task)
+    raw["training"].update(max_steps=60)
+    result = train(validate_recipe(raw))
+    assert result.verdict == {"worse_than_base": False, "collapsed": False, "warnings": []}, (result.evaluation, result.verdict)
+    assert json.loads((Path(raw["output_dir"]) / "eval.json").read_text())["verdict"] == result.verdict
+
+
+def test_the_verdict_rules():
+    from tnlora_cli.evaluation.verdict import judge
+
+    base, uniform = {"loss": 2.0}, math.log(1000)
+    varied = {"outputs": 1000, "predictions": [3, 7], "labels": [1, 2]}
+    constant = {"outputs": 1000, "predictions": [3], "labels": [1, 2]}
+    assert judge({"base": base, "tuned": {"loss": 1.5}}, varied)["warnings"] == []
+    assert judge({"base": base, "tuned": {"loss": 2.0001}}, varied)["warnings"] == []  # within 1e-4: noise, not a finding
+    assert judge({"base": base, "tuned": {"loss": 1.5}}, constant)["warnings"] == []  # constant but better than the base
+    finding = judge({"base": base, "tuned": {"loss": 2.5}}, constant)
+    assert finding["worse_than_base"] and finding["collapsed"] and "predicts 3 at every held-out position" in finding["warnings"][1]
+    assert judge({"base": base, "tuned": {"loss": 2.5}}, varied) | {"warnings": None} == {"worse_than_base": True, "collapsed": False, "warnings": None}
+    assert judge({"tuned": {"loss": uniform}}, varied)["collapsed"]  # no base row (sharded head): ln K still tells
+    assert not judge({"base": {"loss": uniform * 1.001}, "tuned": {"loss": uniform}}, varied)["collapsed"]  # a random base is at ln K too
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_out_on_a_mount_point_is_refused_before_the_work(make_recipe, tmp_path, small_tmpfs, command):
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    raw = _raw(make_recipe, tmp_path, max_steps=1)
+    train(validate_recipe(raw))
+    extra = ["--rank", "2"] if command == "export" else []
+    result = CliRunner().invoke(app, [command, raw["output_dir"], "--out", str(small_tmpfs), "--force", *extra], env={"COLUMNS": "400"})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"--out {small_tmpfs} is a mount point" in output and f"--out {small_tmpfs / 'merged'}" in output, output
+    assert list(small_tmpfs.iterdir()) == [] and not list(tmp_path.glob(".tmpfs.tmp-*"))
+def _stderr_until(proc: subprocess.Popen, text: str) -> str:
+    """The process's stderr up to the end of the first line holding `text` (or to its end),
+    read byte by byte from an unbuffered pipe so that `communicate` returns exactly the rest."""
+    seen = b""
+    while True:
+        byte = proc.stderr.read(1)
+        if not byte:
+            return seen.decode()
+        seen += byte
+        if byte == b"\n" and text.encode() in seen.splitlines()[-1]:
+            return seen.decode()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval --generate"])
+def test_sigterm_in_generation_says_what_was_interrupted(make_recipe, tmp_path, command):
+    """SIGTERM while the tuned model generates (generate) or once the run is loaded (eval
+    --generate): exit 130, one message naming the phase, nothing written."""
+    raw = make_recipe("llama", "instruction")
+    raw["data"]["max_eval_samples"] = 48
+    raw["training"].update(max_steps=2, batch_size=4)
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    out = tmp_path / "out.jsonl"
+    if command == "generate":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"what is the {w}"}) + "\n" for w in ["cat", "dog", "sun", "team"] * 100))
+        argv = ["generate", str(run), "--input", str(prompts), "--output", str(out), "--batch-size", "1", "--max-new-tokens", "90"]
+        ready = "merging the adapters"
+    else:
+        argv = ["eval", str(run), "--generate", "--batch-size", "1", "--max-new-tokens", "90"]
+        ready = "loading"
+    env = {**_env(), "TNLORA_PROGRESS": "plain"}
+    proc = subprocess.Popen(_cli(*argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    seen = _stderr_until(proc, ready)
+    assert proc.poll() is None, seen
+    time.sleep(1)  # into the phase
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    err = seen + rest.decode()
+    assert proc.returncode == 130, err
+    flat = " ".join(err.split())
+    kept = f"nothing was written to {out}" if command == "generate" else "generations.jsonl and eval.json were left as they were"
+    phase = r"generating \(tuned\) \(\d+/400 done\)" if command == "generate" else r"(loading|held-out loss|generating|merging)[^;]*"
+    assert re.search(rf"error: {re.escape(command)} interrupted while {phase}; {re.escape(kept)}", flat), err
+    assert "Traceback" not in err and "finished at step" not in err and flat.count("error:") == 1
+    assert not out.exists() and not [p for p in [*run.iterdir(), *tmp_path.iterdir()] if ".tmp-" in p.name]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -27,6 +27,7 @@ _EXPORTS = {
     "evaluate_generation": "evaluate",
     "merge_run": "merge",
     "export_as_lora": "export",
+    "export_as_peft": "export",
     "inspect_run": "ranks",
     "count_params": "count",
     "dry_run": "dryrun",

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -71,19 +71,48 @@ console = Console(stderr=True)
 out_console = Console()
 
 
-class RichReporter(Reporter):
+class PhaseReporter(Reporter):
+    """Shows nothing; remembers the phase under way (the last status or task and its steps)
+    so that an interruption can say where it stopped."""
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.done: tuple[int, int] | None = None
+
+    def status(self, message: str) -> None:
+        self.phase, self.done = message, None
+
+    def start(self, total: int, description: str, completed: int = 0) -> None:
+        self.phase, self.done = description, (completed, total)
+
+    def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
+        if self.done is not None:
+            self.done = (completed, self.done[1])
+
+    def where(self) -> str:
+        """The phase under way, as "while PHASE (N/TOTAL done)"."""
+        if self.phase is None:
+            return "while starting"
+        steps = f" ({self.done[0]}/{self.done[1]} done)" if self.done else ""
+        return f"while {self.phase}{steps}"
+
+
+class RichReporter(PhaseReporter):
     """Progress bar with live loss / lr / tokens-per-second, and one line per evaluation;
     plain log lines instead of the bar when the output is not a terminal."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.progress: Progress | None = None
         self.task: Any = None
         self.plain: PlainProgress | None = None
 
     def status(self, message: str) -> None:
-        console.print(f"[dim]{message}[/dim]")
+        super().status(message)
+        console.print(f"[dim]{escape(message)}[/dim]")
 
     def start(self, total: int, description: str, completed: int = 0) -> None:
+        super().start(total, description, completed)
         if use_plain_lines(console.is_terminal):
             self.plain = PlainProgress(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True), total, description, completed)
             return
@@ -100,6 +129,7 @@ class RichReporter(Reporter):
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
 
     def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
+        super().advance(completed, fields)
         if self.plain is not None:
             self.plain.advance(completed, fields)
             return
@@ -140,9 +170,7 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except TnloraError as exc:
-        console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
-        if exc.hint:
-            console.print(f"  [yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
+        _print_error(exc)
         if debug:
             raise
         raise typer.Exit(exc.exit_code) from None
@@ -158,6 +186,27 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
             raise
         console.print(f"[bold red]error:[/bold red] {escape(_os_error_message(OSError(errno.ENOSPC, 'no space')) or '')}", highlight=False)
         raise typer.Exit(1) from None
+
+
+def _print_error(exc: TnloraError) -> None:
+    console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
+    if exc.hint:
+        console.print(f"  [yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
+
+
+@contextlib.contextmanager
+def _interruptible(command: str, reporter: PhaseReporter, kept: Callable[[], str]) -> Iterator[None]:
+    """SIGINT or SIGTERM during `command`: one message naming the phase it stopped in and
+    what was left as it was (`kept`), exit 130 as for training."""
+    from .errors import InterruptedRun
+
+    with _sigterm_as_interrupt():
+        try:
+            yield
+        except KeyboardInterrupt:
+            reporter.finish()
+            _print_error(InterruptedRun(f"{command} interrupted {reporter.where()}; {kept()}", hint="run the same command again"))
+            raise typer.Exit(InterruptedRun.exit_code) from None
 
 
 def _os_error_message(exc: OSError) -> str | None:
@@ -287,7 +336,11 @@ def train(
     if result.evaluation is None:
         return
     out_console.print(f"trainable parameters: {result.parameters['trainable']:,} of {result.parameters['total']:,}")
-    out_console.print(_metrics_table(f"held-out metrics after {result.steps} steps", result.evaluation, result.majority_rate))
+    warnings = (result.verdict or {}).get("warnings", [])
+    table = _metrics_table(f"held-out metrics after {result.steps} steps" + (" -- WARNING: see below" if warnings else ""), result.evaluation, result.majority_rate)
+    out_console.print(table)
+    for line in warnings:  # a destroyed adapter is not a success: said in words, visible in a log without colour
+        out_console.print(f"[bold red]WARNING:[/bold red] {escape(line)}", highlight=False)
     out_console.print(f"run written to {result.output_dir} (adapter/, metrics.jsonl, loss.png, eval.json)")
 
 
@@ -465,7 +518,9 @@ def eval_(
 def _eval_generate(run_dir: Path, batch_size: Optional[int], max_new_tokens: Optional[int], as_json: bool) -> None:
     from .evaluate import evaluate_generation
 
-    report = _run(evaluate_generation, run_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=Reporter() if as_json else RichReporter())
+    reporter = PhaseReporter() if as_json else RichReporter()
+    with _interruptible("eval --generate", reporter, lambda: "generations.jsonl and eval.json were left as they were"):
+        report = _run(evaluate_generation, run_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=reporter)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -541,17 +596,27 @@ def merge(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, checkpoint, or adapter directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for adapter_config.json + adapter_model.safetensors.")],
-    as_lora: Annotated[bool, typer.Option("--as-lora", help="Export as an ordinary LoRA (the only format so far).")] = True,
+    as_lora: Annotated[bool, typer.Option("--as-lora", help="Export the update as an ordinary LoRA (truncated SVD; the default).")] = True,
+    as_peft: Annotated[bool, typer.Option("--as-peft", help="Export the adapter itself in peft's format, no SVD: LoRA and VeRA as peft's own, "
+                                          "the tensor-network adapters as tnlora's peft types (load after `import tnlora_cli.peft`).")] = False,
     rank: Annotated[Optional[int], typer.Option(help="Rank of every exported layer.")] = None,
     energy: Annotated[Optional[float], typer.Option(help="Per layer, the smallest rank keeping this share of the spectrum's energy (e.g. 0.99).")] = None,
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Export any adapter's update as an ordinary LoRA (truncated SVD, peft's format).
+    """Export any adapter's update as an ordinary LoRA (truncated SVD, peft's format), or
+    (--as-peft) the adapter itself as an exact peft adapter.
 
     peft and LoRA-serving engines load the result; the relative error of each layer is printed.
     """
     _quiet_libraries()
-    from .export import export_as_lora
+    from .export import export_as_lora, export_as_peft
+
+    if as_peft:
+        if rank is not None or energy is not None:
+            _run(_input_error, "export --as-peft writes the adapter exactly: --rank and --energy apply to --as-lora only")
+        written = _run(export_as_peft, run_dir, out, force=force)
+        out_console.print(f"peft adapter written to {written}")
+        return
 
     report = _run(export_as_lora, run_dir, out, rank=rank, energy=energy, force=force, reporter=RichReporter())
     _print_export(report.layers, out)
@@ -603,6 +668,7 @@ def generate(
     prompt: Annotated[Optional[str], typer.Option(help="One prompt; the reply streams to the terminal.")] = None,
     input_: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL file, one {\"prompt\": ...} per line (a \"reference\" is kept).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file for the completions (default: print them).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --output if it exists.")] = False,
     max_new_tokens: MaxNewOpt = 128,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -620,28 +686,39 @@ def generate(
     _quiet_libraries()
     from .generate import generate_rows
     from .generation.generator import inspect_source, load_generator
-    from .generation.prompts import PromptRow, read_prompt_file
+    from .generation.prompts import prompt_option, read_prompt_file
     from .run.atomic import write_jsonl
+    from .run.outputs import check_output_file
 
     settings = _sampling(max_new_tokens, temperature, top_p, seed, batch_size)
     if (prompt is None) == (input_ is None):
         _run(_input_error, "give exactly one of --prompt TEXT or --input FILE.jsonl")
     if base and compare:
         _run(_input_error, "--base and --compare exclude each other (--compare already shows the base)")
+    if output is not None:  # before the work: a refusal after generating everything would lose it
+        _run(check_output_file, output, "--output", force)
     source = _run(inspect_source, run_dir)
     if (base or compare) and source.kind != "run":
         _run(_input_error, f"{run_dir} is a model directory without an adapter: --base/--compare need a run")
-    rows = [PromptRow(prompt)] if prompt is not None else _run(read_prompt_file, input_, source.prompt_column, source.response_column)
-    gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
-    if prompt is not None and not compare:
-        text = gen.encode(gen.format([{"role": "user", "content": prompt}], raw=raw))
-        completion = _run(gen.stream, text, settings, _write_stdout, adapters=not base)
-        sys.stdout.write("\n")
-        console.print(f"[dim]{'base model (adapters off)' if base else gen.mode}[/dim]")
+    rows = [_run(prompt_option, prompt)] if prompt is not None else _run(read_prompt_file, input_, source.prompt_column, source.response_column)
+    reporter = RichReporter()
+    def kept() -> str:
+        return "no completions were written" if output is None else f"nothing was written to {output}"
+
+    with _interruptible("generate", reporter, kept):
+        gen = _run(load_generator, run_dir, merge=merge_, reporter=reporter)
+        if prompt is not None and not compare:
+            text = gen.encode(gen.format([{"role": "user", "content": prompt}], raw=raw))
+            reporter.status("generating" + (" (base)" if base else " (tuned)" if gen.has_adapter else ""))
+            completion = _run(gen.stream, text, settings, _write_stdout, adapters=not base)
+            sys.stdout.write("\n")
+            console.print(f"[dim]{'base model (adapters off)' if base else gen.mode}[/dim]")
+            if output is not None:
+                _run(write_jsonl, output, [{"prompt": prompt, "completion": completion}])
+            return
+        result = _run(generate_rows, gen, rows, settings, base=base, compare=compare, raw=raw, reporter=reporter)
         if output is not None:
-            write_jsonl(output, [{"prompt": prompt, "completion": completion}])
-        return
-    result = _run(generate_rows, gen, rows, settings, base=base, compare=compare, raw=raw, reporter=RichReporter())
+            _run(write_jsonl, output, result.rows)
     console.print(f"[dim]tuned model: {gen.mode}" + (f", merge verified (max |logit diff| {result.merge_max_diff:.2g})" if result.merge_max_diff is not None else "") + "[/dim]")
     if compare:
         table = Table(title=f"{run_dir}: base vs tuned", show_lines=True)
@@ -651,7 +728,6 @@ def generate(
             table.add_row(r["prompt"], r["base_completion"], r["completion"], *([r.get("reference", "")] if len(table.columns) == 4 else []))
         out_console.print(table)
     if output is not None:
-        write_jsonl(output, result.rows)
         console.print(f"{len(result.rows)} completions written to {output}")
     elif not compare:
         for r in result.rows:
@@ -680,7 +756,9 @@ def chat(
     settings = _sampling(max_new_tokens, temperature, top_p, seed, 1)
     if base and _run(inspect_source, run_dir).kind != "run":
         _run(_input_error, f"{run_dir} is a model directory without an adapter: --base needs a run")
-    gen = _run(load_generator, run_dir, merge=merge_, reporter=RichReporter())
+    reporter = RichReporter()
+    with _interruptible("chat", reporter, lambda: "the conversation ended (chat keeps no file)"):
+        gen = _run(load_generator, run_dir, merge=merge_, reporter=reporter)
     if gen.source.task == "causal-lm":
         console.print("[yellow]note:[/yellow] a causal-lm run was trained on plain text; each turn is continued as text")
 
@@ -694,7 +772,9 @@ def chat(
                 return
             yield line
 
-    _run(chat_session, gen, settings, lines(), _write_stdout, system=system, base=base)
+    reporter.status("chatting")
+    with _interruptible("chat", reporter, lambda: "the conversation ended (chat keeps no file)"):
+        _run(chat_session, gen, settings, lines(), _write_stdout, system=system, base=base)
 
 
 def _write_stdout(text: str) -> None:

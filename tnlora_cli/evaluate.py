@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .evaluation.metrics import compare_with_base, confusion_matrix, held_out_digest, majority_rate
+from .errors import CheckpointError, InputError
+from .evaluation.metrics import compare_with_base, compared_rows, confusion_matrix, held_out_digest, majority_rate
 from .evaluation.text import SCORED_REPLIES, held_out_replies, score_generations
 from .generation.generator import SamplingSettings, inspect_source, load_generator
 from .model.build import load_run
@@ -25,6 +25,11 @@ def evaluate_run(path: str | Path, batch_size: int | None = None, reporter: Repo
     reporter = reporter or Reporter()
     reporter.status(f"loading {path}")
     run = load_run(path, warn=reporter.status)
+    if run.config.get("peft_format"):
+        raise CheckpointError(
+            f"{run.adapter_dir} is a peft-format adapter: it brings no held-out data to evaluate on",
+            hint="evaluate a tnlora run, or load the adapter with peft and evaluate it on your data", exit_code=2,
+        )
     prepared = run.prepared
     run.load_weights()
     recipe = prepared.recipe
@@ -72,33 +77,43 @@ def evaluate_generation(
             hint="train an instruction recipe; for a causal-lm run use `tnlora eval` (loss, perplexity) or `tnlora generate`",
         )
     cfg = source.recipe.eval_generate
+    # Options given are used as given (0 is refused by check(), not replaced by the recipe's value).
+    recipe_batch = cfg.batch_size or source.recipe.training.eval_batch_size or source.recipe.training.batch_size
     settings = SamplingSettings(
-        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-        batch_size=batch_size or cfg.batch_size or source.recipe.training.eval_batch_size or source.recipe.training.batch_size,
+        max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        batch_size=recipe_batch if batch_size is None else batch_size,
     ).check()
     adapter_dir = resolve_adapter_dir(Path(path))
     run_dir = find_recipe_file(adapter_dir).parent
     eval_json = _read_eval_json(run_dir / "eval.json")  # refuse a broken file before the long part
-    gen = load_generator(path, reporter=reporter)
+    gen = load_generator(path, reporter=reporter, data=True)
     prepared = gen.run.prepared
     examples = prepared.data.eval[: cfg.max_examples] if cfg.max_examples else prepared.data.eval
-    rows = _training_losses(eval_json, adapter_dir, examples)
-    if rows is None:
-        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples")
-        rows = compare_with_base(prepared.model, prepared.initial_head, examples, source.task, prepared.tokenizer.pad_token_id, settings.batch_size)
-    else:
-        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples: from training's eval.json (same adapter, same rows)")
     replies = held_out_replies(examples, gen.decode)
     if not replies:
         raise InputError(f"{path}: no held-out reply lies wholly within data.max_length, so there is nothing to score",
                          hint="raise data.max_length (and prepare again), or give data.eval with shorter conversations")
     prompts = [r.prompt_ids for r in replies]
+    where = [f"held-out example {r.example + 1}" + (f", turn {r.turn + 1}" if r.turn is not None else "") for r in replies]
+    gen.check_room(prompts, settings.max_new_tokens, where)  # before the losses, the long part
+    rows = _training_losses(eval_json, adapter_dir, examples)
+    if rows is None:
+        reporter.start(compared_rows(prepared.initial_head) * len(examples), f"held-out loss of base and tuned ({len(examples)} examples each)")
+        try:
+            rows = compare_with_base(prepared.model, prepared.initial_head, examples, source.task, prepared.tokenizer.pad_token_id,
+                                     settings.batch_size, progress=reporter.advance)
+        finally:
+            reporter.finish()
+    else:
+        reporter.status(f"loss of base and tuned on {len(examples)} held-out examples: from training's eval.json (same adapter, same rows)")
     references = [gen.decode(r.reference_ids) for r in replies]
     outputs: dict[str, list[str]] = {}
     for name, adapters in (("base", False), ("tuned", True)):  # base first: the tuned model merges the adapters
+        if adapters and prompts:
+            gen.use_tuned(min(prompts, key=len))
         reporter.start(len(prompts), f"generating ({name})")
         try:
-            outputs[name] = gen.generate(prompts, settings, adapters=adapters, progress=reporter.advance)
+            outputs[name] = gen.generate(prompts, settings, adapters=adapters, progress=reporter.advance, where=where)
         finally:
             reporter.finish()
         rows[name].update(score_generations(outputs[name], references, cfg.answer_pattern))

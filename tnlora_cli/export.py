@@ -1,5 +1,7 @@
-"""`tnlora export --as-lora`: any adapter's ΔW as an ordinary LoRA, in peft's format.
+"""`tnlora export`: any adapter's ΔW as an ordinary LoRA (`--as-lora`), or the adapter itself in
+peft's format (`--as-peft`, `export_as_peft` below).
 
+`--as-lora`:
 Per layer, ΔW = U S Vᵀ is truncated to rank k (a fixed `rank`, or the smallest k keeping
 `energy` of Σσ²) and written as lora_B = U_k S_k (out, k), lora_A = V_kᵀ (k, in) with
 lora_alpha = k, so peft's scaling is 1 and B A is the truncated ΔW. Low-rank updates get
@@ -18,15 +20,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters.layers import AdaptedLinear
+from . import __version__
+from .adapters.layers import AdaptedLinear, AdaptedSlice
 from .errors import MergeError, RecipeError
-from .model.build import load_adapters_on_meta
-from .model.inject import merge_units, require_linear
+from .model.build import load_adapters_on_meta, saved_roles
+from .model.inject import adapted_layers, merge_units, require_linear
 from .model.loading import base_model_reference, resolve_model
-from .model.state import is_adapter_tensor
+from .model.peft_format import PEFT_PREFIX, peft_task_type, to_peft_key
+from .model.state import SHARED_ATTR, is_adapter_tensor
+from .model.targets import module_roles
 from .report.reporter import Reporter
 from .run.atomic import atomic_directory
-from .run.outputs import protected_paths, refuse_overlap, require_finite
+from .run.outputs import protected_paths, refuse_mount_point, refuse_overlap, require_finite
 
 
 @dataclass
@@ -73,6 +78,7 @@ def export_as_lora(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise RecipeError(f"--energy {energy}: must be in (0, 1]")
     out = Path(out)
+    refuse_mount_point(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
     model, meta = load_adapters_on_meta(path)
@@ -108,7 +114,7 @@ def export_as_lora(
     base = base_model_reference(recipe.model, resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle))
     peft_config = {
         "peft_type": "LORA",
-        "task_type": {"classification": "SEQ_CLS", "image-classification": None}.get(recipe.task, "CAUSAL_LM"),  # peft has no image task type
+        "task_type": peft_task_type(recipe.task),
         "base_model_name_or_path": base["base_model_name_or_path"],  # a hub id where one is known: portable
         "r": top,
         "lora_alpha": top,
@@ -130,3 +136,81 @@ def export_as_lora(
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / "tnlora_export.json").write_text(json.dumps({"source": str(path), "adapter": recipe.adapter.type, **base, "layers": report.layers}, indent=2) + "\n")
     return report
+
+
+@torch.no_grad()
+def export_as_peft(path: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """Write a run's adapter as a peft adapter directory, tensors as trained (no SVD): LoRA as
+    peft's LoRA, VeRA as peft's VeRA (same definition: λ_b ⊙ B_sl (λ_d ⊙ A_sl x), one A and B
+    per model sliced per layer), TRAC, TeRA, LoRETTA and TensorGuide as tnlora's peft types
+    (`import tnlora_cli.peft` registers them). Frozen random tensors are always written."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
+    model, meta = load_adapters_on_meta(path)
+    recipe, config, state = meta["recipe"], meta["config"], meta["state"]
+    resolved = resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)
+    refuse_overlap(out, protected_paths(path, meta["adapter_dir"], resolved))
+    require_finite(state, meta["adapter_dir"])
+    kind = recipe.adapter.type
+    targets = list(config["targets"])
+    fused = [n for n, layer in adapted_layers(model) if isinstance(layer, AdaptedSlice)]
+    if fused:
+        raise MergeError(
+            f"export --as-peft: {fused[0]} is a slice of a fused layer, which peft's layer-wise adapters cannot express",
+            hint="export with --as-lora (one LoRA per fused layer), or train on whole layers", exit_code=2,
+        )
+    if saved_roles(config) != module_roles(targets):
+        raise MergeError(
+            "export --as-peft: this adapter shares tensors by roles of an older tnlora, which peft loading would name otherwise",
+            hint="export with --as-lora", exit_code=2,
+        )
+    heads = list(config.get("modules_to_save") or [])
+    adapter_state = {k: v for k, v in model.state_dict().items() if is_adapter_tensor(k)}  # frozen ones too, regenerated if not saved
+    head_state = {k: v for k, v in state.items() if not is_adapter_tensor(k)}
+    settings = recipe.adapter.model_dump(mode="json")
+    common = {
+        "base_model_name_or_path": base_model_reference(recipe.model, resolved)["base_model_name_or_path"],
+        "task_type": peft_task_type(recipe.task),
+        "target_modules": targets,
+        "modules_to_save": heads or None,
+        "inference_mode": True,
+    }
+    tensors = {f"{PEFT_PREFIX}{k}": v for k, v in head_state.items()}
+    import peft
+
+    if kind == "lora":
+        peft_config = peft.LoraConfig(
+            r=settings["r"], lora_alpha=settings["alpha"], use_rslora=settings["use_rslora"], lora_dropout=settings["dropout"],
+            fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in adapted_layers(model)), **common,
+        )
+        for key, value in adapter_state.items():
+            layer, _, name = key.partition(".adapter.")
+            tensors[f"{PEFT_PREFIX}{layer}.{name}.weight"] = value
+    elif kind == "vera":
+        peft_config = peft.VeraConfig(
+            r=settings["r"], d_initial=settings["d_initial"], vera_dropout=settings["dropout"], save_projection=True,
+            fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in adapted_layers(model)), **common,
+        )
+        for key, value in adapter_state.items():
+            if key.startswith(SHARED_ATTR + "."):  # tnlora_shared.tensors.vera_A -> base_model.vera_A
+                tensors["base_model." + key.rpartition(".")[2]] = value
+            else:
+                layer, _, name = key.partition(".adapter.")
+                tensors[f"{PEFT_PREFIX}{layer}.vera_{name}"] = value
+    else:
+        from .integrations.peft import CONFIG_CLASSES
+
+        fields = {k: v for k, v in settings.items() if k != "type"}
+        peft_config = CONFIG_CLASSES[kind](**{**fields, **common, "save_frozen": True})
+        tensors |= {to_peft_key(k): v for k, v in adapter_state.items()}
+    with atomic_directory(out, on_exists="replace" if force else "error") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_config.save_pretrained(str(tmp))  # tnlora's types add their model card section here
+        if kind in ("lora", "vera"):
+            (tmp / "README.md").write_text(
+                f"# {kind} adapter exported by tnlora {__version__}\n\nA peft {peft_config.peft_type.value} adapter: plain peft loads it "
+                "(`PeftModel.from_pretrained(base_model, this_directory)`); no tnlora needed.\n"
+            )
+        (tmp / "tnlora_export.json").write_text(json.dumps({"source": str(path), "adapter": kind, "tnlora_version": __version__, "format": "peft"}, indent=2) + "\n")
+    return out

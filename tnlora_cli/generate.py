@@ -32,12 +32,16 @@ def generate_rows(
     """Completions for prompt rows: tuned (default), base (`base`), or both (`compare`, base first)."""
     reporter = reporter or Reporter()
     prompts = [gen.encode(gen.format([{"role": "user", "content": r.prompt}], raw=raw)) for r in rows]
+    where = [r.where for r in rows]
+    gen.check_room(prompts, settings.max_new_tokens, where)  # before any pass: a batch file is all or nothing
     passes = [("base", False)] if base else [("base", False), ("tuned", True)] if compare else [("tuned", True)]
     outputs: dict[str, list[str]] = {}
     for name, adapters in passes:
-        reporter.start(len(prompts), f"generating ({name})")
+        if adapters and prompts:  # the merge and its check are a phase of their own, before the pass
+            gen.use_tuned(min(prompts, key=len))
+        reporter.start(len(prompts), f"generating ({name})" if gen.has_adapter else "generating")
         try:
-            outputs[name] = gen.generate(prompts, settings, adapters=adapters, progress=reporter.advance)
+            outputs[name] = gen.generate(prompts, settings, adapters=adapters, progress=reporter.advance, where=where)
         finally:
             reporter.finish()
     result = []
@@ -78,8 +82,14 @@ def chat_session(
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
+        prompt = gen.encode(gen.format(messages))
+        problem = gen.room_problem(len(prompt), settings.max_new_tokens, "the conversation")
+        if problem is not None:  # the session goes on: the turn is dropped and /reset makes room
+            messages.pop()
+            write(f"({problem}; /reset starts over)\n")
+            continue
         write("assistant: ")
-        reply = gen.stream(gen.encode(gen.format(messages)), settings, write, adapters=not base)
+        reply = gen.stream(prompt, settings, write, adapters=not base, where="the conversation")
         write("\n")
         messages.append({"role": "assistant", "content": reply})
     return messages

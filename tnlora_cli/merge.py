@@ -44,7 +44,7 @@ from .model.shards import (
 from .model.state import is_adapter_tensor
 from .report.reporter import Reporter
 from .run.atomic import atomic_directory
-from .run.outputs import protected_paths, refuse_overlap, require_finite
+from .run.outputs import protected_paths, refuse_mount_point, refuse_overlap, require_finite
 
 
 @dataclass
@@ -80,6 +80,7 @@ def merge_run(
     """Merge a run's adapter into its base; see the module docstring."""
     reporter = reporter or Reporter()
     out = Path(out)
+    refuse_mount_point(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
     if dtype is not None and dtype not in DTYPES:

@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InterruptedRun
+from .errors import DivergenceError, InterruptedRun
 from .report.reporter import Reporter
 from .run.layout import checkpoint_dirs
 from .run.lock import (
@@ -21,6 +21,7 @@ from .run.lock import (
     restore_previous_run,
     stage_previous_run,
 )
+from .training.interrupt import StoppedBySignal
 from .training.launch import is_main_launch_process
 
 if TYPE_CHECKING:
@@ -67,14 +68,30 @@ def train(
             remove_stale_outputs(out, reporter.status)
         try:
             result = run()
-        except KeyboardInterrupt:
+        except StoppedBySignal as stop:
+            reporter.finish()
+            raise InterruptedRun(
+                f"training interrupted by {stop.signal_name} at step {stop.step}/{stop.max_steps}: saved checkpoint {stop.checkpoint} "
+                "(adapter, optimizer, scheduler and random-number state); no final adapter was written",
+                hint="run the same command with --resume auto to continue from that step",
+            ) from None
+        except KeyboardInterrupt:  # a second signal, or one before training steps began
             reporter.finish()
             clean_dead_leftovers(out)
             found = checkpoint_dirs(out)
-            saved = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint had been saved (set training.save_every)"
+            saved = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint had been saved"
             raise InterruptedRun(
                 f"training interrupted: {saved}; no final adapter was written",
                 hint="run the same command with --resume auto to continue" if found else "run the same command again (with --overwrite) to start over",
+            ) from None
+        except DivergenceError as exc:
+            clean_dead_leftovers(out)
+            if not staged or not restore_previous_run(out):
+                raise
+            # This run's checkpoints went with it: name what is there now, the previous run.
+            raise DivergenceError(
+                f"{exc.summary}; no adapter was published, and the previous run in {out} was put back as it was",
+                hint="lower training.learning_rate (or set training.max_grad_norm), then start again with --overwrite",
             ) from None
         except BaseException:
             clean_dead_leftovers(out)  # a half-written checkpoint of this run (disk full, crash)

@@ -128,7 +128,18 @@ class Adapter(nn.Module):
     def combine(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output (..., out) from its input x (..., in) and the frozen
         layer's output `base_out` (..., out): base_out + branch(x) by default."""
-        return base_out + self(x.to(self.compute_dtype)).to(base_out.dtype)
+        return base_out + self.branch(x, base_out.dtype)
+
+    def branch(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The additive branch for input x (..., in), computed in the adapter's dtype and
+        returned in `dtype`."""
+        return self(x.to(self.compute_dtype)).to(dtype)
+
+    @property
+    def is_additive(self) -> bool:
+        """True when `combine` is the default base_out + branch(x), so a caller may add the
+        branch into the base output in place (fused layers do)."""
+        return type(self).combine is Adapter.combine
 
     def merge_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The merged weight (out, in) given W0 (out, in, at least fp32): W0 + ΔW by default.

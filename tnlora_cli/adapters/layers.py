@@ -98,10 +98,17 @@ class FusedAdaptedLinear(WrapsBaseLayer):
         for unit in self.slices():
             if not unit.adapter_enabled:
                 continue
+            if unit.adapter.is_additive and pieces == []:
+                # The base output is a fresh tensor whose backward never reads it: the branch is
+                # added into its slice in place (a view), and the rest of it is never copied.
+                out[..., unit.start : unit.stop].add_(unit.adapter.branch(x, out.dtype))
+                continue
             pieces += [out[..., at : unit.start], unit.adapter.combine(x, out[..., unit.start : unit.stop])]
             at = unit.stop
         if not pieces:
             return out
+        # A method with its own combine (it may keep the base output for its backward): new
+        # tensors for its slices, joined with the untouched rest.
         return torch.cat(pieces + [out[..., at:]], dim=-1)
 
     @property

@@ -97,27 +97,45 @@ class TensorGuideAdapter(Adapter):
         split = self.in_features * self.hidden
         return flat[:split].reshape(self.in_features, self.hidden), flat[split:].reshape(self.hidden, self.out_features)
 
-    def _branch(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        h = x @ w1.to(x.dtype)
+    def _branch(self, x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor], start: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """s·(σ(x W1) W2 − σ(x W1_0) W2_0) as one pair of products of width 2M.
+
+        With h_Δ = x (W1 − W1_0), h_0 = x W1_0 and a_0 = σ(h_0):
+            σ(x W1) W2 − a_0 W2_0 = [σ(h_Δ + h_0) − a_0, a_0] @ [W2; W2 − W2_0],
+        (for σ = none the first block is h_Δ itself). At the start W1 − W1_0 and W2 − W2_0 are
+        exactly zero, so the branch is exactly zero whatever the products' rounding; the scale
+        is folded into the (M, out) matrix rather than applied to every output token.
+        """
+        w1, w2 = pair
         act = ACTIVATIONS[self.activation_name]
-        return (act(h) if act is not None else h) @ w2.to(x.dtype)
+        # (W1, W2 come in the cores' precision, generated outside autocast: the differences
+        # W1 − W1_0 and W2 − W2_0 are then exact before the products round them.)
+        if start is None:
+            h = x @ w1.to(x.dtype)
+            return (act(h) if act is not None else h) @ (w2 * self.scale).to(x.dtype)
+        s1, s2 = start
+        h = x @ torch.cat([w1 - s1, s1], dim=1).to(x.dtype)  # (..., 2M): [h_Δ, h_0]
+        if act is not None:
+            h_delta, h_start = h.split(self.hidden, dim=-1)
+            a_start = act(h_start)
+            h = torch.cat([act(h_delta + h_start) - a_start, a_start], dim=-1)
+        return h @ (torch.cat([w2, w2 - s2], dim=0) * self.scale).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resample and self.training:
             # Algorithm 1: a fresh latent per step, from the global RNG (seeded, and saved in
             # checkpoints, so resumed runs draw the same). The start branch uses the same z.
             z = torch.randn(self.z.shape, device=self.z.device, dtype=self.z.dtype)
-            out = self._branch(x, *self.generate(z=z))
-            if self.subtract_start:
-                with torch.no_grad():
-                    start = self.generate(self._start_cores(), z=z)
-                out = out - self._branch(x, *start)
-            return out * self.scale
-        w1, w2 = self.generate()
-        out = self._branch(x, w1, w2)
-        if self.subtract_start:
-            out = out - self._branch(x, *self.start_pair())
-        return out * self.scale
+            start = None
+            with torch.autocast(x.device.type, enabled=False):
+                if self.subtract_start:
+                    with torch.no_grad():
+                        start = self.generate(self._start_cores(), z=z)
+                pair = self.generate(z=z)
+            return self._branch(x, pair, start)
+        with torch.autocast(x.device.type, enabled=False):
+            pair, start = self.generate(), self.start_pair() if self.subtract_start else None
+        return self._branch(x, pair, start)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """ΔW = s (W1 W2 - W1_0 W2_0)ᵀ = B Aᵀ with A = [W1, W1_0] (in, 2M) and

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import fold_dim
-from ..tensor.tucker import mode_dot_cost, multi_mode_dot, tucker_to_tensor
+from ..tensor.tucker import mode_dot, mode_dot_cost, outer_vectors
 from .base import Adapter, SharedStore, at_least_fp32
 from .configs import TeraConfig
 
@@ -77,49 +77,93 @@ class TeraAdapter(Adapter):
         return getattr(self, name) if self.variant == "unique" else self.shared_tensor(name)
 
     def frozen_factors(self) -> list[torch.Tensor]:
-        """The frozen A_i: (R_i, I_i); identities for TeRA_iden."""
+        """The frozen A_i: (R_i, I_i); identities for TeRA_iden (built here only: the forward
+        and ΔW skip identity factors instead of multiplying by them)."""
         if self.variant == "iden":
             return [torch.eye(d.numel(), dtype=d.dtype, device=d.device) for d in self.d]
         return [self._frozen(f"factor{i}") for i in range(len(self.d))]
 
-    def _scaled_factors(self) -> list[torch.Tensor]:
-        """A_iᵀ D_i: (I_i, R_i)."""
-        return [a.T * d for a, d in zip(self.frozen_factors(), self.d)]
+    def _factor_list(self) -> list[torch.Tensor | None]:
+        """The frozen A_i, None where A_i is the identity."""
+        if self.variant == "iden":
+            return [None] * len(self.d)
+        return [self._frozen(f"factor{i}") for i in range(len(self.d))]
 
-    def _delta_in_out(self) -> torch.Tensor:
-        """ΔW as an (in, out) matrix."""
-        return tucker_to_tensor(self._frozen("core"), self._scaled_factors()).reshape(self.in_features, self.out_features)
+    def _build(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW as an (in, out) matrix: G ×_i (A_iᵀ D_i) = (G scaled by d_1 ⊗ ... ⊗ d_N) ×_i A_iᵀ.
 
-    def costs(self, tokens: int) -> tuple[int, int]:
-        """Multiply-adds of (input path, dense path) for a call with `tokens` rows."""
-        n_in, modes = len(self.in_modes), self.in_modes + self.out_modes
-        mats = [(m, m) for m in modes]
-        x_in = mode_dot_cost([tokens] + self.in_modes, mats[:n_in], list(range(1, n_in + 1)))
-        x_core = tokens * self.in_features * self.out_features
-        x_out = mode_dot_cost([tokens] + self.out_modes, mats[n_in:], list(range(1, len(self.out_modes) + 1)))
-        build = mode_dot_cost(modes, mats, list(range(len(modes))))
-        return x_in + x_core + x_out, build + tokens * self.in_features * self.out_features
+        The diagonals meet the core once, as one elementwise product with their outer product;
+        the frozen factors then never carry a gradient of their own (only the core's does)."""
+        cast = (lambda t: t.to(dtype)) if dtype is not None else at_least_fp32
+        core = cast(self._frozen("core"))
+        h = core * cast(outer_vectors(list(self.d))).reshape(core.shape)
+        for mode, a in enumerate(self._factor_list()):
+            if a is not None:
+                h = mode_dot(h, cast(a).T, mode)
+        return h.reshape(self.in_features, self.out_features)
+
+    def costs(self, tokens: int, training: bool = False) -> tuple[int, int]:
+        """Multiply-adds of (input path, dense path) for a call with `tokens` rows; with
+        `training`, forward and backward (docs/benchmarks.md, "TeRA's contraction order").
+
+        Input path: the input-mode factors (T·n·ΣI_in), one scaling by the input diagonals
+        (T·n), the core (T·n·m), one scaling (T·m), the output-mode factors (T·m·ΣI_out); its
+        backward is the same products once more (the frozen maps need no gradient of their
+        own, the diagonals' gradients are elementwise). Dense path: ΔW built from the scaled
+        core (n·m + n·m·ΣI over factored modes), then T·n·m; its backward is two more
+        T·n·m products (the input's and ΔW's gradients) plus the build's own backward.
+        Identity factors (TeRA_iden) cost nothing on either path."""
+        n, m = self.in_features, self.out_features
+        factored = self.variant != "iden"
+        n_in = len(self.in_modes)
+        mats = [(s, s) for s in self.in_modes + self.out_modes] if factored else []
+        x_in = mode_dot_cost([tokens] + self.in_modes, mats[:n_in], list(range(1, n_in + 1))) if factored else 0
+        x_out = mode_dot_cost([tokens] + self.out_modes, mats[n_in:], list(range(1, len(self.out_modes) + 1))) if factored else 0
+        via_input = x_in + tokens * n + tokens * n * m + tokens * m + x_out
+        build = n * m + (mode_dot_cost(self.in_modes + self.out_modes, mats, list(range(len(mats)))) if factored else 0)
+        dense = build + tokens * n * m
+        if training:
+            return 2 * via_input, 2 * build + 3 * tokens * n * m
+        return via_input, dense
+
+    def _choose_path(self, tokens: int) -> str:
+        """The cheaper path for this many tokens, computed once per (tokens, training)."""
+        if self.path != "auto":
+            return self.path
+        training = torch.is_grad_enabled() and self.d[0].requires_grad
+        key = (tokens, training)
+        chosen = self._path_cache.get(key)
+        if chosen is None:
+            via_input, dense = self.costs(tokens, training)
+            chosen = self._path_cache[key] = "input" if via_input <= dense else "dense"
+        return chosen
+
+    @property
+    def _path_cache(self) -> dict[tuple[int, bool], str]:
+        # Kept out of the module's attributes that state_dict and deepcopy care about.
+        return self.__dict__.setdefault("_paths", {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         tokens = x.numel() // self.in_features
-        path = self.path
-        if path == "auto":
-            via_input, dense = self.costs(tokens)
-            path = "input" if via_input <= dense else "dense"
-        if path == "dense":
-            return x @ self._delta_in_out().to(x.dtype)
-        factors = [f.to(x.dtype) for f in self._scaled_factors()]
+        if self._choose_path(tokens) == "dense":
+            return x @ self._build(x.dtype)
+        factors = self._factor_list()
         n_in = len(self.in_modes)
-        # x ×_i (D_i A_i) over the input modes: (T, I_1..I_k) -> (T, R_1..R_k)
-        h = multi_mode_dot(x.reshape(tokens, *self.in_modes), [f.T for f in factors[:n_in]], list(range(1, n_in + 1)))
-        # through the core: (T, ΠR_in) @ (ΠR_in, ΠR_out)
-        h = h.reshape(tokens, -1) @ self._frozen("core").to(x.dtype).reshape(h[0].numel(), -1)
-        # ×_i (A_iᵀ D_i) over the output modes: (T, R_k+1..R_N) -> (T, I_k+1..I_N)
-        h = multi_mode_dot(h.reshape(tokens, *self.out_modes), factors[n_in:], list(range(1, len(self.out_modes) + 1)))
+        # Frozen factor first, then the diagonals on the activations: scaling the factor
+        # instead would make autograd form a (I_i, I_i) gradient (a T·n·I_i product) per call.
+        h = x.reshape(tokens, *self.in_modes)
+        for mode, a in enumerate(factors[:n_in]):
+            if a is not None:
+                h = mode_dot(h, a.to(x.dtype), mode + 1)  # x ×_i A_i: (T, .., I_i, ..) -> (T, .., R_i, ..)
+        h = h.reshape(tokens, self.in_features) * outer_vectors(list(self.d[:n_in])).to(x.dtype)
+        # through the core: (T, ΠR_in) @ (ΠR_in, ΠR_out), then the output diagonals
+        h = h @ self._frozen("core").to(x.dtype).reshape(self.in_features, self.out_features)
+        h = (h * outer_vectors(list(self.d[n_in:])).to(x.dtype)).reshape(tokens, *self.out_modes)
+        for mode, a in enumerate(factors[n_in:]):
+            if a is not None:
+                h = mode_dot(h, a.T.to(x.dtype), mode + 1)  # ×_i A_iᵀ: (T, .., R_i, ..) -> (T, .., I_i, ..)
         return h.reshape(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
-        core = at_least_fp32(self._frozen("core"))
-        factors = [at_least_fp32(a).T * at_least_fp32(d) for a, d in zip(self.frozen_factors(), self.d)]
-        return tucker_to_tensor(core, factors).reshape(self.in_features, self.out_features).T
+        return self._build().T

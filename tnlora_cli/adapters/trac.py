@@ -116,6 +116,16 @@ class TracAdapter(LowRankAdapter):
                     setattr(self, f"controller_dim_{suffix}", nn.Parameter(fill(shapes[k][1])))
         self.controllers = config.controllers
         self.use_shared(shared, **keys)
+        # What `_factor` reads, per factor and core, named once here: no string building per forward.
+        self._plan = {factor: [self._core_plan(factor, k, kind) for k, kind in enumerate(self.structure[factor])] for factor in ("a", "b")}
+
+    def _core_plan(self, factor: str, k: int, kind: str) -> tuple[str, bool, tuple[str, str] | None]:
+        """(core name, shared?, controller names or None) of core k of a factor."""
+        gates = None
+        if self.controllers and kind == "shared_trained":
+            suffix = factor if k == 2 else f"{factor}{k + 1}"  # the default gates core 3 only
+            gates = (f"controller_rank_{suffix}", f"controller_dim_{suffix}")
+        return f"core{k + 1}_{factor}", kind.startswith("shared"), gates
 
     def _gated(self, factor: str) -> list[int]:
         """Indices of the cores the controllers gate: the shared trained ones."""
@@ -129,13 +139,11 @@ class TracAdapter(LowRankAdapter):
 
     def _factor(self, factor: str, rows: int) -> torch.Tensor:
         cores = []
-        for k, kind in enumerate(self.structure[factor]):
-            name = f"core{k + 1}_{factor}"
-            core = self.shared_tensor(name) if kind.startswith("shared") else getattr(self, name)
-            if self.controllers and kind == "shared_trained":
-                suffix = factor if k == 2 else f"{factor}{k + 1}"
-                gate_rank = _activate(getattr(self, f"controller_rank_{suffix}"), self.activation)
-                gate_dim = _activate(getattr(self, f"controller_dim_{suffix}"), self.activation)
+        for name, shared, gates in self._plan[factor]:
+            core = self.shared_tensor(name) if shared else getattr(self, name)
+            if gates is not None:
+                gate_rank = _activate(getattr(self, gates[0]), self.activation)
+                gate_dim = _activate(getattr(self, gates[1]), self.activation)
                 core = core * gate_rank[:, None, None] * gate_dim[None, :, None]
             cores.append(core)
         # (n1, r1) x (r1, n2, r2) first: the frozen core meets the small per-layer core, then

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..paths import cache_dir
+from ..run.atomic import remove_path
 
 #: Bump when preparation changes what it produces for the same inputs.
 PREP_VERSION = "3"
@@ -165,7 +165,7 @@ def remove_leftovers(root: Path | None = None) -> list[Path]:
         if leftover:
             with _try_locked(root, leftover.group(1)) as free:
                 if free and item.exists():
-                    _remove(item)
+                    remove_path(item)
                     removed.append(item)
         elif item.suffix == ".lock" and _KEY.fullmatch(item.stem):
             with _try_locked(root, item.stem) as free:
@@ -173,12 +173,6 @@ def remove_leftovers(root: Path | None = None) -> list[Path]:
                     removed.append(item)  # the release removes it
     return removed
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- manifest
@@ -319,6 +313,6 @@ def prune(older_than_days: float | None, root: Path | None = None) -> PruneResul
                 if exc.errno == errno.ENOENT:
                     continue
                 raise
-            _remove(aside)
+            remove_path(aside)
             removed.append(entry)
     return PruneResult(removed, in_use, leftovers)

@@ -4,6 +4,7 @@ and `collate`, which pads a list of examples into one batch."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,3 +74,22 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
         batch["labels"] = labels
     return batch
+
+
+#: Plain sentences any tokenizer encodes: inputs for comparing two models' logits when an
+#: adapter comes without data (a peft-format adapter trained elsewhere).
+PROBE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Tensor networks factorise a large matrix into small cores.",
+    "Once upon a time there was a small village by the sea.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+def probe_examples(tokenizer: Any) -> list[dict]:
+    """PROBE_TEXTS as causal-LM examples (labels = inputs)."""
+    rows = []
+    for text in PROBE_TEXTS:
+        ids = tokenizer(text)["input_ids"][:64] or [tokenizer.pad_token_id or 0]
+        rows.append({"input_ids": ids, "labels": list(ids)})
+    return rows

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,14 +27,23 @@ def evaluate_examples(
     pad_token_id: int,
     batch_size: int = 16,
     device: torch.device | str | None = None,
+    diagnostics: dict | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of `model` on tokenized examples (no gradients, small batches)."""
+    """Metrics of `model` on tokenized examples (no gradients, small batches).
+
+    `diagnostics`, when given, receives what `evaluation.verdict` judges a collapse by:
+    `outputs` (classes or vocabulary size), `predictions` and `labels` (the distinct argmax
+    predictions and gold labels over every scored position, up to two of each). `progress`
+    is told how many examples are done after each batch."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
     preds: list[int] = []
     golds: list[int] = []
+    seen_preds: set[int] = set()
+    seen_golds: set[int] = set()
     # Batches of similar length pad less; every metric here is order-free (predictions and
     # gold labels stay paired, the loss is a sum over tokens). Rows are read batch by batch.
     lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
@@ -55,8 +65,20 @@ def evaluate_examples(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             ).item()
             count += int((shift_labels != IGNORE_INDEX).sum())
+            if diagnostics is not None and len(seen_preds) < 2:
+                scored = shift_labels != IGNORE_INDEX
+                seen_preds.update(shift_logits.argmax(-1)[scored].unique()[:2].tolist())
+                seen_golds.update(shift_labels[scored].unique()[:2].tolist())
+        if diagnostics is not None:
+            diagnostics["outputs"] = logits.size(-1)
+        if progress is not None:
+            progress(min(i + batch_size, len(order)))
     model.train(was_training)
     loss = loss_sum / max(count, 1)
+    if diagnostics is not None:
+        if task in CLASSIFICATION_TASKS:
+            seen_preds, seen_golds = set(preds), set(golds)
+        diagnostics.update(predictions=sorted(seen_preds)[:2], labels=sorted(seen_golds)[:2])
     if task in CLASSIFICATION_TASKS:
         return {"loss": loss, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "macro_f1": macro_f1(preds, golds)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -109,19 +131,38 @@ def compare_with_base(
     task: str,
     pad_token_id: int,
     batch_size: int = 16,
+    diagnostics: dict[str, dict] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Rows 'base' (adapters off, task head as initialised), 'head only' (classification:
     adapters off, trained head) and 'tuned'. `initial_head=None`: the trained head cannot be
-    swapped out (it is sharded), so there is no 'base' row."""
+    swapped out (it is sharded), so there is no 'base' row. `diagnostics` receives the
+    tuned row's (see `evaluate_examples`) under 'tuned'. `progress` counts the examples
+    evaluated over all rows (`compared_rows` of them, each over every example)."""
     rows: dict[str, dict[str, float]] = {}
+    done = 0
+
+    def evaluate(diagnostics: dict | None = None) -> dict[str, float]:
+        nonlocal done
+        offset = done
+        tick = None if progress is None else lambda n: progress(offset + n)
+        metrics = evaluate_examples(model, examples, task, pad_token_id, batch_size, diagnostics=diagnostics, progress=tick)
+        done += len(examples)
+        return metrics
+
     if initial_head is not None:
         with adapters_disabled(model), _swapped_head(model, initial_head):
-            rows["base"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+            rows["base"] = evaluate()
     if initial_head is None or initial_head:
         with adapters_disabled(model):
-            rows["head only"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
-    rows["tuned"] = evaluate_examples(model, examples, task, pad_token_id, batch_size)
+            rows["head only"] = evaluate()
+    rows["tuned"] = evaluate(None if diagnostics is None else diagnostics.setdefault("tuned", {}))
     return rows
+
+
+def compared_rows(initial_head: dict[str, torch.Tensor] | None) -> int:
+    """How many rows `compare_with_base` evaluates (base, head only, tuned: those that apply)."""
+    return (initial_head is not None) + (initial_head is None or bool(initial_head)) + 1
 
 
 def held_out_digest(examples: list[dict]) -> str:

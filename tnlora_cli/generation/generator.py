@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..model.inject import adapted_layers, adapters_disabled, merge_units
 from ..model.loading import default_device
 from ..model.merging import merge_into_base
 from ..report.reporter import Reporter
-from ..run.layout import ADAPTER_CONFIG, find_recipe_file, resolve_adapter_dir
+from ..run.layout import ADAPTER_CONFIG, resolve_adapter_dir
 
 GENERATIVE_TASKS = ("instruction", "causal-lm", "chat")
 
@@ -43,8 +44,8 @@ class SamplingSettings:
     def check(self) -> SamplingSettings:
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens is {self.max_new_tokens}", hint="generate at least 1 token, e.g. --max-new-tokens 128")
-        if self.temperature < 0:
-            raise InputError(f"--temperature is {self.temperature}", hint="use 0 for greedy decoding or a positive value to sample")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"--temperature is {self.temperature}", hint="use 0 for greedy decoding or a positive finite value to sample")
         if not 0 < self.top_p <= 1:
             raise InputError(f"--top-p is {self.top_p}", hint="top-p is a probability mass in (0, 1]")
         if self.batch_size < 1:
@@ -66,8 +67,6 @@ class Source:
 
 def inspect_source(path: str | Path) -> Source:
     """Classify RUN and refuse what cannot generate (a classification run) before loading."""
-    from ..recipe.load import load_recipe
-
     path = Path(path)
     if (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         config = json.loads((path / "config.json").read_text())
@@ -78,8 +77,9 @@ def inspect_source(path: str | Path) -> Source:
                 hint="give a causal-LM model directory, or a run of an instruction / causal-lm recipe",
             )
         return Source(path, "model", "instruction")
-    adapter_dir = resolve_adapter_dir(path)
-    recipe = load_recipe(find_recipe_file(adapter_dir))
+    from ..model.build import adapter_recipe
+
+    recipe = adapter_recipe(resolve_adapter_dir(path))  # a tnlora run, or a peft-format tnlora adapter
     if recipe.task not in GENERATIVE_TASKS:
         raise InputError(
             f"{path} is a {recipe.task} run: its model predicts labels, it does not generate text",
@@ -102,6 +102,8 @@ class Generator:
     eos_ids: list[int] = field(default_factory=list)
     #: The LoadedRun behind a run (its recipe, data and held-out split); None for a model directory.
     run: Any = None
+    #: Where the phases of generation (the merge and its check) are reported.
+    reporter: Reporter = field(default_factory=Reporter)
 
     @property
     def has_adapter(self) -> bool:
@@ -127,6 +129,48 @@ class Generator:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text if self.source.task == "causal-lm" else text.strip()
 
+    @property
+    def positions(self) -> tuple[int, str] | None:
+        """How many positions the model has and the config key that says so (None: no limit known)."""
+        config = getattr(self.model, "config", None)
+        for key in ("max_position_embeddings", "n_positions"):
+            limit = getattr(config, key, None)
+            if isinstance(limit, int) and limit > 0:
+                return limit, key
+        return None
+
+    def room_problem(self, n_prompt: int, max_new_tokens: int, where: str) -> str | None:
+        """Why a prompt of `n_prompt` tokens cannot be generated from, or None when it can.
+        Learned positions (GPT-2) fail with an index error past the end; rotary ones (Llama)
+        run on, outside anything the model was trained for."""
+        if self.positions is None:
+            return None
+        limit, key = self.positions
+        if n_prompt + max_new_tokens <= limit:
+            return None
+        return (
+            f"{where}: {n_prompt} prompt tokens + --max-new-tokens {max_new_tokens} = {n_prompt + max_new_tokens} "
+            f"exceed the {limit} positions the model has ({key})"
+        )
+
+    def check_room(self, prompts: list[list[int]], max_new_tokens: int, where: list[str] | None = None) -> None:
+        """Refuse, before anything is generated, an empty prompt or one that would run past
+        the model's positions (the longest prompt is the one named)."""
+        where = where or [f"prompt {i + 1}" for i in range(len(prompts))]
+        for ids, name in zip(prompts, where):
+            if not ids:
+                raise InputError(f"{name}: the prompt is empty after formatting (0 tokens)", hint="give a prompt with text in it")
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        n = len(prompts[longest])
+        problem = self.room_problem(n, max_new_tokens, where[longest])
+        if problem is not None:
+            limit = self.positions[0]
+            hint = (
+                f"lower --max-new-tokens to at most {limit - n}" if n < limit
+                else f"shorten the prompt: the model has {limit} positions for the prompt and its reply together"
+            )
+            raise InputError(problem, hint=hint)
+
     # ------------------------------------------------------------ adapters
 
     def _prepare(self, adapters: bool, probe: list[int]) -> contextlib.AbstractContextManager:
@@ -142,16 +186,18 @@ class Generator:
             self._merge(probe)
         return contextlib.nullcontext()
 
-    def use_tuned(self) -> None:
-        """Merge now (when exact) for callers that run the model themselves (the harness)."""
+    def use_tuned(self, probe: list[int] | None = None) -> None:
+        """Merge now (when exact), verified on `probe`: for callers that run the model
+        themselves (the harness), or that report the merge as a phase of its own."""
         if self.mergeable and not self.merged:
-            self._merge(self.encode(self.format([{"role": "user", "content": "Hello, how are you?"}])))
+            self._merge(probe or self.encode(self.format([{"role": "user", "content": "Hello, how are you?"}])))
 
     @torch.no_grad()
     def _merge(self, probe: list[int]) -> None:
         """Merge ΔW into the weights and check the logits on `probe` against the adapter path."""
         from ..model.merging import TOLERANCES, untie_in_memory
 
+        self.reporter.status("merging the adapters into the weights in memory and checking the logits against the adapter path")
         ids = torch.tensor([probe[:64] or [self.tokenizer.eos_token_id or 0]], device=self.device)
         reference = self.model(input_ids=ids).logits.float()
         untie_in_memory(self.model)  # a tied output head must not change the embeddings
@@ -198,10 +244,13 @@ class Generator:
         *,
         adapters: bool = True,
         progress: Callable[[int], None] | None = None,
+        where: list[str] | None = None,
     ) -> list[str]:
-        """Completions of token-id prompts, in length-sorted left-padded batches, in input order."""
+        """Completions of token-id prompts, in length-sorted left-padded batches, in input order.
+        Every prompt is checked against the model's positions first (`where` names them)."""
         if not prompts:
             return []
+        self.check_room(prompts, settings.max_new_tokens, where)
         if settings.seed is not None:
             from transformers import set_seed
 
@@ -229,9 +278,13 @@ class Generator:
         return out
 
     @torch.no_grad()
-    def stream(self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None], *, adapters: bool = True) -> str:
+    def stream(
+        self, prompt: list[int], settings: SamplingSettings, on_text: Callable[[str], None], *, adapters: bool = True, where: str = "--prompt"
+    ) -> str:
         """Generate one completion, handing text to `on_text` as tokens are decoded."""
         from transformers import TextStreamer
+
+        self.check_room([prompt], settings.max_new_tokens, [where])
 
         class _Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -252,23 +305,28 @@ class Generator:
         return self.decode(self._completion_ids(result[0, len(prompt) :].tolist()))
 
 
-def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.device | None = None, reporter: Reporter | None = None) -> Generator:
-    """Load RUN for generation. Linear adapters are merged on first tuned use when `merge`."""
+def load_generator(
+    path: str | Path, *, merge: bool = True, device: str | torch.device | None = None, reporter: Reporter | None = None, data: bool = False
+) -> Generator:
+    """Load RUN for generation. Linear adapters are merged on first tuned use when `merge`.
+    `data` also prepares the run's data (its held-out split, for `eval --generate`); plain
+    generation reads none, so it works where the training data is gone."""
     reporter = reporter or Reporter()
     source = inspect_source(path)
-    reporter.status(f"loading {path}")
     if source.kind == "model":
         from transformers import AutoModelForCausalLM
 
         from ..model.loading import load_tokenizer
 
+        reporter.status(f"loading the model in {path}")
         tokenizer = load_tokenizer(str(source.path))
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype="auto")
         model.to(device or default_device())
-        return _finish(Generator(model, tokenizer, source, mergeable=False, mode="plain model"))
+        return _finish(Generator(model, tokenizer, source, mergeable=False, mode="plain model", reporter=reporter))
     from ..model.build import load_run
 
-    run = load_run(path, warn=reporter.status)
+    reporter.status(f"loading {path}: the tokenizer{', the data' if data else ''}, the base model {source.recipe.model} and the adapter")
+    run = load_run(path, data=data, warn=reporter.status)
     run.load_weights()
     model = run.prepared.model
     if run.prepared.recipe.quantization is None:
@@ -282,7 +340,7 @@ def load_generator(path: str | Path, *, merge: bool = True, device: str | torch.
         mergeable, mode = False, "adapter path (--no-merge)"
     else:
         mergeable, mode = True, "merged in memory"
-    return _finish(Generator(model, run.prepared.tokenizer, source, mergeable=mergeable, mode=mode, run=run))
+    return _finish(Generator(model, run.prepared.tokenizer, source, mergeable=mergeable, mode=mode, run=run, reporter=reporter))
 
 
 def _finish(gen: Generator) -> Generator:

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel
 
+from ..data.examples import probe_examples
 from ..data.images import load_image_processing
 from ..data.prepare import TaskData, prepare_data
 from ..errors import CheckpointError, RecipeError
@@ -25,6 +26,7 @@ from ..run.layout import find_recipe_file, resolve_adapter_dir
 from .checks import check_max_length
 from .frozen import verify as verify_frozen
 from .inject import InjectionReport, inject_adapter
+from .embedded import MODELS
 from .loading import (
     base_model_reference,
     check_model_task,
@@ -35,6 +37,7 @@ from .loading import (
     resolve_model,
 )
 from .meta import build_on_meta
+from .peft_format import load_peft_adapter, peft_adapter_recipe, read_peft_config
 from .state import adapter_state_dict, frozen_record, is_adapter_tensor, load_adapter_state_dict
 from .targets import legacy_module_roles
 
@@ -166,18 +169,34 @@ class LoadedRun:
         load_adapter_state_dict(self.prepared.model, self.state, self.prepared.injection.modules_to_save, self.config.get("frozen"))
 
 
-def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = True, warn: Callable[[str], None] | None = None) -> LoadedRun:
+def load_run(
+    path: str | Path, *, dtype: str | None = None, quantize: bool = True, data: bool = True, warn: Callable[[str], None] | None = None
+) -> LoadedRun:
     """Rebuild the model and adapter of a run directory, checkpoint or adapter directory.
 
     The adapter weights are returned, not yet loaded, so the caller can first measure the
-    base model. `warn` hears what the data cache has to say (a damaged entry rebuilt).
+    base model. `data=False` skips the recipe's data (generation needs none: the run's data
+    files need not exist any more, and nothing is read or tokenized); its `prepared.data`
+    is then empty, with the adapter's label names. `warn` hears what the data cache has to
+    say (a damaged entry rebuilt).
     """
     adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
-    state, config = load_adapter(adapter_dir)
+    recipe, state, config = read_adapter(adapter_dir)
+    inputs = None
+    if config.get("peft_format"):
+        # An adapter trained elsewhere brings no data: fixed probe texts stand in for the
+        # held-out examples (merge verification compares logits on them).
+        model_path = resolve_checked(recipe)
+        tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+        inputs = Inputs(model_path, tokenizer, TaskData(train=[], eval=probe_examples(tokenizer)))
+    else:
+        require_base_model(recipe, find_recipe_file(adapter_dir), config)
+        if not data:
+            model_path = resolve_checked(recipe)
+            inputs = Inputs(model_path, load_tokenizer(model_path, recipe.trust_remote_code), TaskData([], [], config.get("label_names")))
     prepared = prepare(
-        recipe, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize, roles=saved_roles(config),
-        warn=warn,
+        recipe, inputs=inputs, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize,
+        roles=saved_roles(config), warn=warn,
     )
     if prepared.data.label_names != config.get("label_names"):
         raise CheckpointError(
@@ -185,6 +204,37 @@ def load_run(path: str | Path, *, dtype: str | None = None, quantize: bool = Tru
             hint="evaluate with the data the adapter was trained on",
         )
     return LoadedRun(prepared, adapter_dir, state, config)
+
+
+def read_adapter(adapter_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], dict[str, Any]]:
+    """Recipe, tensors and adapter config of a tnlora adapter directory, or of a peft-format
+    tnlora adapter (`peft_format.load_peft_adapter`: its base from `base_model_name_or_path`)."""
+    if read_peft_config(adapter_dir) is not None:
+        return load_peft_adapter(adapter_dir)
+    return load_recipe(find_recipe_file(adapter_dir)), *load_adapter(adapter_dir)
+
+
+def adapter_recipe(adapter_dir: Path) -> Recipe:
+    """The recipe of a tnlora adapter directory or of a peft-format tnlora adapter (no tensors read)."""
+    if read_peft_config(adapter_dir) is not None:
+        return peft_adapter_recipe(adapter_dir)
+    return load_recipe(find_recipe_file(adapter_dir))
+
+
+def require_base_model(recipe: Recipe, recipe_file: Path, config: dict[str, Any]) -> None:
+    """A run whose base was a local directory needs it where training found it; when it has
+    moved, say so (a lookup of the path as a hub id would only find "no config")."""
+    name = recipe.model
+    if name in MODELS or Path(name).expanduser().is_dir():
+        return
+    was_local = config.get("base_model_local_path") is not None  # recorded at training: a directory then
+    if was_local or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(
+            f"the run's base model {name} (model: in {recipe_file}) is missing: it was moved or deleted after training"
+            + ("" if Path(name).expanduser().is_absolute() else f" (a relative path, read from the current directory {Path.cwd()})"),
+            hint=f"put the base model back at {name}, or set model: in {recipe_file} to the directory it is in now",
+            exit_code=2,
+        )
 
 
 def saved_roles(config: dict[str, Any]) -> dict[str, str]:
@@ -200,8 +250,9 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     merge, export). Task-head weights stay in the returned state, not in the model.
     """
     adapter_dir = resolve_adapter_dir(Path(path))
-    recipe = load_recipe(find_recipe_file(adapter_dir))
-    state, config = load_adapter(adapter_dir)
+    recipe, state, config = read_adapter(adapter_dir)
+    if not config.get("peft_format"):
+        require_base_model(recipe, find_recipe_file(adapter_dir), config)
     model = build_on_meta(recipe, label_names=config.get("label_names"))
     inject_adapter(model, recipe.adapter, targets=config["targets"], modules_to_save=[], roles=saved_roles(config))
     adapter_state = {k: v for k, v in state.items() if is_adapter_tensor(k)}

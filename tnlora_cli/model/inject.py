@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import REGISTRY, AdaptedLinear, AdapterConfig, SharedStore
+from ..adapters import REGISTRY, AdaptedLinear, Adapter, AdapterConfig, SharedStore
 from ..adapters.base import BaseWeight, LayerSpec, layer_dims
 from ..adapters.layers import AdaptedSlice, FusedAdaptedLinear
 from ..errors import TargetError
@@ -51,7 +51,6 @@ def inject_adapter(
     reloading is exact. Adapters are built in module order from one generator seeded by
     `config.seed`.
     """
-    adapter_cls = REGISTRY[config.type]
     modules_to_save = list(modules_to_save or [])
     skipped: list[str] = []
     if targets is None:
@@ -59,11 +58,57 @@ def inject_adapter(
         if config.target_modules != "all-linear":
             skipped = [n for n in find_targets(model, config, excluded=set(excluded or ())) if is_inside(n, modules_to_save)]
     shared = SharedStore()
+    built = build_adapters(model, config, targets, roles or module_roles(targets), shared)
+    model.add_module(SHARED_ATTR, shared)
+    by_role: dict[str, list[str]] = {}
+    for unit in built:
+        if unit.part is not None:
+            fused = model.get_submodule(unit.layer_name)
+            if not isinstance(fused, FusedAdaptedLinear):
+                fused = FusedAdaptedLinear(fused)
+                _replace(model, unit.layer_name, fused)
+            fused.add_slice(unit.part, unit.adapter, unit.start, unit.stop)
+        else:
+            _replace(model, unit.name, AdaptedLinear(unit.base, unit.adapter))
+        by_role.setdefault(unit.adapter.role, []).append(unit.name)
+    freeze_base(model, modules_to_save)
+    keys = frozen.frozen_keys(model, is_adapter_tensor)
+    shared.frozen_record = {"saved": config.save_frozen, "seed": config.seed, "tensors": len(keys)}
+    if not config.save_frozen:
+        # Checksum of the frozen random tensors as drawn (before any engine shards them):
+        # saved with the adapter, and compared on loading, when they are regenerated.
+        state = model.state_dict()
+        shared.frozen_record["checksum"] = frozen.checksum({k: state[k] for k in keys})
+    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role, skipped_in_modules_to_save=skipped)
+
+
+@dataclass
+class BuiltAdapter:
+    """One adapter built for one target, not yet attached: `base` is the frozen layer it
+    updates (rows [start, stop) of it; `part` names the slice of a fused layer, else None)."""
+
+    name: str
+    adapter: Adapter
+    base: nn.Module
+    start: int
+    stop: int
+    part: str | None = None
+
+    @property
+    def layer_name(self) -> str:
+        return self.name.rpartition(".")[0] if self.part is not None else self.name
+
+
+def build_adapters(model: nn.Module, config: AdapterConfig, targets: list[str], roles: dict[str, str], shared: SharedStore) -> list[BuiltAdapter]:
+    """Build one adapter per target, in target order, from one generator seeded by
+    `config.seed`, with the shared tensors in `shared` and each adapter bound to its base
+    weight. The model is not changed: the caller attaches them (`inject_adapter` here, the
+    peft tuner in `integrations.peft`), so every way in gets the same tensors for a seed."""
+    adapter_cls = REGISTRY[config.type]
     generator = make_generator(config.seed)
     linear = [n for n, m in model.named_modules() if is_linear_leaf(m)]
     slices = fused_slices(model, linear, config) if any(n not in set(linear) for n in targets) else {}
     specs = []
-    roles = roles or module_roles(targets)
     for name in targets:
         layer, _, part = name.rpartition(".")
         if part in slices.get(layer, {}):
@@ -77,35 +122,20 @@ def inject_adapter(
         specs.append(LayerSpec(name, roles[name], *layer_dims(base)))
     device = _materialisable(_base_weight(model, specs[0].name, slices).device)
     adapter_cls.prepare_shared(shared, config, specs, generator)
-    model.add_module(SHARED_ATTR, shared)
-    by_role: dict[str, list[str]] = {}
+    built = []
     for spec in specs:
-        name, role = spec.name, spec.role
-        adapter = adapter_cls(spec.in_features, spec.out_features, config, shared, role, generator)
-        adapter.to(device=_materialisable(_base_weight(model, name, slices).device))
-        layer, _, part = name.rpartition(".")
+        adapter = adapter_cls(spec.in_features, spec.out_features, config, shared, spec.role, generator)
+        adapter.to(device=_materialisable(_base_weight(model, spec.name, slices).device))
+        layer, _, part = spec.name.rpartition(".")
         if part in slices.get(layer, {}):
-            fused = model.get_submodule(layer)
-            if not isinstance(fused, FusedAdaptedLinear):
-                fused = FusedAdaptedLinear(fused)
-                _replace(model, layer, fused)
-            adapter.bind_base(BaseWeight(fused.base_layer, *slices[layer][part]))
-            fused.add_slice(part, adapter, *slices[layer][part])
+            unit = BuiltAdapter(spec.name, adapter, model.get_submodule(layer), *slices[layer][part], part=part)
         else:
-            base = model.get_submodule(name)
-            adapter.bind_base(BaseWeight(base, 0, layer_dims(base)[1]))
-            _replace(model, name, AdaptedLinear(base, adapter))
-        by_role.setdefault(role, []).append(name)
+            base = model.get_submodule(spec.name)
+            unit = BuiltAdapter(spec.name, adapter, base, 0, layer_dims(base)[1])
+        adapter.bind_base(BaseWeight(unit.base, unit.start, unit.stop))
+        built.append(unit)
     shared.to(device)
-    freeze_base(model, modules_to_save)
-    keys = frozen.frozen_keys(model, is_adapter_tensor)
-    shared.frozen_record = {"saved": config.save_frozen, "seed": config.seed, "tensors": len(keys)}
-    if not config.save_frozen:
-        # Checksum of the frozen random tensors as drawn (before any engine shards them):
-        # saved with the adapter, and compared on loading, when they are regenerated.
-        state = model.state_dict()
-        shared.frozen_record["checksum"] = frozen.checksum({k: state[k] for k in keys})
-    return InjectionReport(targets=targets, modules_to_save=modules_to_save, roles=by_role, skipped_in_modules_to_save=skipped)
+    return built
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -77,13 +77,19 @@ class DataConfig(StrictModel):
 
 #: Optimizer steps when neither `training.max_steps` nor `training.epochs` is given.
 DEFAULT_MAX_STEPS = 200
+#: The most optimizer steps a run may have (a typo such as 1e29 would otherwise overflow the
+#: progress display and the schedule; a billion steps is years of training).
+MAX_STEPS_LIMIT = 1_000_000_000
 
 
 class TrainingConfig(StrictModel):
-    max_steps: int | None = Field(None, gt=0, description=f"Optimizer steps ({DEFAULT_MAX_STEPS} when `epochs` is not set either).")
+    max_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS_LIMIT, description=f"Optimizer steps ({DEFAULT_MAX_STEPS} when `epochs` is not set either; at most {MAX_STEPS_LIMIT:,})."
+    )
     epochs: float | None = Field(
         None,
         gt=0.0,
+        le=MAX_STEPS_LIMIT,
         description="Passes over the training split instead of `max_steps`: steps = ceil(epochs x train examples / "
         "(batch_size x gradient_accumulation_steps x processes)); the resolved count is saved in the run's recipe.yaml.",
     )
@@ -101,6 +107,11 @@ class TrainingConfig(StrictModel):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 or fp16 on a GPU that has it, none on CPU.")
     seed: int = Field(0, description="Seeds data order, task-head initialisation and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute layer activations in backward (non-reentrant): less memory, ~30% more compute.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the adapted model (adapters included) before training: the first steps pay for "
+        "compilation, later ones run fused kernels. One process or DDP (not fsdp or deepspeed).",
+    )
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
         "auto",
         description="Multi-process engine under `accelerate launch`; auto: what the accelerate config asks for (FSDP, DeepSpeed), else DDP.",
@@ -108,6 +119,12 @@ class TrainingConfig(StrictModel):
     log_every: int = Field(10, gt=0, description="Write a metrics.jsonl record (and a log line) every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (always at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
+    save_every_minutes: float | None = Field(
+        30,
+        gt=0,
+        description="Also checkpoint when this many minutes of training have passed since the last checkpoint (null: by steps "
+        "only). SIGINT/SIGTERM always save a checkpoint after the step in progress.",
+    )
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = Field(
         default_factory=list,

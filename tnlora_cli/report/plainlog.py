@@ -99,4 +99,6 @@ class PlainProgress:
         self.last_line = self.clock()
 
     def finish(self) -> None:
-        self.write(f"{self.description} finished at step {self.completed}/{self.total} in {_clock(self.clock() - self.started)}")
+        # An error or an interruption also ends the task: it did not finish, it stopped.
+        verb = "finished" if self.completed >= self.total else "stopped"
+        self.write(f"{self.description} {verb} at step {self.completed}/{self.total} in {_clock(self.clock() - self.started)}")

@@ -36,6 +36,7 @@ SAFE_ON_RESUME = (
     "training.log_every",
     "training.eval_every",
     "training.save_every",
+    "training.save_every_minutes",
     "training.save_total_limit",
     "training.eval_batch_size",
     "training.distributed",
@@ -174,6 +175,7 @@ def resume_point(output_dir: Path, resume: str | None, overwrite: bool, warn: Ca
                 hint="raise training.max_steps with save_every set to continue later runs, or pass --overwrite to start again",
             )
         if not found:
+            warn(f"--resume auto: {output_dir} holds no checkpoint yet; starting a new run from step 0")
             return None
         valid = latest_valid_checkpoint(output_dir, warn)
         if valid is None:

@@ -148,8 +148,11 @@ def tt_matrix_apply(z: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Ten
     if cores[-1].shape[-1] != ring:
         raise ValueError(f"boundary ranks {ring} and {cores[-1].shape[-1]} differ: a trace needs them equal")
     # state: (P produced outputs, with the open boundary index outermost, r_k, n_k, rest of the inputs)
-    eye = torch.eye(ring, dtype=z.dtype, device=z.device)
-    state = (eye[:, :, None] * z.reshape(1, 1, -1)).reshape(ring, ring, in_modes[0], -1)
+    if ring == 1:  # an open train (the usual case): no identity to build on every call
+        state = z.reshape(1, 1, in_modes[0], -1)
+    else:
+        eye = torch.eye(ring, dtype=z.dtype, device=z.device)
+        state = (eye[:, :, None] * z.reshape(1, 1, -1)).reshape(ring, ring, in_modes[0], -1)
     for k, core in enumerate(cores):
         p, _, _, q = state.shape
         state = torch.einsum("prnq,rnms->pmsq", state, core).reshape(p * core.shape[2], core.shape[3], q)

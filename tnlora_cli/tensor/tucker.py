@@ -15,7 +15,10 @@ import torch
 def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
     """tensor ×_mode matrix, matrix: (J, I_mode)."""
     moved = tensor.movedim(mode, -1)  # (..., I)
-    return (moved @ matrix.T).movedim(-1, mode)
+    # One (rows, I) @ (I, J) product: matmul on the N-d view would fall back to a batch of
+    # small products (bmm) when the view is not contiguous and only the tensor needs a gradient.
+    out = moved.reshape(-1, moved.shape[-1]) @ matrix.T
+    return out.reshape(*moved.shape[:-1], matrix.shape[0]).movedim(-1, mode)
 
 
 def multi_mode_dot(tensor: torch.Tensor, matrices: Sequence[torch.Tensor], modes: Sequence[int]) -> torch.Tensor:
@@ -29,6 +32,15 @@ def multi_mode_dot(tensor: torch.Tensor, matrices: Sequence[torch.Tensor], modes
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """core ×_1 U_1 ... ×_N U_N with U_i: (I_i, R_i)."""
     return multi_mode_dot(core, factors, list(range(core.dim())))
+
+
+def outer_vectors(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """v_1 ⊗ ... ⊗ v_N flattened row-major: (prod len(v_i),). Scaling a tensor's modes by
+    these vectors is one elementwise product with this (reshaped), not N passes."""
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = (out[:, None] * v[None, :]).reshape(-1)
+    return out
 
 
 def mode_dot_cost(shape: Sequence[int], matrices: Sequence[tuple[int, int]], modes: Sequence[int]) -> int:

@@ -67,6 +67,12 @@ class EngineChoice:
 
     def build(self, training: Any) -> Engine:
         """Create the accelerator and the engine object, from the run's resolved settings."""
+        if getattr(training, "compile", False) and self.engine_class is not Engine:
+            raise RecipeError(
+                f"training.compile: not supported under {self.engine_class.name} (sharded parameters are gathered by hooks "
+                "that tnlora does not compile)",
+                hint="remove training.compile, or train with training.distributed: ddp",
+            )
         if self.engine_class is DeepSpeedEngine:
             engine: Engine = DeepSpeedEngine(training, self.zero_stage)
         else:
@@ -134,6 +140,8 @@ class Engine:
 
     def wrap(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Place and wrap the model, then build the optimizer over the parameters training will use."""
+        if getattr(self.training, "compile", False):
+            compile_in_place(model)
         return self.accelerator.prepare(model, self._remember(make_optimizer(model)))
 
     def _remember(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -157,9 +165,29 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss / self.training.gradient_accumulation_steps)
 
-    def clip_gradients(self) -> None:
-        if self.training.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(self.params, self.training.max_grad_norm)
+    def gradient_norm(self) -> torch.Tensor | None:
+        """The step's total gradient norm (2-norm over every trainable gradient, all ranks),
+        clipped to `training.max_grad_norm` when it is set: one pass over the gradients, with
+        or without clipping, and no host synchronisation (the guard reads the result).
+
+        None under fp16 loss scaling, whose scaler skips steps with overflowing gradients
+        itself (the gradients are unscaled and clipped as usual)."""
+        max_norm = self.training.max_grad_norm
+        if self.accelerator.scaler is not None:
+            if max_norm is not None:
+                self.accelerator.clip_grad_norm_(self.params, max_norm)
+            return None
+        # Sharded gradients (FSDP2 DTensors): each rank holds its shards; norms combine below.
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in self.params) if g is not None]
+        norm = self._global_norm(torch.nn.utils.get_total_norm(grads))
+        if max_norm is not None and grads:
+            # torch's clip_grad_norm_ formula, on the norm already computed
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].device))
+        return norm
+
+    def _global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """Replicated gradients (DDP, one process): this rank's norm is the global one."""
+        return local_norm
 
     # -- what leaves the run: full tensors (collective for sharded engines)
 
@@ -171,6 +199,17 @@ class Engine:
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         _base_optimizer(optimizer).load_state_dict(state)
+
+
+#: torch.compile's backend for `training.compile` (tests use a cheaper one).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """torch.compile the model's forward in place (`nn.Module.compile`): the module object,
+    its parameter names and its state dict stay what they were, so checkpoints, DDP and
+    evaluation see the same model."""
+    model.compile(backend=COMPILE_BACKEND)
 
 
 def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -242,9 +281,11 @@ class FSDPEngine(Engine):
     def backward(self, loss):
         (loss / self.training.gradient_accumulation_steps).backward()
 
-    def clip_gradients(self):
-        if self.training.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm)  # DTensor-aware: global norm
+    def _global_norm(self, local_norm):
+        # Every rank holds a disjoint shard of each gradient: the squares add up across ranks.
+        squares = local_norm.to(self.accelerator.device) ** 2
+        torch.distributed.all_reduce(squares)
+        return squares.sqrt()
 
     def adapter_state(self, model, modules_to_save):
         return {k: _full(v) for k, v in adapter_state_dict(model, modules_to_save).items()}
@@ -317,6 +358,11 @@ class DeepSpeedEngine(Engine):
                     hint=f"set {key}: auto in the DeepSpeed config (tnlora fills it from the recipe)",
                 )
         config["train_batch_size"] = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+        if config.get("zero_optimization", {}).get("compute_grad_norm") is False:
+            raise RecipeError(
+                "the DeepSpeed config sets zero_optimization.compute_grad_norm: false, but tnlora's divergence guard reads that norm every step",
+                hint="remove compute_grad_norm from the DeepSpeed config",
+            )
         return accelerator
 
     def unwrap(self, model):
@@ -330,8 +376,15 @@ class DeepSpeedEngine(Engine):
         # The engine divides by its gradient_accumulation_steps itself.
         self.accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=self._boundary)
 
-    def clip_gradients(self):
-        pass  # gradient_clipping in the DeepSpeed config
+    def gradient_norm(self):
+        """DeepSpeed's own global norm of this step (`get_global_grad_norm`): ZeRO computes it
+        in its step (clipping by `gradient_clipping` there) and, finding it non-finite, skips
+        the update and reports inf (compute_grad_norm: false is refused when the engine is built)."""
+        norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm), device=self.accelerator.device)
+        return torch.where(norm < 0, torch.nan, norm)  # ZeRO reports an invalid (non-finite) group norm as -1
 
     @contextlib.contextmanager
     def _gathered(self, params: list[nn.Parameter]) -> Iterator[None]:

@@ -25,6 +25,7 @@ from accelerate.utils import broadcast_object_list
 from ..data.examples import collate
 from ..data.report import data_summary
 from ..evaluation.metrics import compare_with_base, evaluate_examples, held_out_digest, majority_rate
+from ..evaluation.verdict import judge
 from ..model.build import Prepared, adapter_metadata, load_inputs, prepare
 from ..model.state import count_parameters, load_adapter_state_dict
 from ..recipe.load import recipe_to_yaml
@@ -47,11 +48,15 @@ from ..run.resume import check_resumed_recipe, checkpoint_step, resume_point, wr
 from .batches import BatchStream
 from .engines import Engine, choose_engine
 from .guard import DivergenceGuard
+from .interrupt import StopRequest, StoppedBySignal
 from .launch import is_main_launch_process, launch_world_size
 from .memory import check_memory_fits, enable_gradient_checkpointing
 from .optim import param_groups
 from .schedule import lr_schedule, resolve_schedule
 from .tracking import check_trackers, finish_trackers, log_record, start_trackers
+
+
+_clock = time.monotonic  # what training.save_every_minutes is measured with
 
 
 @dataclass
@@ -63,6 +68,7 @@ class TrainResult:
     majority_rate: float | None
     parameters: dict[str, int]
     completed: bool = True  # False when stopped early (stop_after): no final adapter was published
+    verdict: dict | None = None  # evaluation.verdict.judge: worse than the base, collapsed
 
 
 @dataclass
@@ -93,14 +99,18 @@ def run_training(
     """
     run = _TrainingRun.set_up(recipe, model_path, resume, overwrite, reporter, check_memory)
     run.start()
-    while run.step < run.cfg.max_steps:
-        run.optimizer_step()
-        run.log_step()
-        run.evaluate_if_due()
-        if run.checkpoint_due(stop_after):
-            run.save_checkpoint()
-        if stop_after is not None and run.step >= stop_after:
-            break
+    with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, save a checkpoint, stop
+        while run.step < run.cfg.max_steps:
+            run.optimizer_step(stop)
+            run.log_step()
+            run.evaluate_if_due()
+            if run.checkpoint_due(stop_after):
+                run.save_checkpoint()
+            if run.stop_requested:
+                run.reporter.finish()
+                raise StoppedBySignal(stop.signal_name or "a signal to another process", run.step, run.cfg.max_steps, checkpoint_dirs(run.out)[-1])
+            if stop_after is not None and run.step >= stop_after:
+                break
     run.reporter.finish()
     return run.publish(stopped=stop_after is not None and run.step < run.cfg.max_steps)
 
@@ -120,6 +130,9 @@ class _TrainingRun:
         self.eval_batch_size = self.cfg.eval_batch_size or self.cfg.batch_size
         self.step = 0
         self.last_loss: float | None = None
+        self.stop_requested = False  # by a signal, on any process: save a checkpoint and stop after this step
+        self.save_due_by_time = False  # training.save_every_minutes have passed since the last checkpoint
+        self.last_save = _clock()
 
     @classmethod
     def set_up(cls, recipe: Recipe, model_path: str, resume: str | None, overwrite: bool, reporter: Reporter, check_memory: bool = False) -> _TrainingRun:
@@ -219,27 +232,32 @@ class _TrainingRun:
         self.guard = DivergenceGuard(self.out, self.accelerator, check_gradients=self.accelerator.scaler is None)
 
     def _batch(self, micro_index: int) -> dict[str, torch.Tensor]:
+        """A micro-batch on the device; its token and slot counts are taken on the host
+        before the copy (counting on the device would stall every micro-batch)."""
         train = self.prepared.data.train
         idx = self.stream.indices(micro_index, self.cfg.batch_size, self.world, self.rank)
         examples = train.take(idx) if hasattr(train, "take") else [train[i] for i in idx]
-        return {k: v.to(self.accelerator.device) for k, v in collate(examples, self.pad_id).items()}
+        batch = collate(examples, self.pad_id)
+        mask = batch.get("attention_mask")  # images have none: one token per image
+        self.window.tokens += int(mask.sum()) if mask is not None else len(batch["labels"])
+        self.window.slots += mask.numel() if mask is not None else len(batch["labels"])
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def optimizer_step(self) -> None:
-        """Forward and backward over the accumulated micro-batches, the divergence guard,
-        clipping, and one optimizer and scheduler step."""
+    def optimizer_step(self, stop: StopRequest | None = None) -> None:
+        """Forward and backward over the accumulated micro-batches, the gradient norm (with
+        clipping), the divergence guard, and one optimizer and scheduler step. The guard's
+        check is the step's one host synchronisation."""
         accumulation = self.cfg.gradient_accumulation_steps
         for micro in range(accumulation):
             batch = self._batch(self.step * accumulation + micro)
-            mask = batch.get("attention_mask")  # images have none: one token per image
-            self.window.tokens += int(mask.sum()) if mask is not None else len(batch["labels"])
-            self.window.slots += mask.numel() if mask is not None else len(batch["labels"])
             with self.engine.accumulation(self.model, last_micro=micro == accumulation - 1):
                 loss = self.model(**batch).loss
                 self.engine.backward(loss)
             self.window.loss += loss.detach() / accumulation
             self.guard.add(loss / accumulation, batch.get("labels"))
-        self.guard.check(self.step + 1, self.model)
-        self.engine.clip_gradients()
+        minutes = self.cfg.save_every_minutes
+        requests = (stop is not None and stop.requested, minutes is not None and _clock() - self.last_save >= 60 * minutes)
+        self.stop_requested, self.save_due_by_time = self.guard.check(self.step + 1, self.engine.gradient_norm(), requests)
         self.guard.optimizer_step(self.optimizer, self.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -279,7 +297,9 @@ class _TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def checkpoint_due(self, stop_after: int | None) -> bool:
-        return bool(self.cfg.save_every and self.step % self.cfg.save_every == 0) or (stop_after is not None and self.step == stop_after)
+        """Every `save_every` steps, every `save_every_minutes`, and when stopping early."""
+        return (bool(self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.save_due_by_time or self.stop_requested
+                or (stop_after is not None and self.step == stop_after))
 
     def save_checkpoint(self) -> None:
         """Every rank helps gather the adapter and optimizer state (collective under sharding);
@@ -310,6 +330,7 @@ class _TrainingRun:
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
         accelerator.wait_for_everyone()
+        self.last_save, self.save_due_by_time = _clock(), False
 
     def publish(self, stopped: bool) -> TrainResult:
         """The final adapter, the base-vs-tuned comparison on the held-out set, eval.json and
@@ -328,13 +349,16 @@ class _TrainingRun:
         if self.is_main:
             with atomic_directory(out / "adapter", on_exists="replace") as tmp:
                 save_adapter(tmp, final_state, adapter_metadata(prepared))
-        evaluation = None
+        evaluation = verdict = None
         held_out = prepared.data.eval
         if self.is_main or self.engine.sharded:
             self.reporter.status(f"evaluating base and tuned model on {len(held_out)} held-out examples")
             # A sharded task head cannot be swapped for its initial copy: those rows come from `tnlora eval`.
             initial_head = None if self.engine.sharded and prepared.initial_head else prepared.initial_head
-            evaluation = compare_with_base(self.engine.unwrap(self.model), initial_head, held_out, self.recipe.task, self.pad_id, self.eval_batch_size)
+            diagnostics: dict[str, dict] = {}
+            evaluation = compare_with_base(self.engine.unwrap(self.model), initial_head, held_out, self.recipe.task, self.pad_id, self.eval_batch_size,
+                                           diagnostics=diagnostics)
+            verdict = judge(evaluation, diagnostics["tuned"])
         if self.is_main:
             self._log({"step": self.step, **{f"eval_{k}": v for k, v in evaluation["tuned"].items()}, "world_size": self.world,
                        "engine": self.engine.name, "adapter_checksum_per_rank": checksums, "peak_memory_mib_per_rank": peaks,
@@ -342,11 +366,12 @@ class _TrainingRun:
             # The digests let `eval --generate` reuse these losses instead of computing them again.
             write_json(out / "eval.json", {"task": self.recipe.task, "n_examples": len(held_out), "majority_rate": majority_rate(held_out),
                                            "held_out_sha256": held_out_digest(held_out), "adapter_sha256": adapter_digest(out / "adapter"),
-                                           "metrics": evaluation})
+                                           "metrics": evaluation, "verdict": verdict})
             plot_loss_curve(self.metrics_file, out / "loss.png")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters)
+        return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters,
+                           verdict=verdict if self.is_main else None)
 
 
 def _checksum(state: dict[str, torch.Tensor]) -> torch.Tensor:

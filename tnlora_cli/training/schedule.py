@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from ..recipe.sections import Recipe
+from ..recipe.sections import MAX_STEPS_LIMIT, Recipe
 
 
 @dataclass
@@ -49,6 +49,11 @@ def resolve_schedule(recipe: Recipe, train_examples: int, processes: int = 1) ->
             raise RecipeError("training.epochs: the training split is empty", hint="check data.train and data.max_train_samples")
         batch = global_batch(recipe, processes)
         steps = max(1, math.ceil(cfg.epochs * train_examples / batch))
+        if steps > MAX_STEPS_LIMIT:
+            raise RecipeError(
+                f"training.epochs: {cfg.epochs:g} epochs of {train_examples} examples are {steps:,} steps, more than the {MAX_STEPS_LIMIT:,} a run may have",
+                hint="use fewer epochs (or set training.max_steps)",
+            )
         notes.append(
             f"training.epochs {cfg.epochs:g} = {steps} steps (ceil({cfg.epochs:g} x {train_examples} examples / "
             f"{batch} per step = batch_size {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x {processes} process(es)))"
