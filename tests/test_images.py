@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import ACCELERATE, accelerate_launch
 
 from tnlora_cli.data.prepare import prepare_data
@@ -65,7 +64,13 @@ def image_folder(root: Path, per_class: int = 24, seed: int = 0) -> Path:
 def save_vision_models(root: Path) -> dict[str, Path]:
     """A tiny ViT saved with a 5-class head and an image processor (32x32), and a 1-channel
     ResNet without one (image_size 32 in its config)."""
-    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import (
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
 
     torch.manual_seed(0)
     vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, InputError
-from .evaluation.metrics import compare_with_base, compared_rows, confusion_matrix, held_out_digest, majority_rate
+from .evaluation.metrics import (
+    compare_with_base,
+    compared_rows,
+    confusion_matrix,
+    held_out_digest,
+    majority_rate,
+)
 from .evaluation.text import SCORED_REPLIES, held_out_replies, score_generations
 from .generation.generator import SamplingSettings, inspect_source, load_generator
 from .model.build import load_run
