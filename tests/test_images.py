@@ -247,8 +247,9 @@ def test_cli_verbs_on_an_image_run(image_recipe, tmp_path):
     dry = _cli("train", str(recipe), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "image 3x32x32" in dry.stdout and "adapter total" in dry.stdout
-    prepared = _cli("prepare", str(recipe))
+    prepared = _cli("prepare", str(recipe), "--set", "data.augment=crop_flip", "--contact-sheet", str(tmp_path / "sheet.png"))
     assert prepared.returncode == 0 and "train images of class red (before the split)" in prepared.stdout and "3x32x32" in prepared.stdout
+    assert (tmp_path / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _cli("train", str(recipe)).returncode == 0
     generated = _cli("generate", raw["output_dir"], "--prompt", "hello")
     assert generated.returncode == 2 and "is a image-classification run: its model predicts labels, it does not generate text" in " ".join(generated.stderr.split())

@@ -350,6 +350,7 @@ def prepare(
     set_: SetOpt = None,
     unset: UnsetOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (counts, cache, samples with input_ids and labels) as JSON.")] = None,
+    contact_sheet: Annotated[Optional[Path], typer.Option("--contact-sheet", help="image-classification: write a PNG of the first training images with their labels, as stored and (with data.augment) as augmented.")] = None,
     list_cache: Annotated[bool, typer.Option("--list-cache", help="List the data cache's entries (size, last used, data, tokenizer) instead; no RECIPE.")] = False,
     prune_cache: Annotated[bool, typer.Option("--prune-cache", help="Remove cache entries not used for --older-than days (default 30), or every entry with --all; no RECIPE.")] = False,
     older_than: Annotated[Optional[float], typer.Option("--older-than", help="With --prune-cache: days since an entry was last used (default 30).")] = None,
@@ -370,14 +371,19 @@ def prepare(
     if recipe is None:
         _run(_input_error, "give a RECIPE to prepare (or --list-cache / --prune-cache)")
     _refuse_output_file("--json", json_out)
+    _refuse_output_file("--contact-sheet", contact_sheet)
     from .recipe.load import load_recipe
 
     spec = _run(load_recipe, recipe, set_ or [], unset or [])  # before torch loads: a recipe error is quick
+    if contact_sheet is not None and spec.task != "image-classification":
+        _run(_input_error, f"--contact-sheet shows training images: it needs an image-classification recipe (this is {spec.task})")
     _quiet_libraries()
     from .prepare import prepare_report
 
-    report = _run(prepare_report, spec, reporter=RichReporter())
+    report = _run(prepare_report, spec, reporter=RichReporter(), contact_sheet=contact_sheet)
     _print_prepare(report)
+    if contact_sheet:
+        out_console.print(f"contact sheet written to {contact_sheet}")
     if json_out:
         from .run.atomic import write_json
 

@@ -3,6 +3,7 @@ list and prune the data cache."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .data.cache import CacheEntry, PruneResult, data_cache_root, list_entries, prune
@@ -13,11 +14,13 @@ from .recipe.sections import Recipe
 from .report.reporter import Reporter
 
 
-def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None = None) -> dict[str, Any]:
+def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None = None, contact_sheet: Path | None = None) -> dict[str, Any]:
     """Prepare the recipe's data (through the cache) and return the report with samples:
     the first training examples as stored (input_ids, labels with -100 where masked) and
     their tokens decoded one by one. The model is resolved as `train` resolves it
-    (`allow_pickle`, `trust_remote_code`, positions against `data.max_length`)."""
+    (`allow_pickle`, `trust_remote_code`, positions against `data.max_length`).
+    `contact_sheet` (images): a PNG of the first training images with their labels, as
+    stored and, with data.augment, as augmented (seeded with training.seed)."""
     reporter = reporter or Reporter()
     path = resolve_checked(recipe)
     tokenizer = load_preprocessor(recipe, path)
@@ -41,6 +44,17 @@ def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None
             sample["trained"] = [label != IGNORE_INDEX for label in example["labels"]]
         samples.append(sample)
     report["samples"] = samples
+    if contact_sheet is not None:
+        import torch
+
+        from .report.plots import plot_contact_sheet
+
+        examples = data.train.unaugmented()[:8]
+        with torch.random.fork_rng():
+            torch.manual_seed(recipe.training.seed)
+            augmented = data.train[:8] if data.train.augment != "none" else None
+        plot_contact_sheet(examples, augmented, data.label_names, report["image"], contact_sheet)
+        report["contact_sheet"] = str(contact_sheet)
     return report
 
 

@@ -362,6 +362,7 @@ class ImageExamples(Sequence):
     def __init__(self, dataset, rows: np.ndarray | None, image: dict[str, Any], augment: str = "none") -> None:
         self.dataset = dataset
         self.augment = augment
+        self.image = image
         self._items = dataset.select_columns(["pixels", "labels"])
         self.rows = np.arange(dataset.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         self.shape = (image["channels"], image["height"], image["width"])
@@ -396,6 +397,10 @@ class ImageExamples(Sequence):
 
     def lengths(self) -> np.ndarray:
         return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)[self.rows]
+
+    def unaugmented(self) -> ImageExamples:
+        """The same examples as stored (what evaluation reads)."""
+        return ImageExamples(self.dataset, self.rows, self.image)
 
 
 

@@ -66,6 +66,38 @@ def plot_confusion(counts: list[list[int]], labels: list[str], out_path: Path, t
     plt.close(fig)
 
 
+def plot_contact_sheet(examples: list[dict], augmented: list[dict] | None, labels: list[str], image: dict[str, Any], out_path: Path) -> None:
+    """Training images with their labels: one row as stored, one as augmented (if given).
+    Pixel values are mapped back through the preprocessing's mean, std and rescale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    mean = torch.tensor(image["mean"]).view(-1, 1, 1)
+    std = torch.tensor(image["std"]).view(-1, 1, 1)
+    rows = [("as stored", examples)] + ([("augmented", augmented)] if augmented is not None else [])
+    n = len(examples)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.9 * len(rows)), dpi=120, squeeze=False)
+    for r, (name, items) in enumerate(rows):
+        for c, example in enumerate(items):
+            pixels = ((example["pixel_values"] * std + mean) / image["rescale"]).clamp(0, 255).to(torch.uint8)
+            ax = axes[r][c]
+            if pixels.shape[0] == 1:
+                ax.imshow(pixels[0].numpy(), cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(pixels[:3].permute(1, 2, 0).numpy())
+            ax.set_title(labels[example["labels"]], fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    with atomic_file(out_path, keep_suffix=True) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
 def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
     """One panel per module role: rank against layer index, one line per run, max rank dashed."""
     import matplotlib
