@@ -10,7 +10,8 @@ loads. The injector (`tnlora_cli.model.inject`) builds one adapter per matched l
 every adapter the same `SharedStore`, where tensors shared across layers are registered exactly
 once. The wrappers that put an adapter on a layer live in `layers.py`.
 Optional hooks (`bind_base`, `combine`, `merge_weight`) let a method see the base weight and
-define how it joins the base output and the merged weight; their defaults are additive.
+define how it joins the base output and the merged weight; their defaults are additive, and
+`adapter.use_dora` makes every method weight-decomposed through them (`dora.py`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class Adapter(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.role = role
+        #: DoRA: a trained magnitude per output row is added by `bind_base` (see `dora.py`).
+        self.use_dora = bool(getattr(config, "use_dora", False))
 
     @classmethod
     def prepare_shared(cls, shared: SharedStore, config: AdapterConfig, layers: list[LayerSpec], generator: torch.Generator) -> None:
@@ -112,6 +115,12 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         raise NotImplementedError
 
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch on an input that has already been through this adapter's dropout (DoRA
+        drops the input once for the frozen and the adapter part alike). Adapters with a
+        `dropout` on their input override it; the others have nothing to skip."""
+        return self(x)
+
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (out, in) matrix in at least fp32, scaling included."""
         raise NotImplementedError
@@ -123,22 +132,50 @@ class Adapter(nn.Module):
     def bind_base(self, base: BaseWeight) -> None:
         """Called once, right after construction, with the frozen weight this adapter updates
         (`base.dense()`: (out, in), at least fp32, dequantized when quantized; on the meta
-        device for counting). Additive adapters never need it."""
+        device for counting). Additive adapters never need it; with `use_dora` the magnitude
+        is created here."""
+        if self.use_dora:
+            from .dora import attach_magnitude
+
+            attach_magnitude(self, base)
 
     def combine(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output (..., out) from its input x (..., in) and the frozen
         layer's output `base_out` (..., out): base_out + branch(x) by default."""
+        if self.use_dora:
+            from .dora import dora_combine
+
+            return dora_combine(self, x, base_out)
         return base_out + self(x.to(self.compute_dtype)).to(base_out.dtype)
 
     def merge_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The merged weight (out, in) given W0 (out, in, at least fp32): W0 + ΔW by default.
         Must agree with `combine`: base(x) combined with the branch == x @ merged.T + bias."""
+        if self.use_dora:
+            from .dora import dora_merged_weight
+
+            return dora_merged_weight(self, base_weight)
         return base_weight + self.delta_weight().to(base_weight.device)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A (in, k), B (out, k)) with ΔW = B Aᵀ when the update is a product of thin
         factors (exact rank and spectrum come cheap from them); None for other updates."""
         return None
+
+    def weight_change(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W' − W0, (out, in), at least fp32: what merging adds to the base weight. ΔW for
+        additive adapters; with DoRA the rescaled difference, from `base_weight` (W0 rows) or,
+        by default, the bound base weight."""
+        if self.use_dora:
+            from .dora import dora_weight_change
+
+            return dora_weight_change(self, base_weight)
+        return self.delta_weight()
+
+    def weight_change_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Thin factors of `weight_change()` (as `low_rank_factors`), None where there are none:
+        a DoRA rescaling W0 + ΔW row by row is not a product of thin factors."""
+        return None if self.use_dora else self.low_rank_factors()
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -162,8 +199,11 @@ class LowRankAdapter(Adapter):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(self.dropout(x))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
-        return (self.dropout(x) @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
+        return (x @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.factors()
@@ -212,6 +252,11 @@ class BaseWeight:
         if isinstance(self.layer, Conv1D):
             weight = weight.T
         return weight[self.start : self.stop]
+
+    def bias(self) -> torch.Tensor | None:
+        """The bias of these rows (out,), None when the layer has none."""
+        bias = self.layer.bias
+        return None if bias is None else bias[self.start : self.stop]
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
