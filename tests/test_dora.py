@@ -1,0 +1,225 @@
+"""adapter.use_dora: DoRA's magnitude over every adapter, exact against peft's LoRA + DoRA."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_adapters import SMALL, _recipe
+from torch import nn
+
+from tnlora_cli.adapters import REGISTRY, LoraConfig, TensorGuideConfig
+from tnlora_cli.adapters.layers import merged_weight
+from tnlora_cli.errors import RecipeError
+from tnlora_cli.model.inject import adapted_layers, inject_adapter
+from tnlora_cli.model.merging import merge_into_base
+from tnlora_cli.recipe.load import validate_recipe
+
+ALL = sorted(REGISTRY)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(16, 32)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(32, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.act(self.lin0(x)))
+
+
+def _twins(dropout: float = 0.0) -> tuple[nn.Module, nn.Module]:
+    """tnlora LoRA + DoRA and peft LoRA + DoRA on the same MLP, with the same A, B and a
+    magnitude moved away from its start (B random, so ΔW ≠ 0 and the norm matters)."""
+    torch.manual_seed(0)
+    base = MLP()
+    ours = copy.deepcopy(base)
+    inject_adapter(ours, LoraConfig(target_modules=["lin0", "lin1"], r=4, alpha=8, dropout=dropout, use_dora=True))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(target_modules=["lin0", "lin1"], r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True)
+    )
+    for name in ("lin0", "lin1"):
+        adapter, layer = ours.get_submodule(name).adapter, theirs.base_model.model.get_submodule(name)
+        # peft's magnitude starts at ‖W0‖ like ours (B = 0): the starts agree before any change.
+        torch.testing.assert_close(adapter.magnitude, layer.lora_magnitude_vector["default"].weight, rtol=0, atol=0)
+        with torch.no_grad():
+            adapter.lora_B.normal_(std=0.3)
+            adapter.magnitude.mul_(torch.rand_like(adapter.magnitude) + 0.5)
+            layer.lora_A["default"].weight.copy_(adapter.lora_A)
+            layer.lora_B["default"].weight.copy_(adapter.lora_B)
+            layer.lora_magnitude_vector["default"].weight.copy_(adapter.magnitude)
+    return ours, theirs
+
+
+def _pairs(ours: nn.Module, theirs: nn.Module):
+    for name in ("lin0", "lin1"):
+        adapter, layer = ours.get_submodule(name).adapter, theirs.base_model.model.get_submodule(name)
+        yield adapter.lora_A, layer.lora_A["default"].weight
+        yield adapter.lora_B, layer.lora_B["default"].weight
+        yield adapter.magnitude, layer.lora_magnitude_vector["default"].weight
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_and_gradients_equal_peft(dropout):
+    """Same tensors, same result: forward, and the gradients of A, B and m (the norm a
+    constant in backward in both). With dropout, each draws one mask per layer from the same
+    RNG state, so peft's way of dropping x once for both parts is matched mask for mask."""
+    ours, theirs = _twins(dropout)
+    ours.train(), theirs.train()
+    x = torch.randn(3, 5, 16)
+    torch.manual_seed(7)
+    y_ours = ours(x)
+    torch.manual_seed(7)
+    y_theirs = theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-6)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for mine, ref in _pairs(ours, theirs):
+        assert mine.grad is not None and mine.grad.abs().sum() > 0
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_is_a_constant_in_backward():
+    """Gradients of A and B are those of m/‖W0+ΔW‖ ⊙ (W0 x + ΔW x) with the norm held fixed."""
+    ours, _ = _twins()
+    layer = ours.lin1
+    adapter = layer.adapter
+    x = torch.randn(4, 32)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(layer.base_layer.weight + adapter.delta_weight(), dim=1)
+    a = adapter.lora_A.detach().clone().requires_grad_()
+    b = adapter.lora_B.detach().clone().requires_grad_()
+    weight = (adapter.magnitude.detach() / norm)[:, None] * (layer.base_layer.weight + 2.0 * b @ a)
+    (x @ weight.T).sum().backward()
+    torch.testing.assert_close(adapter.lora_A.grad, a.grad)
+    torch.testing.assert_close(adapter.lora_B.grad, b.grad)
+
+
+def test_merged_weight_equals_peft_and_reproduces_the_adapter():
+    ours, theirs = _twins()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = ours(x)
+        mine = {name: merged_weight(ours.get_submodule(name)) for name in ("lin0", "lin1")}
+        merged = theirs.merge_and_unload()
+        for name, weight in mine.items():
+            torch.testing.assert_close(weight, merged.get_submodule(name).weight, rtol=1e-6, atol=1e-6)
+        assert merge_into_base(ours) == 2
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_change_is_merged_minus_base_and_has_no_thin_factors():
+    ours, _ = _twins()
+    layer = ours.lin0
+    w0 = layer.base_layer.weight.detach()
+    torch.testing.assert_close(layer.adapter.weight_change(), merged_weight(layer) - w0)
+    assert layer.adapter.weight_change_factors() is None
+    assert layer.adapter.low_rank_factors() is not None  # ΔW itself is still B Aᵀ
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_every_adapter_starts_at_the_base_model(kind):
+    """m starts at ‖W0 + ΔW‖: the DoRA layer's output equals the plain adapter's at the start."""
+    torch.manual_seed(0)
+    base, x = MLP(), torch.randn(2, 16)
+    plain, dora = copy.deepcopy(base), copy.deepcopy(base)
+    config = REGISTRY[kind].config_class(type=kind, target_modules=["lin0", "lin1"], **SMALL[kind])
+    inject_adapter(plain, config)
+    inject_adapter(dora, config.model_copy(update={"use_dora": True}))
+    magnitudes = [layer.adapter.magnitude for _, layer in adapted_layers(dora)]
+    assert [m.shape for m in magnitudes] == [torch.Size([32]), torch.Size([8])]
+    assert all(m.requires_grad for m in magnitudes)
+    torch.testing.assert_close(dora(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_nonlinear_tensorguide_is_refused():
+    with pytest.raises(RecipeError, match="nonlinear branch, not a weight update"):
+        TensorGuideConfig(target_modules=["q"], activation="relu", use_dora=True)
+    TensorGuideConfig(target_modules=["q"], activation="none", use_dora=True)
+
+
+@pytest.mark.parametrize("setting, env", [("fsdp", {}), ("deepspeed-zero3", {}), ("auto", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})])
+def test_sharded_engines_are_refused(monkeypatch, setting, env):
+    from tnlora_cli.training.engines import choose_engine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RecipeError, match="shards the base weights"):
+        choose_engine(setting, quantized=False, weight_decomposed=True)
+
+
+@pytest.mark.parametrize("model", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ALL)
+def test_every_adapter_trains_evaluates_merges_and_counts(make_recipe, tmp_path, kind, model):
+    from tnlora_cli.count import count_params
+    from tnlora_cli.evaluate import evaluate_run
+    from tnlora_cli.merge import merge_run
+    from tnlora_cli.train import train
+
+    task = "classification" if model == "bert" else "causal-lm"
+    raw = _recipe(make_recipe, kind, model, task, use_dora=True)
+    raw["training"]["max_steps"] = 4
+    raw["training"]["log_every"] = 2
+    recipe = validate_recipe(raw)
+    result = train(recipe)
+    run = Path(raw["output_dir"])
+    tensors = load_file(str(next(run.rglob("adapter_model.safetensors"))))
+    magnitudes = {k: v for k, v in tensors.items() if k.endswith(".adapter.magnitude")}
+    assert len(magnitudes) == 4  # two targets in each of two blocks
+    plain = count_params(validate_recipe({**raw, "adapter": {**raw["adapter"], "use_dora": False}}))
+    counted = count_params(recipe)
+    assert counted.adapter_total.trainable - plain.adapter_total.trainable == sum(v.numel() for v in magnitudes.values())
+    assert result.evaluation["tuned"]["loss"] != result.evaluation["base"]["loss"]
+    assert evaluate_run(run)["metrics"]["tuned"]["loss"] == pytest.approx(result.evaluation["tuned"]["loss"], rel=1e-6)
+    report = merge_run(run, tmp_path / "merged")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+
+
+def test_export_as_peft_loads_in_peft_as_dora_with_the_same_logits(make_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tnlora_cli.export import export_as_peft
+    from tnlora_cli.model.build import load_run
+    from tnlora_cli.train import train
+
+    raw = make_recipe("llama", "causal-lm", use_dora=True)
+    raw["training"]["max_steps"] = 6
+    train(validate_recipe(raw))
+    out = export_as_peft(raw["output_dir"], tmp_path / "peft")
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    loaded = load_run(raw["output_dir"], data=False)
+    loaded.load_weights()
+    ids = torch.randint(5, 40, (2, 12))
+    with torch.no_grad():
+        expected = loaded.prepared.model.eval()(input_ids=ids).logits
+        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(raw["model"]), str(out)).eval()
+        assert any("lora_magnitude_vector" in k for k in model.state_dict())
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - model.get_base_model().__class__.from_pretrained(raw["model"])(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_export_as_lora_and_inspect_rank_read_the_rescaled_update(make_recipe, tmp_path):
+    """W' − W0 is not of rank r: the export at rank r has an error, at full rank none; the
+    rank inspection ranks W' − W0, not ΔW."""
+    from tnlora_cli.export import export_as_lora
+    from tnlora_cli.ranks import inspect_run
+    from tnlora_cli.train import train
+
+    raw = make_recipe("llama", "causal-lm", use_dora=True)
+    raw["training"]["max_steps"] = 6
+    train(validate_recipe(raw))
+    low = export_as_lora(raw["output_dir"], tmp_path / "low", rank=4)
+    full = export_as_lora(raw["output_dir"], tmp_path / "full", rank=32)
+    assert max(layer["relative_error"] for layer in low.layers) > 1e-4
+    assert max(layer["relative_error"] for layer in full.layers) < 1e-6
+    ranks = inspect_run(raw["output_dir"])
+    assert max(layer["rank"] for layer in ranks["layers"]) > 4
