@@ -223,3 +223,26 @@ def test_export_as_lora_and_inspect_rank_read_the_rescaled_update(make_recipe, t
     assert max(layer["relative_error"] for layer in full.layers) < 1e-6
     ranks = inspect_run(raw["output_dir"])
     assert max(layer["rank"] for layer in ranks["layers"]) > 4
+
+
+def test_tnlora_peft_types_merge_unmerge_and_convert_with_dora(tiny_models, tmp_path):
+    """tnlora's peft types with use_dora: peft's merge reproduces the logits, unmerge gives W0
+    back (DoRA's merge is inverted with the norm it divided by), save_as_lora converts W' − W0."""
+    from test_peft import _base, _logits, _perturb
+
+    from tnlora_cli.peft import TracConfig
+
+    pm = peft.get_peft_model(_base(tiny_models), TracConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", r=4, use_dora=True))
+    assert any(n.endswith("tnlora_adapter.default.magnitude") for n, p in pm.named_parameters() if p.requires_grad)
+    _perturb(pm)
+    want = _logits(pm)
+    assert (want - _logits(_base(tiny_models))).abs().max() > 1e-4
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    weight = layer.base_layer.weight.detach().clone()
+    pm.merge_adapter()
+    torch.testing.assert_close(_logits(pm), want, rtol=1e-5, atol=1e-5)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-6, atol=1e-6)
+    peft.save_as_lora(tmp_path / "lora", pm, rank=1.0)
+    lora = peft.PeftModel.from_pretrained(_base(tiny_models), tmp_path / "lora")
+    assert (_logits(lora) - want).abs().max() < 1e-4
