@@ -189,6 +189,10 @@ RECIPE_CASES = [
     R("max_steps 1e29", _set("training.max_steps", 10**29), r"training.max_steps: Input should be less than or equal to 1000000000"),
     R("epochs 1e15", lambda r: r["training"].update(max_steps=None, epochs=1e15), r"training.epochs: Input should be less than or equal to 1000000000"),
     R("save_every_minutes 0", _set("training.save_every_minutes", 0), r"training.save_every_minutes: Input should be greater than 0"),
+    # dora:
+    R("use_dora on a nonlinear tensorguide", _set("adapter", {"type": "tensorguide", "target_modules": ["query"], "activation": "relu", "use_dora": True}),
+      r"adapter.use_dora: DoRA rescales a weight update, but TensorGuide with activation: relu is a nonlinear branch"),
+    R("use_dora not a boolean", _set("adapter.use_dora", "maybe"), r"adapter.use_dora"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -246,3 +246,41 @@ def test_tnlora_peft_types_merge_unmerge_and_convert_with_dora(tiny_models, tmp_
     peft.save_as_lora(tmp_path / "lora", pm, rank=1.0)
     lora = peft.PeftModel.from_pretrained(_base(tiny_models), tmp_path / "lora")
     assert (_logits(lora) - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_norm_is_of_the_dequantized_weight(make_recipe, tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    from tnlora_cli.adapters.base import BaseWeight
+    from tnlora_cli.merge import merge_run
+    from tnlora_cli.model.build import prepare
+    from tnlora_cli.train import train
+
+    raw = _recipe(make_recipe, "lora", "llama-wide", "causal-lm", use_dora=True)
+    raw["quantization"] = {"bits": bits}
+    prepared = prepare(validate_recipe(raw))
+    name = prepared.injection.targets[0]
+    layer = prepared.model.get_submodule(name)
+    dense = BaseWeight(layer.base_layer, 0, layer.adapter.out_features).dense()
+    torch.testing.assert_close(layer.adapter.magnitude, torch.linalg.vector_norm(dense, dim=1), rtol=1e-6, atol=1e-6)
+    raw["training"]["max_steps"] = 4
+    train(validate_recipe(raw))
+    report = merge_run(raw["output_dir"], tmp_path / "merged")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+
+
+def test_fused_slices_have_one_magnitude_each_and_merge(make_recipe, tmp_path):
+    """GPT-2's c_attn adapted by its q and v slices: a magnitude per slice, the k rows untouched."""
+    from tnlora_cli.merge import merge_run
+    from tnlora_cli.train import train
+
+    raw = make_recipe("gpt2", "causal-lm", target_modules=["c_attn.q", "c_attn.v"], use_dora=True)
+    raw["training"]["max_steps"] = 4
+    raw["training"]["gradient_checkpointing"] = True
+    train(validate_recipe(raw))
+    run = Path(raw["output_dir"])
+    tensors = load_file(str(next(run.rglob("adapter_model.safetensors"))))
+    magnitudes = {k: v.shape for k, v in tensors.items() if k.endswith("magnitude")}
+    assert magnitudes == {f"transformer.h.{i}.attn.c_attn.{s}.adapter.magnitude": torch.Size([32]) for i in (0, 1) for s in "qv"}
+    report = merge_run(run, tmp_path / "merged")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
