@@ -284,3 +284,16 @@ def test_fused_slices_have_one_magnitude_each_and_merge(make_recipe, tmp_path):
     assert magnitudes == {f"transformer.h.{i}.attn.c_attn.{s}.adapter.magnitude": torch.Size([32]) for i in (0, 1) for s in "qv"}
     report = merge_run(run, tmp_path / "merged")
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+
+
+def test_dry_run_counts_the_magnitudes_on_the_llama2_7b_config():
+    """TRAC's paper budget on Llama-2-7B (q, v in 32 blocks) plus one 4096-vector per layer."""
+    from tnlora_cli.dryrun import dry_run
+    from tnlora_cli.recipe.load import load_recipe
+
+    base = load_recipe(Path(__file__).resolve().parents[1] / "recipes/paper/trac_llama2_7b.yaml")
+    raw = base.model_dump(mode="json")
+    raw["adapter"]["use_dora"] = True
+    plain = dry_run(base, with_samples=False).counts.adapter_total.trainable
+    dora = dry_run(validate_recipe(raw), with_samples=False).counts.adapter_total.trainable
+    assert (plain, dora) == (106_496, 106_496 + 64 * 4096)
