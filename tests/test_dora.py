@@ -271,6 +271,7 @@ def test_quantized_base_norm_is_of_the_dequantized_weight(make_recipe, tmp_path,
 
 def test_fused_slices_have_one_magnitude_each_and_merge(make_recipe, tmp_path):
     """GPT-2's c_attn adapted by its q and v slices: a magnitude per slice, the k rows untouched."""
+    from tnlora_cli.export import export_as_lora
     from tnlora_cli.merge import merge_run
     from tnlora_cli.train import train
 
@@ -284,6 +285,12 @@ def test_fused_slices_have_one_magnitude_each_and_merge(make_recipe, tmp_path):
     assert magnitudes == {f"transformer.h.{i}.attn.c_attn.{s}.adapter.magnitude": torch.Size([32]) for i in (0, 1) for s in "qv"}
     report = merge_run(run, tmp_path / "merged")
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    # One LoRA per fused layer for W' − W0 of both slices: exact at full rank, the k rows zero.
+    exported = export_as_lora(run, tmp_path / "lora", rank=32)
+    assert max(layer["relative_error"] for layer in exported.layers) < 1e-6
+    lora = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    b = lora["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert b[32:64].abs().max() < 1e-6 < b[:32].abs().max()
 
 
 def test_dry_run_counts_the_magnitudes_on_the_llama2_7b_config():

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..tensor.precision import at_least_fp32
+from . import dora
 from .configs import AdapterConfig, ScaledLowRankConfig, StrictModel  # noqa: F401 - re-exported
 
 
@@ -135,26 +137,20 @@ class Adapter(nn.Module):
         device for counting). Additive adapters never need it; with `use_dora` the magnitude
         is created here."""
         if self.use_dora:
-            from .dora import attach_magnitude
-
-            attach_magnitude(self, base)
+            dora.attach_magnitude(self, base)
 
     def combine(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output (..., out) from its input x (..., in) and the frozen
         layer's output `base_out` (..., out): base_out + branch(x) by default."""
         if self.use_dora:
-            from .dora import dora_combine
-
-            return dora_combine(self, x, base_out)
+            return dora.dora_combine(self, x, base_out)
         return base_out + self(x.to(self.compute_dtype)).to(base_out.dtype)
 
     def merge_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The merged weight (out, in) given W0 (out, in, at least fp32): W0 + ΔW by default.
         Must agree with `combine`: base(x) combined with the branch == x @ merged.T + bias."""
         if self.use_dora:
-            from .dora import dora_merged_weight
-
-            return dora_merged_weight(self, base_weight)
+            return dora.dora_merged_weight(self, base_weight)
         return base_weight + self.delta_weight().to(base_weight.device)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -167,9 +163,7 @@ class Adapter(nn.Module):
         additive adapters; with DoRA the rescaled difference, from `base_weight` (W0 rows) or,
         by default, the bound base weight."""
         if self.use_dora:
-            from .dora import dora_weight_change
-
-            return dora_weight_change(self, base_weight)
+            return dora.dora_weight_change(self, base_weight)
         return self.delta_weight()
 
     def weight_change_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -212,11 +206,6 @@ class LowRankAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
         return at_least_fp32(b) @ at_least_fp32(a).T * self.scaling
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Upcast half-precision tensors to fp32 (fp64 stays fp64) for building ΔW."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int]:

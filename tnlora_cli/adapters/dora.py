@@ -23,17 +23,23 @@ layers. These functions are reached through the `Adapter` hooks when `adapter.us
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, BaseWeight, at_least_fp32
+from ..tensor.precision import at_least_fp32
+
+# `adapter` below is an `adapters.base.Adapter` and `base` a `BaseWeight`; this module is below
+# base.py (whose hooks call it), so it names neither.
+Adapter = nn.Module
 
 #: The attribute (and adapter-file tensor name) of the trained magnitude.
 MAGNITUDE = "magnitude"
 
 
-def attach_magnitude(adapter: Adapter, base: BaseWeight) -> None:
+def attach_magnitude(adapter: Adapter, base: Any) -> None:
     """Give `adapter` its magnitude, ‖W0 + ΔW‖ per output row of `base`, and keep `base`."""
     if not adapter.is_linear:
         raise ValueError(f"{type(adapter).__name__} is not a weight update: DoRA needs one")  # recipes refuse it first
@@ -49,7 +55,7 @@ def attach_magnitude(adapter: Adapter, base: BaseWeight) -> None:
     adapter.register_parameter(MAGNITUDE, nn.Parameter(norm.to(device=device, dtype=adapter.compute_dtype)))
 
 
-def bound_base(adapter: Adapter) -> BaseWeight:
+def bound_base(adapter: Adapter) -> Any:
     return adapter.__dict__["_dora_base"]
 
 
