@@ -9,6 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import ACCELERATE, accelerate_launch, write_recipe
 from safetensors.torch import load_file
 from test_adapters import SMALL, _recipe
 from torch import nn
@@ -304,3 +305,25 @@ def test_dry_run_counts_the_magnitudes_on_the_llama2_7b_config():
     plain = dry_run(base, with_samples=False).counts.adapter_total.trainable
     dora = dry_run(validate_recipe(raw), with_samples=False).counts.adapter_total.trainable
     assert (plain, dora) == (106_496, 106_496 + 64 * 4096)
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
+def test_two_process_ddp_with_checkpointing_matches_one_process(make_recipe, tmp_path, monkeypatch):
+    """The magnitudes are ordinary per-layer parameters: DDP reduces them with the rest, also
+    under gradient checkpointing, and 2 × 4 examples train as one process with 8 does."""
+    from tnlora_cli.train import train
+
+    raw = make_recipe("bert", "classification")
+    raw["adapter"] = {"type": "trac", "target_modules": ["query", "value"], "r": 4, "use_dora": True}
+    raw["training"].update(max_steps=8, batch_size=4, gradient_checkpointing=True)
+    raw["output_dir"] = str(tmp_path / "ddp")
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "data-cache"))
+    result = accelerate_launch(["--multi_gpu"], 29561, "train", str(write_recipe(tmp_path / "ddp.yaml", raw)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = {**raw, "training": {**raw["training"], "batch_size": 8, "gradient_checkpointing": False}, "output_dir": str(tmp_path / "single")}
+    train(validate_recipe(single))
+    a = load_file(str(tmp_path / "ddp/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "single/adapter/adapter_model.safetensors"))
+    assert any(k.endswith("magnitude") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
