@@ -327,3 +327,23 @@ def test_two_process_ddp_with_checkpointing_matches_one_process(make_recipe, tmp
     assert any(k.endswith("magnitude") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vera", "tera"])
+def test_generate_merges_in_memory_as_the_adapter_path_generates(make_recipe, kind):
+    """generate's in-memory merge writes W' (not W0 + ΔW): the same greedy tokens as the
+    unmerged DoRA layers, on a bfloat16 base."""
+    from tnlora_cli.generation.generator import SamplingSettings, load_generator
+    from tnlora_cli.train import train
+
+    raw = _recipe(make_recipe, kind, "llama", "causal-lm", use_dora=True)
+    raw["model_dtype"] = "bfloat16"
+    raw["training"]["max_steps"] = 6
+    train(validate_recipe(raw))
+    settings = SamplingSettings(max_new_tokens=8, batch_size=2)
+    prompts = [[2, 11, 12, 13, 14], [2, 21, 22, 23]]
+    adapter_path = load_generator(raw["output_dir"], merge=False)
+    unmerged = adapter_path.generate(prompts, settings)
+    merged = load_generator(raw["output_dir"])
+    assert merged.generate(prompts, settings) == unmerged
+    assert merged.merged and merged.merge_max_diff < 0.05  # bfloat16 logits
