@@ -224,6 +224,8 @@ def test_export_as_lora_and_inspect_rank_read_the_rescaled_update(make_recipe, t
     assert max(layer["relative_error"] for layer in full.layers) < 1e-6
     ranks = inspect_run(raw["output_dir"])
     assert max(layer["rank"] for layer in ranks["layers"]) > 4
+    saved = load_file(str(Path(raw["output_dir"]) / "adapter" / "adapter_model.safetensors"))
+    assert ranks["trainable_parameters"] == sum(v.numel() for k, v in saved.items() if ".adapter." in k)  # A, B and m; not the base
 
 
 def test_tnlora_peft_types_merge_unmerge_and_convert_with_dora(tiny_models, tmp_path):

@@ -22,6 +22,7 @@ import torch
 from .errors import RecipeError
 from .model.build import load_adapters_for_updates
 from .model.inject import adapted_layers
+from .model.state import is_adapter_tensor
 from .report.reporter import Reporter
 from .run.atomic import atomic_file
 from .run.outputs import require_finite
@@ -57,7 +58,9 @@ def inspect_run(path: str | Path, rtol: float | None = None, dense: bool = False
     require_finite(meta["state"], meta["adapter_dir"])
     recipe = meta["recipe"]
     layers = list(adapted_layers(model))
-    trainable = sum(t.numel() for t in {id(p): p for p in model.parameters() if p.requires_grad and p.device.type != "meta"}.values())
+    # Adapter tensors only: a DoRA run's model is loaded with its base and task head.
+    adapter_params = {id(p): p for n, p in model.named_parameters(remove_duplicate=False) if is_adapter_tensor(n)}
+    trainable = sum(t.numel() for t in adapter_params.values() if t.requires_grad and t.device.type != "meta")
     reporter.start(len(layers), f"ranks of {path}")
     results: list[LayerRank] = []
     with torch.no_grad():
