@@ -349,3 +349,34 @@ def test_generate_merges_in_memory_as_the_adapter_path_generates(make_recipe, ki
     merged = load_generator(raw["output_dir"])
     assert merged.generate(prompts, settings) == unmerged
     assert merged.merged and merged.merge_max_diff < 0.05  # bfloat16 logits
+
+
+@pytest.mark.parametrize("kind", ["trac", "tera", "loretta", "tensorguide"])
+def test_export_as_peft_of_the_tensor_network_types_keeps_the_magnitude(make_recipe, tmp_path, kind):
+    """tnlora's peft types carry use_dora and the magnitudes: peft reproduces the logits."""
+    from test_export import _adapter_logits_and_peft
+
+    import tnlora_cli.peft  # noqa: F401  (registers the tensor-network types with peft)
+    from tnlora_cli.export import export_as_peft
+    from tnlora_cli.train import train
+
+    raw = _recipe(make_recipe, kind, "llama", "causal-lm", use_dora=True)
+    raw["training"].update(max_steps=3, learning_rate=0.1)
+    train(validate_recipe(raw))
+    export_as_peft(raw["output_dir"], tmp_path / "peft")
+    assert json.loads((tmp_path / "peft/adapter_config.json").read_text())["use_dora"] is True
+    expected, got = _adapter_logits_and_peft(Path(raw["output_dir"]), tmp_path / "peft")
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_export_as_peft_refuses_vera_with_dora(make_recipe, tmp_path):
+    from tnlora_cli.errors import MergeError
+    from tnlora_cli.export import export_as_peft
+    from tnlora_cli.train import train
+
+    raw = _recipe(make_recipe, "vera", "llama", "causal-lm", use_dora=True)
+    raw["training"]["max_steps"] = 2
+    train(validate_recipe(raw))
+    with pytest.raises(MergeError, match="peft's VeRA has no DoRA magnitude"):
+        export_as_peft(raw["output_dir"], tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

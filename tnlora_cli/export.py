@@ -167,6 +167,11 @@ def export_as_peft(path: str | Path, out: str | Path, *, force: bool = False) ->
             "export --as-peft: this adapter shares tensors by roles of an older tnlora, which peft loading would name otherwise",
             hint="export with --as-lora", exit_code=2,
         )
+    if kind == "vera" and recipe.adapter.use_dora:
+        raise MergeError(
+            "export --as-peft: peft's VeRA has no DoRA magnitude, so this VeRA + DoRA adapter has no peft VeRA form",
+            hint="export with --as-lora (W' − W0 as a LoRA), or use the merged model (tnlora merge)", exit_code=2,
+        )
     heads = list(config.get("modules_to_save") or [])
     adapter_state = {k: v for k, v in model.state_dict().items() if is_adapter_tensor(k)}  # frozen ones too, regenerated if not saved
     head_state = {k: v for k, v in state.items() if not is_adapter_tensor(k)}
