@@ -44,7 +44,9 @@ VARIANTS = {
 CASE_MODEL = {"lora-fused": ("gpt2", ["c_attn.q", "c_attn.v"])}
 #: tnlora's tensor-network adapters through peft (`import tnlora_cli.peft`): the same modules.
 PEFT_TN = ["trac", "tera", "loretta", "tensorguide"]
-CASES = ["peft-lora", *ADAPTERS, *VARIANTS, *(f"peft-{kind}" for kind in PEFT_TN)]
+#: `<case>-dora`: the same adapter with `use_dora: true` (peft-lora-dora: peft's `LoraConfig(use_dora=True)`).
+DORA = ["peft-lora-dora", *(f"{kind}-dora" for kind in ADAPTERS)]
+CASES = ["peft-lora", *ADAPTERS, *VARIANTS, *(f"peft-{kind}" for kind in PEFT_TN), *DORA]
 
 
 def _targets(model) -> list[str]:
@@ -71,10 +73,12 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModel.from_config(config).to(device=device, dtype=dtype)
     targets = fixed_targets or _targets(model)
+    dora = case.endswith("-dora")
+    case = case.removesuffix("-dora")
     if case == "peft-lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=dora))
     elif case.startswith("peft-"):
         from peft import get_peft_model
 
@@ -85,7 +89,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         model = get_peft_model(model, CONFIG_CLASSES[kind](target_modules=targets, **settings))
     else:
         settings = {**ADAPTERS, **VARIANTS}[case]
-        cfg = REGISTRY[settings["type"]].config_class(target_modules=targets, **settings)
+        cfg = REGISTRY[settings["type"]].config_class(target_modules=targets, **settings, use_dora=dora)
         inject_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -115,7 +119,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(clock() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"case": case, "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
+    return {"case": case + ("-dora" if dora else ""), "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
 
 
 def main() -> None:
@@ -148,7 +152,7 @@ def main() -> None:
             for store, src in ((results, None), (before, args.before)):
                 if src is None and store is before:
                     continue
-                if store is before and case == "peft-lora":
+                if store is before and case.startswith("peft-lora"):
                     continue  # peft does not change with tnlora
                 env = dict(os.environ)
                 if src is not None:
@@ -168,7 +172,10 @@ def main() -> None:
     device = base["device"]
     print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} steps, "
           f"{'process CPU' if args.clock == 'cpu' and device == 'cpu' else 'wall'} time")
-    header = f"{'adapter':<12} {'trainable':>10} {'step ms':>9} {'x lora':>7} {'x peft':>7} {'peak MB':>9} {'x lora':>7} {'x peft':>7}"
+    # DoRA rows: "x same" is the ratio to the same adapter without DoRA (peft-lora-dora: to peft-lora).
+    header = (
+        f"{'adapter':<18} {'trainable':>10} {'step ms':>9} {'x lora':>7} {'x peft':>7} {'x same':>7} {'peak MB':>9} {'x lora':>7} {'x peft':>7}"
+    )
     if before:
         header += f" {'before ms':>10} {'now/before':>10}"
     print(header)
@@ -176,8 +183,10 @@ def main() -> None:
     for case, r in results.items():
         t_peft = f"{r['step_s'] / peft['step_s']:.2f}" if peft else "-"
         m_peft = f"{r['peak_bytes'] / peft['peak_bytes']:.2f}" if peft else "-"
+        same = results.get(case.removesuffix("-dora")) if case.endswith("-dora") else None
+        t_same = f"{r['step_s'] / same['step_s']:.2f}" if same else "-"
         print(
-            f"{case:<12} {r['trainable']:>10,} {1e3 * r['step_s']:>9.1f} {r['step_s'] / base['step_s']:>7.2f} {t_peft:>7} "
+            f"{case:<18} {r['trainable']:>10,} {1e3 * r['step_s']:>9.1f} {r['step_s'] / base['step_s']:>7.2f} {t_peft:>7} {t_same:>7} "
             f"{r['peak_bytes'] / 2**20:>9.0f} {r['peak_bytes'] / base['peak_bytes']:>7.2f} {m_peft:>7}"
             + (f" {1e3 * before[case]['step_s']:>10.1f} {r['step_s'] / before[case]['step_s']:>10.2f}" if case in before else "")
         )

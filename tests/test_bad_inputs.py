@@ -222,6 +222,10 @@ RECIPE_CASES = [
       r"red/tiny\.png: the image is 4x6, smaller than one 8x8 patch"),
     R("vision model under a text task", _images(task="classification", label_column="label"), r"task: classification is for language models, and the model is a vision model \(ViTConfig\).*task: image-classification"),
     R("text model under the image task", _set("task", "image-classification"), r"task: image-classification needs a vision model .* BertConfig"),
+    # dora:
+    R("use_dora on a nonlinear tensorguide", _set("adapter", {"type": "tensorguide", "target_modules": ["query"], "activation": "relu", "use_dora": True}),
+      r"adapter.use_dora: DoRA rescales a weight update, but TensorGuide with activation: relu is a nonlinear branch"),
+    R("use_dora not a boolean", _set("adapter.use_dora", "maybe"), r"adapter.use_dora"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
+from .adapters.dora import MAGNITUDE
 from .adapters.layers import AdaptedLinear, AdaptedSlice
 from .errors import MergeError, RecipeError
-from .model.build import load_adapters_on_meta, saved_roles
+from .model.build import load_adapters_for_updates, load_adapters_on_meta, saved_roles
 from .model.inject import adapted_layers, merge_units, require_linear
 from .model.loading import base_model_reference, resolve_model
 from .model.peft_format import PEFT_PREFIX, peft_task_type, to_peft_key
@@ -41,10 +42,11 @@ class ExportReport:
 
 
 def _svd(adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (out, k), S (k), V (in, k) of ΔW, from thin factors when the adapter has them."""
-    factors = adapter.low_rank_factors()
+    """U (out, k), S (k), V (in, k) of W' − W0 (ΔW, or DoRA's rescaled update), from thin
+    factors when the update has them."""
+    factors = adapter.weight_change_factors()
     if factors is None:
-        u, s, vh = torch.linalg.svd(adapter.delta_weight().double(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(adapter.weight_change().double(), full_matrices=False)
         return u, s, vh.T
     a, b = (t.double() for t in factors)
     q_a, r_a = torch.linalg.qr(a)
@@ -81,7 +83,7 @@ def export_as_lora(
     refuse_mount_point(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out", exit_code=2)
-    model, meta = load_adapters_on_meta(path)
+    model, meta = load_adapters_for_updates(path)
     recipe, config, state = meta["recipe"], meta["config"], meta["state"]
     refuse_overlap(out, protected_paths(path, meta["adapter_dir"], resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle)))
     require_finite(state, meta["adapter_dir"])
@@ -165,6 +167,11 @@ def export_as_peft(path: str | Path, out: str | Path, *, force: bool = False) ->
             "export --as-peft: this adapter shares tensors by roles of an older tnlora, which peft loading would name otherwise",
             hint="export with --as-lora", exit_code=2,
         )
+    if kind == "vera" and recipe.adapter.use_dora:
+        raise MergeError(
+            "export --as-peft: peft's VeRA has no DoRA magnitude, so this VeRA + DoRA adapter has no peft VeRA form",
+            hint="export with --as-lora (W' − W0 as a LoRA), or use the merged model (tnlora merge)", exit_code=2,
+        )
     heads = list(config.get("modules_to_save") or [])
     adapter_state = {k: v for k, v in model.state_dict().items() if is_adapter_tensor(k)}  # frozen ones too, regenerated if not saved
     head_state = {k: v for k, v in state.items() if not is_adapter_tensor(k)}
@@ -182,10 +189,13 @@ def export_as_peft(path: str | Path, out: str | Path, *, force: bool = False) ->
     if kind == "lora":
         peft_config = peft.LoraConfig(
             r=settings["r"], lora_alpha=settings["alpha"], use_rslora=settings["use_rslora"], lora_dropout=settings["dropout"],
+            use_dora=settings["use_dora"],
             fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in adapted_layers(model)), **common,
         )
         for key, value in adapter_state.items():
             layer, _, name = key.partition(".adapter.")
+            # DoRA's magnitude is peft's `lora_magnitude_vector` (the same vector: m of W' = m ⊙ V / ‖V‖)
+            name = {MAGNITUDE: "lora_magnitude_vector"}.get(name, name)
             tensors[f"{PEFT_PREFIX}{layer}.{name}.weight"] = value
     elif kind == "vera":
         peft_config = peft.VeraConfig(

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from .errors import RecipeError
-from .model.build import load_adapters_on_meta
+from .model.build import load_adapters_for_updates
 from .model.inject import adapted_layers
+from .model.state import is_adapter_tensor
 from .report.reporter import Reporter
 from .run.atomic import atomic_file
 from .run.outputs import require_finite
@@ -53,11 +54,13 @@ def inspect_run(path: str | Path, rtol: float | None = None, dense: bool = False
     reporter = reporter or Reporter()
     if rtol is not None and not (math.isfinite(rtol) and 0.0 <= rtol < 1.0):
         raise RecipeError(f"--rtol {rtol}: must be a number in [0, 1)", hint="e.g. --rtol 1e-6, or leave it out for eps(fp32) x max(m, n)")
-    model, meta = load_adapters_on_meta(path)
+    model, meta = load_adapters_for_updates(path)
     require_finite(meta["state"], meta["adapter_dir"])
     recipe = meta["recipe"]
     layers = list(adapted_layers(model))
-    trainable = sum(t.numel() for t in {id(p): p for p in model.parameters() if p.requires_grad and p.device.type != "meta"}.values())
+    # Adapter tensors only: a DoRA run's model is loaded with its base and task head.
+    adapter_params = {id(p): p for n, p in model.named_parameters(remove_duplicate=False) if is_adapter_tensor(n)}
+    trainable = sum(t.numel() for t in adapter_params.values() if t.requires_grad and t.device.type != "meta")
     reporter.start(len(layers), f"ranks of {path}")
     results: list[LayerRank] = []
     with torch.no_grad():
@@ -68,11 +71,11 @@ def inspect_run(path: str | Path, rtol: float | None = None, dense: bool = False
             if not adapter.is_linear:
                 results.append(LayerRank(**common, rank=None, effective_rank=None, rank_90=None, rank_99=None, top_singular_values=[], method="nonlinear"))
             else:
-                factors = None if dense else adapter.low_rank_factors()
+                factors = None if dense else adapter.weight_change_factors()
                 if factors is not None:
                     sv, method = spectrum_from_factors(*factors), "factors"
                 else:
-                    sv, method = spectrum_dense(adapter.delta_weight()), "dense"
+                    sv, method = spectrum_dense(adapter.weight_change()), "dense"
                 results.append(LayerRank(**common, **summarise(sv, shape, rtol), method=method))
             reporter.advance(i + 1)
     reporter.finish()

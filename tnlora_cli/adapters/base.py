@@ -10,7 +10,8 @@ loads. The injector (`tnlora_cli.model.inject`) builds one adapter per matched l
 every adapter the same `SharedStore`, where tensors shared across layers are registered exactly
 once. The wrappers that put an adapter on a layer live in `layers.py`.
 Optional hooks (`bind_base`, `combine`, `merge_weight`) let a method see the base weight and
-define how it joins the base output and the merged weight; their defaults are additive.
+define how it joins the base output and the merged weight; their defaults are additive, and
+`adapter.use_dora` makes every method weight-decomposed through them (`dora.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..tensor.precision import at_least_fp32
+from . import dora
 from .configs import AdapterConfig, ScaledLowRankConfig, StrictModel  # noqa: F401 - re-exported
 
 
@@ -85,6 +88,8 @@ class Adapter(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.role = role
+        #: DoRA: a trained magnitude per output row is added by `bind_base` (see `dora.py`).
+        self.use_dora = bool(getattr(config, "use_dora", False))
 
     @classmethod
     def prepare_shared(cls, shared: SharedStore, config: AdapterConfig, layers: list[LayerSpec], generator: torch.Generator) -> None:
@@ -112,6 +117,12 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         raise NotImplementedError
 
+    def undropped(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch on an input that has already been through this adapter's dropout (DoRA
+        drops the input once for the frozen and the adapter part alike). Adapters with a
+        `dropout` on their input override it; the others have nothing to skip."""
+        return self(x)
+
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (out, in) matrix in at least fp32, scaling included."""
         raise NotImplementedError
@@ -123,11 +134,16 @@ class Adapter(nn.Module):
     def bind_base(self, base: BaseWeight) -> None:
         """Called once, right after construction, with the frozen weight this adapter updates
         (`base.dense()`: (out, in), at least fp32, dequantized when quantized; on the meta
-        device for counting). Additive adapters never need it."""
+        device for counting). Additive adapters never need it; with `use_dora` the magnitude
+        is created here."""
+        if self.use_dora:
+            dora.attach_magnitude(self, base)
 
     def combine(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The adapted layer's output (..., out) from its input x (..., in) and the frozen
         layer's output `base_out` (..., out): base_out + branch(x) by default."""
+        if self.use_dora:
+            return dora.dora_combine(self, x, base_out)
         return base_out + self.branch(x, base_out.dtype)
 
     def branch(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -138,18 +154,33 @@ class Adapter(nn.Module):
     @property
     def is_additive(self) -> bool:
         """True when `combine` is the default base_out + branch(x), so a caller may add the
-        branch into the base output in place (fused layers do)."""
-        return type(self).combine is Adapter.combine
+        branch into the base output in place (fused layers do); DoRA rescales, so it is not."""
+        return type(self).combine is Adapter.combine and not self.use_dora
 
     def merge_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """The merged weight (out, in) given W0 (out, in, at least fp32): W0 + ΔW by default.
         Must agree with `combine`: base(x) combined with the branch == x @ merged.T + bias."""
+        if self.use_dora:
+            return dora.dora_merged_weight(self, base_weight)
         return base_weight + self.delta_weight().to(base_weight.device)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A (in, k), B (out, k)) with ΔW = B Aᵀ when the update is a product of thin
         factors (exact rank and spectrum come cheap from them); None for other updates."""
         return None
+
+    def weight_change(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W' − W0, (out, in), at least fp32: what merging adds to the base weight. ΔW for
+        additive adapters; with DoRA the rescaled difference, from `base_weight` (W0 rows) or,
+        by default, the bound base weight."""
+        if self.use_dora:
+            return dora.dora_weight_change(self, base_weight)
+        return self.delta_weight()
+
+    def weight_change_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Thin factors of `weight_change()` (as `low_rank_factors`), None where there are none:
+        a DoRA rescaling W0 + ΔW row by row is not a product of thin factors."""
+        return None if self.use_dora else self.low_rank_factors()
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -173,8 +204,11 @@ class LowRankAdapter(Adapter):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.undropped(self.dropout(x))
+
+    def undropped(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
-        return (self.dropout(x) @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
+        return (x @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.factors()
@@ -183,11 +217,6 @@ class LowRankAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
         return at_least_fp32(b) @ at_least_fp32(a).T * self.scaling
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Upcast half-precision tensors to fp32 (fp64 stays fp64) for building ΔW."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
@@ -223,6 +252,11 @@ class BaseWeight:
         if isinstance(self.layer, Conv1D):
             weight = weight.T
         return weight[self.start : self.stop]
+
+    def bias(self) -> torch.Tensor | None:
+        """The bias of these rows (out,), None when the layer has none."""
+        bias = self.layer.bias
+        return None if bias is None else bias[self.start : self.stop]
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:

@@ -48,6 +48,11 @@ class AdapterConfig(StrictModel):
         "targets then name them like layers (query_key_value.q). GPT-2's c_attn (q, k, v), qkv_proj (q, k, v) and "
         "gate_up_proj (gate, up) are known without this.",
     )
+    use_dora: bool = Field(
+        False,
+        description="Weight-decomposed update (DoRA): W' = m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ per output row, with a trained magnitude m "
+        "(out_features per layer, per slice of a fused layer) starting at ‖W0‖; ΔW is this adapter's update.",
+    )
 
 
 class ScaledLowRankConfig(AdapterConfig):
@@ -136,6 +141,12 @@ class TensorGuideConfig(AdapterConfig):
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> TensorGuideConfig:
+        if self.use_dora and self.activation != "none":
+            raise RecipeError(
+                f"adapter.use_dora: DoRA rescales a weight update, but TensorGuide with activation: {self.activation} is a "
+                "nonlinear branch, not a weight update",
+                hint="set activation: none (a linear, mergeable update), or use_dora: false",
+            )
         # Checked here, not when building a layer: count-params must never count a train
         # that cannot be contracted.
         d = len(self.in_modes)

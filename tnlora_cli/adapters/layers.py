@@ -115,18 +115,18 @@ class FusedAdaptedLinear(WrapsBaseLayer):
     def is_linear(self) -> bool:
         return all(unit.adapter.is_linear for unit in self.slices())
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW of the whole fused layer, (out, in), zero outside the adapted slices."""
+    def weight_change(self) -> torch.Tensor:
+        """W' − W0 of the whole fused layer, (out, in), zero outside the adapted slices."""
         n_in, n_out = layer_dims(self.base_layer)
-        parts = [at_least_fp32(unit.adapter.delta_weight()) for unit in self.slices()]
+        parts = [at_least_fp32(unit.adapter.weight_change()) for unit in self.slices()]
         delta = torch.zeros(n_out, n_in, dtype=parts[0].dtype, device=parts[0].device)
         for unit, part in zip(self.slices(), parts):
             delta[unit.start : unit.stop] = part
         return delta
 
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def weight_change_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A (in, Σk), B (out, Σk) with each slice's B in its own rows: ΔW = B Aᵀ."""
-        factors = [unit.adapter.low_rank_factors() for unit in self.slices()]
+        factors = [unit.adapter.weight_change_factors() for unit in self.slices()]
         if any(f is None for f in factors):
             return None
         n_out = layer_dims(self.base_layer)[1]

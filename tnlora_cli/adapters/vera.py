@@ -46,8 +46,10 @@ class VeraAdapter(Adapter):
         return self.shared_tensor("A")[:, : self.in_features], self.shared_tensor("B")[: self.out_features, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.undropped(self.dropout(x))
+
+    def undropped(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self._projections()
-        x = self.dropout(x)
         tokens = x.numel() // self.in_features
         n, m, r = self.in_features, self.out_features, self.r
         # x-path: T·r·(n+m); dense: n·m·r to build ΔW, then T·n·m. With r of 256-1024 the

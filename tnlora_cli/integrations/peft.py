@@ -69,6 +69,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import __version__ as TNLORA_VERSION
 from ..adapters import REGISTRY, AdaptedLinear, Adapter, AdapterConfig, SharedStore
+from ..adapters.base import at_least_fp32
+from ..adapters.dora import direction_norm
 from ..adapters.layers import merged_weight
 from ..errors import TnloraError
 from ..model import frozen
@@ -216,9 +218,10 @@ class TnloraLayer(nn.Module, BaseTunerLayer):
         return out
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW of one adapter in the base weight's orientation (peft's convention: (in, out) for
-        GPT-2's Conv1D), at least fp32. peft's `save_as_lora` factorises it."""
-        delta = self.tnlora_adapter[adapter_name].delta_weight()
+        """W' − W0 of one adapter (ΔW, or DoRA's rescaled update) in the base weight's orientation
+        (peft's convention: (in, out) for GPT-2's Conv1D), at least fp32. peft's `save_as_lora`
+        factorises it."""
+        delta = self.tnlora_adapter[adapter_name].weight_change()
         return delta.T if self.fan_in_fan_out else delta
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -239,6 +242,11 @@ class TnloraLayer(nn.Module, BaseTunerLayer):
             adapter = self.tnlora_adapter[name]
             if not adapter.is_linear:
                 raise ValueError(f"the {name} adapter's update is nonlinear in the input (tensorguide with an activation): it cannot be merged")
+            if adapter.use_dora:
+                # DoRA's merged weight is not W0 plus something that can be subtracted back
+                # from it alone: keep the norm the merge divided by, to invert it exactly.
+                weight = at_least_fp32(base.weight)
+                self.__dict__.setdefault("_dora_norms", {})[name] = direction_norm(adapter, weight.T if self.fan_in_fan_out else weight)
             base.weight.data = merged_weight(AdaptedLinear(base, adapter))
             self.merged_adapters.append(name)
 
@@ -246,10 +254,15 @@ class TnloraLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         base = self.get_base_layer()
         while self.merged_adapters:
-            adapter = self.tnlora_adapter[self.merged_adapters.pop()]
-            delta = adapter.delta_weight()  # every tnlora adapter merges additively
-            delta = delta.T if self.fan_in_fan_out else delta
-            base.weight.data = (base.weight.float() - delta.to(base.weight.device)).to(base.weight.dtype)
+            name = self.merged_adapters.pop()
+            adapter = self.tnlora_adapter[name]
+            delta = adapter.delta_weight()
+            merged = base.weight.float().T if self.fan_in_fan_out else base.weight.float()
+            if adapter.use_dora:  # W' = m ⊙ (W0 + ΔW) / n, with n kept by `merge`
+                scale = self.__dict__["_dora_norms"].pop(name) / at_least_fp32(adapter.magnitude)
+                merged = merged * scale.to(merged)[:, None]
+            weight = merged - delta.to(merged)
+            base.weight.data = (weight.T if self.fan_in_fan_out else weight).to(base.weight.dtype).contiguous()
 
 
 class TnloraSharedTensors(nn.Module):

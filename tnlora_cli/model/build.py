@@ -266,3 +266,14 @@ def load_adapters_on_meta(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
         raise CheckpointError(f"{adapter_dir}: adapter tensors do not match the recipe ({len(missing)} differ, e.g. {sorted(missing)[0]})")
     model.load_state_dict(adapter_state, strict=False)
     return model, {"adapter_dir": str(adapter_dir), "recipe": recipe, "config": config, "state": state}
+
+
+def load_adapters_for_updates(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """As `load_adapters_on_meta`, for reading each layer's W' − W0: a DoRA adapter's update
+    depends on W0, so its base is loaded (unquantized, as the checkpoint stores it)."""
+    model, meta = load_adapters_on_meta(path)
+    if not meta["recipe"].adapter.use_dora:
+        return model, meta
+    run = load_run(path, dtype="auto", quantize=False, data=False)
+    run.load_weights()
+    return run.prepared.model, meta

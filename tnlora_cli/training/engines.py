@@ -82,12 +82,19 @@ class EngineChoice:
         return engine
 
 
-def choose_engine(setting: str, quantized: bool) -> EngineChoice:
+def choose_engine(setting: str, quantized: bool, weight_decomposed: bool = False) -> EngineChoice:
     """The engine for `training.distributed` under this launch; refuses what cannot work."""
     name = resolve_engine(setting)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not started by a distributed launcher
         note = None if name == "ddp" else f"training.distributed: {name} needs several processes (accelerate launch); training in one process"
         return EngineChoice(Engine, note=note)
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") if name == "deepspeed" else name[-1]
+    if weight_decomposed and (name == "fsdp" or (name.startswith("deepspeed") and stage == "3")):
+        raise RecipeError(
+            f"adapter.use_dora: DoRA needs each adapted layer's whole base weight at every step (the norm of W0 + ΔW per "
+            f"output row), and training.distributed: {name} shards the base weights across processes",
+            hint="train DoRA with ddp or deepspeed-zero2, or set adapter.use_dora: false",
+        )
     if quantized and name != "ddp":
         raise RecipeError(
             f"training.distributed: {name} cannot shard a bitsandbytes-quantized base",

@@ -139,7 +139,9 @@ class _TrainingRun:
         """Check what can be checked, prepare the data, resolve the schedule, then build the
         engine (once, from the resolved settings) and the model with its adapter."""
         check_trackers(recipe)  # before anything is loaded or written
-        choice = choose_engine(recipe.training.distributed, quantized=recipe.quantization is not None)
+        choice = choose_engine(
+            recipe.training.distributed, quantized=recipe.quantization is not None, weight_decomposed=recipe.adapter.use_dora
+        )
         is_main, world = is_main_launch_process(), launch_world_size()
         if not is_main:
             reporter = Reporter()  # one progress display, from the main process
