@@ -47,10 +47,10 @@ RESULT.update(examples=len(data.train) + len(data.eval), hit=data.report["cache"
 CHILD = """
 import json, resource, sys, time
 import datasets
-from tnlora_cli.data import prepare_data
-from tnlora_cli.embedded import smollm2_path
+from tnlora_cli.data.prepare import prepare_data
+from tnlora_cli.model.embedded import smollm2_path
 from tnlora_cli.model.loading import load_tokenizer
-from tnlora_cli.recipe import DataConfig
+from tnlora_cli.recipe.sections import DataConfig
 datasets.disable_progress_bars()
 tok = load_tokenizer(str(smollm2_path()))
 RESULT = {{}}

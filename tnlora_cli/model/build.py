@@ -20,6 +20,7 @@ from ..data.prepare import TaskData, prepare_data
 from ..errors import CheckpointError, RecipeError
 from ..recipe.load import load_recipe
 from ..recipe.sections import Recipe
+from ..report.reporter import Reporter
 from ..run.checkpoint import load_adapter
 from ..run.layout import find_recipe_file, resolve_adapter_dir
 from .checks import check_max_length
@@ -62,12 +63,14 @@ def resolve_checked(recipe: Recipe) -> str:
     return model_path
 
 
-def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None) -> Inputs:
+def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None,
+                reporter: Reporter | None = None) -> Inputs:
     """Tokenizer and prepared data (resolving the model unless `model_path` is given);
-    `warn` hears what the data cache has to say (a damaged entry rebuilt, ...)."""
+    `warn` hears what the data cache has to say (a damaged entry rebuilt, ...), `reporter`
+    shows the progress of preparing the data."""
     model_path = model_path or resolve_checked(recipe)
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
-    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn))
+    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn, reporter=reporter))
 
 
 def prepare(
