@@ -124,3 +124,20 @@ def test_mapped_arrow_pages_are_given_back_and_read_again(tmp_path):
     assert sum(ds["x"][:1000]) == sum(range(1000))
     assert release_mapped_pages() > 0
     assert ds["x"][199_999] == 199_999 and sum(ds["x"]) == sum(range(200_000))
+
+
+def test_tnlora_prepare_shows_the_progress_of_each_phase(make_recipe, tmp_path, monkeypatch):
+    from conftest import write_recipe
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "c"))
+    data = _jsonl(tmp_path / "d.jsonl", _rows(200, bad=False))
+    raw = make_recipe("llama", "instruction")
+    raw["data"] = {"train": str(data), "max_length": 32}
+    result = CliRunner().invoke(app, ["prepare", str(write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 0, result.output
+    for phase in (f"reading {data}", f"tokenizing {data}", "writing the prepared training examples"):
+        assert f"{phase} finished" in result.output, result.output
+    assert "rows/s" in result.output

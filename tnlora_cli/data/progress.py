@@ -31,7 +31,7 @@ class _ForwardingBar:
                  total: int | None = None, initial: int = 0, **_: Any) -> None:
         self.reporter, self.description, self.iterable, self.on_update = reporter, description, iterable, on_update
         self.n, self.total = initial or 0, total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else 0)
-        self.first = self.n
+        self.first = self.rate_at = self.n
         self.t0 = self.last = self.last_rate = time.perf_counter()
         self.next_rate = self._tenth_after(self.n)
         reporter.start(int(self.total or 0), description, completed=self.n)
@@ -60,7 +60,7 @@ class _ForwardingBar:
         # The rate goes with every tenth of the rows (and every RATE_EVERY_S seconds): a log
         # file gets a line for each, a terminal's bar moves in between.
         if self.n >= self.next_rate or now - self.last_rate >= RATE_EVERY_S:
-            self.last_rate, self.next_rate = now, self._tenth_after(self.n)
+            self.last_rate, self.next_rate, self.rate_at = now, self._tenth_after(self.n), self.n
             self.reporter.advance(self.n, self._rate(now))
         else:
             self.reporter.advance(self.n)
@@ -76,7 +76,8 @@ class _ForwardingBar:
 
     def close(self) -> None:
         if self.reporter is not None:
-            self.reporter.advance(self.n, self._rate(time.perf_counter()))
+            if self.rate_at != self.n:
+                self.reporter.advance(self.n, self._rate(time.perf_counter()))
             self.reporter.finish()
             self.reporter = None  # closed once, however often `datasets` closes it
 
