@@ -51,12 +51,12 @@ class _ForwardingBar:
         if self.reporter is None:
             return
         self.n += int(n or 0)
+        if self.on_update is not None:
+            self.on_update()
         now = time.perf_counter()
         if now - self.last < 1 / _UPDATES_PER_SECOND:
             return
         self.last = now
-        if self.on_update is not None:
-            self.on_update()
         # The rate goes with every tenth of the rows (and every RATE_EVERY_S seconds): a log
         # file gets a line for each, a terminal's bar moves in between.
         if self.n >= self.next_rate or now - self.last_rate >= RATE_EVERY_S:
@@ -85,7 +85,7 @@ class _ForwardingBar:
 @contextlib.contextmanager
 def phase(reporter: Reporter | None, description: str, on_update: Callable[[], Any] | None = None) -> Iterator[None]:
     """Within this block, `datasets`' row counts show as the reporter's task `description`;
-    `on_update` is called with each update (at most a few times a second)."""
+    `on_update` is called with each of its updates and at the end."""
     reporter = reporter or Reporter()
     if type(reporter) is Reporter and on_update is None:  # nobody listens: leave `datasets` as it is
         yield
@@ -105,3 +105,5 @@ def phase(reporter: Reporter | None, description: str, on_update: Callable[[], A
     finally:
         for module, original in saved:
             module.hf_tqdm = original
+        if on_update is not None:  # what was done since the last update
+            on_update()
