@@ -164,7 +164,9 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
     touch(path)
     report = stored.pop("report")
     report["cache"] = {"path": str(path), "hit": problem is None, "rebuilt": problem not in (None, "absent")}
-    return _split(cfg, report, **stored)
+    data = _split(cfg, report, **stored)
+    release_mapped_pages()  # the pages the split read around its columns (see mapped.py)
+    return data
 
 
 def _build_entry(cfg: DataConfig, task: str, tokenizer, train_sources, eval_sources, path, about: dict[str, Any],
