@@ -126,7 +126,8 @@ class RichReporter(PhaseReporter):
             console=console,
         )
         self.progress.start()
-        self.task = self.progress.add_task(description, total=total, completed=completed, info="")
+        # A total of 0 is not known beforehand (the rows of a file being read): the bar pulses.
+        self.task = self.progress.add_task(description, total=total or None, completed=completed, info="")
 
     def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
         super().advance(completed, fields)

@@ -24,7 +24,7 @@ def prepare_report(recipe: Recipe, n_samples: int = 2, reporter: Reporter | None
     reporter = reporter or Reporter()
     path = resolve_checked(recipe)
     tokenizer = load_preprocessor(recipe, path)
-    data = prepare_data(recipe.data, recipe.task, tokenizer, warn=reporter.status)
+    data = prepare_data(recipe.data, recipe.task, tokenizer, warn=reporter.status, reporter=reporter)
     report = dict(data.report)
     report["cache"] = "hit" if data.report["cache"]["hit"] else "rebuilt (damaged)" if data.report["cache"]["rebuilt"] else "miss"
     report["cache_path"] = data.report["cache"]["path"]

@@ -19,6 +19,10 @@ Nothing assumes that rendering a prefix of a conversation gives a prefix of its 
 templates that rewrite earlier turns (default system prompts, date headers, stripped
 reasoning) are masked correctly.
 
+`tokenize_conversations` renders the conversations of a batch that have no tools in one template
+call per kind of rendering (the conversation, its marked form, each generation prompt): the same
+texts as one call per row, without the template machinery's overhead for every call.
+
 `format_prompt` is the one place that renders a prompt for generation, exactly as training
 renders it.
 """
@@ -76,9 +80,12 @@ def render(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]
     return text, [(a, b) for _, a, b in turns]
 
 
-def render_turns(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int, int]]]:
+def render_turns(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                 rendered: dict[Any, str] | None = None) -> tuple[str, list[tuple[int, int, int]]]:
     """Rendered conversation and (turn index, start, end) of every assistant turn in it, in
-    characters, the end-of-turn token included."""
+    characters, the end-of-turn token included. `rendered` holds renderings made beforehand
+    for many rows at once (see `_prerender`); what it lacks is rendered here."""
+    rendered = rendered or {}
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         if tools:
@@ -99,12 +106,52 @@ def render_turns(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str
         if len(indices[0]) != len(turns):
             raise RowError(f"the chat template's {{% generation %}} blocks ({len(indices[0])}) do not match the assistant turns ({len(turns)})")
         return rendered[0], [(i, a, b) for i, (a, b) in zip(turns, indices[0])]
-    text = _apply(tokenizer, messages, tools)
+    text = rendered["text"] if "text" in rendered else _apply(tokenizer, messages, tools)
     if tools and _apply(tokenizer, messages, None) == text:
         raise RowError("the chat template does not render the row's tools (the rendering is the same without them)")
-    specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
-    spans = _locate(tokenizer, messages, tools, text)
+    specials = _specials(tokenizer)
+    spans = _locate(tokenizer, messages, tools, text, rendered)
     return text, [(i, a, _end_of_turn(text, b, specials)) for i, a, b in spans]
+
+
+def _specials(tokenizer) -> list[str]:
+    """The tokenizer's special tokens, longest first."""
+    return sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+
+
+def _marked(messages: list[dict[str, Any]], tools: Any) -> tuple[str, list[str], list[bool], list[dict[str, Any]]]:
+    """The marker prefix, each turn's marker, which turns have text, and the conversation with
+    each text replaced by its marker."""
+    nonce = _marker_nonce(messages, tools)
+    marker = [f"{nonce}{i}E" for i in range(len(messages))]
+    has_text = [isinstance(m.get("content"), str) and m["content"] != "" for m in messages]
+    return nonce, marker, has_text, [{**m, "content": marker[i]} if has_text[i] else m for i, m in enumerate(messages)]
+
+
+def _prerender(tokenizer, conversations: list[list[dict[str, Any]]]) -> list[dict[Any, str]]:
+    """For conversations without tools under a template without generation markers, the
+    renderings `render_turns` needs, made in one template call per kind for all rows (the same
+    texts, without the per-call overhead): the conversation ("text"), its marked form ("shape")
+    and, for assistant turn i, the generation prompt before it (("prompt", i)). A row the
+    template refuses is left out and rendered on its own (its error names the row)."""
+    out: list[dict[Any, str]] = [{} for _ in conversations]
+    jobs: dict[Any, list[tuple[int, list[dict[str, Any]]]]] = {"text": [], "shape": []}
+    for k, messages in enumerate(conversations):
+        jobs["text"].append((k, messages))
+        jobs["shape"].append((k, _marked(messages, None)[3]))
+        for i in _assistant_turns(messages):
+            jobs.setdefault(("prompt", i), []).append((k, messages[:i]))
+    for kind, rows in jobs.items():
+        rows = [(k, m) for k, m in rows if m]  # an empty prefix is rendered (or refused) on its own
+        if not rows:
+            continue
+        try:
+            texts = tokenizer.apply_chat_template([m for _, m in rows], tokenize=False, add_generation_prompt=kind not in ("text", "shape"))
+        except Exception:  # noqa: BLE001, S112 - some row is refused: every row of this kind is rendered on its own
+            continue
+        for (k, _), text in zip(rows, texts):
+            out[k][kind] = text
+    return out
 
 
 def _assistant_turns(messages: list[dict[str, Any]]) -> list[int]:
@@ -133,13 +180,10 @@ def _marker_nonce(messages: list[dict[str, Any]], tools: Any) -> str:
     return f"TNLORA{k}Q"
 
 
-def _locate(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str) -> list[tuple[int, int, int]]:
+def _locate(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str, rendered: dict[Any, str]) -> list[tuple[int, int, int]]:
     """(turn, start, end) of each assistant turn's rendered text in `text` (see the module docstring)."""
-    nonce = _marker_nonce(messages, tools)
-    marker = [f"{nonce}{i}E" for i in range(len(messages))]
-    has_text = [isinstance(m.get("content"), str) and m["content"] != "" for m in messages]
-    marked = [{**m, "content": marker[i]} if has_text[i] else m for i, m in enumerate(messages)]
-    shape = _apply(tokenizer, marked, tools)
+    nonce, marker, has_text, marked = _marked(messages, tools)
+    shape = rendered["shape"] if "shape" in rendered else _apply(tokenizer, marked, tools)
     pieces = re.split(f"({nonce}\\d+E)", shape)
     seen = Counter(int(p[len(nonce):-1]) for p in pieces[1::2])
     for i, m in enumerate(messages):
@@ -162,16 +206,17 @@ def _locate(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str) ->
             start, end = where[i][0]
         else:
             start, end = _differing_span(tokenizer, messages, tools, text, i, marker[i])
-        out.append((i, _output_start(tokenizer, messages, tools, text, i, start), end))
+        out.append((i, _output_start(tokenizer, messages, tools, text, i, start, rendered.get(("prompt", i))), end))
     return out
 
 
-def _output_start(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str, i: int, start: int) -> int:
+def _output_start(tokenizer, messages: list[dict[str, Any]], tools: Any, text: str, i: int, start: int, prompt: str | None = None) -> int:
     """Where the model's own output for turn `i` begins: the end of the generation prompt that
     precedes it, when that prompt is a prefix of the rendering ending before `start`. What a
     template writes between its generation prompt and the turn's text (Qwen-3's `<think>`
     block) is generated by the model at inference, so it is trained too."""
-    prompt = _apply(tokenizer, messages[:i], tools, add_generation_prompt=True)
+    if prompt is None:
+        prompt = _apply(tokenizer, messages[:i], tools, add_generation_prompt=True)
     return len(prompt) if len(prompt) < start and text.startswith(prompt) else start
 
 
@@ -222,16 +267,20 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict[str, Any]]],
     `max_length`, flattened; or the RowError that makes it unusable. `tools[k]` are the tool
     schemas of conversation k. Rendered texts are tokenized in one call."""
     results: list[dict[str, Any] | RowError] = []
-    rendered: list[tuple[str, list[tuple[int, int, int]]] | RowError] = []
-    for k, messages in enumerate(conversations):
+    rendered: list[tuple[str, list[tuple[int, int, int]]] | RowError | None] = []
+    for messages in conversations:
         if train_on != "all" and not any(m["role"] == "assistant" for m in messages):
             rendered.append(RowError("the conversation has no assistant turn to train on"))
             continue
         empty = next((i for i in _assistant_turns(messages) if not _message_text(messages[i]).strip() and not messages[i].get("tool_calls")), None)
-        if empty is not None:
-            rendered.append(RowError(f"assistant turn {empty + 1} is empty"))
-            continue
-        rendered.append(_guard(render_turns, tokenizer, messages, tools[k] if tools else None))
+        rendered.append(RowError(f"assistant turn {empty + 1} is empty") if empty is not None else None)
+    batchable = [k for k, r in enumerate(rendered) if r is None and conversations[k] and not (tools and tools[k])]
+    pre: dict[int, dict[Any, str]] = {}
+    if getattr(tokenizer, "chat_template", None) and not _has_generation_markers(tokenizer) and batchable:
+        pre = dict(zip(batchable, _prerender(tokenizer, [conversations[k] for k in batchable])))
+    for k, messages in enumerate(conversations):
+        if rendered[k] is None:
+            rendered[k] = _guard(render_turns, tokenizer, messages, tools[k] if tools else None, pre.get(k))
     texts = [r[0] for r in rendered if not isinstance(r, RowError)]
     enc = tokenizer(texts, add_special_tokens=False) if texts else None
     k = 0

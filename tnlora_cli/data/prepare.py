@@ -32,6 +32,7 @@ import torch
 
 from ..errors import DataError
 from ..recipe.sections import CLASSIFICATION_TASKS, IMAGE_TASK, DataConfig
+from ..report.reporter import Reporter
 from ..run.atomic import atomic_directory
 from .cache import (
     cache_key,
@@ -45,6 +46,8 @@ from .cache import (
 )
 from .chat import IGNORE_INDEX, tokenize_conversations
 from .examples import Examples
+from .mapped import release_mapped_pages
+from .progress import phase
 from .sources import SourceFile, load_source, resolve_sources
 from .turns import (
     RowError,
@@ -54,6 +57,7 @@ from .turns import (
     normalize_messages,
     row_tools,
 )
+from .workers import worker_count
 
 #: Held-out split made from `data.train`: `eval_fraction` of the examples, at most this many.
 DEFAULT_MAX_HELD_OUT = 1000
@@ -115,12 +119,14 @@ def _drops(report: dict) -> tuple[str, str | None]:
     return f"{sum(dropped.values()):,} of {read:,} rows read were dropped ({said}), so ", hint
 
 
-def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], None] | None = None) -> TaskData:
+def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], None] | None = None,
+                 reporter: Reporter | None = None) -> TaskData:
     """Read, check and tokenize the data of a recipe through the on-disk cache, then split it.
 
     The cache entry holds the tokenized examples before the split, so the held-out settings
     (`_SPLIT_KEYS`) reuse it. `warn` is told what the user should know about the cache: a
-    damaged entry rebuilt, leftovers of killed processes removed, a wait for another process."""
+    damaged entry rebuilt, leftovers of killed processes removed, a wait for another process.
+    `reporter` shows the progress of reading, tokenizing and writing (rows and rows/s)."""
     import datasets
 
     warn = warn or (lambda message: None)
@@ -151,27 +157,30 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
         if problem not in (None, "absent"):
             warn(f"warning: the data cache entry {path} is damaged ({problem}); rebuilding it")
         if problem is not None:
-            _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about)
+            _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about, reporter)
         try:
             stored = _open_entry(path)
         except Exception as exc:  # any reader error on an entry that passed its manifest: damage the samples missed
             if problem is not None:
                 raise  # just built: not damage but a bug, with its traceback
             warn(f"warning: the data cache entry {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); rebuilding it")
-            _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about)
+            _build_entry(cfg, task, tokenizer, train_sources, eval_sources, path, about, reporter)
             stored = _open_entry(path)
             problem = "unreadable"
     touch(path)
     report = stored.pop("report")
     report["cache"] = {"path": str(path), "hit": problem is None, "rebuilt": problem not in (None, "absent")}
-    return _split(cfg, report, **stored)
+    data = _split(cfg, report, **stored)
+    release_mapped_pages()  # the pages the split read around its columns (see mapped.py)
+    return data
 
 
-def _build_entry(cfg: DataConfig, task: str, tokenizer, train_sources, eval_sources, path, about: dict[str, Any]) -> None:
+def _build_entry(cfg: DataConfig, task: str, tokenizer, train_sources, eval_sources, path, about: dict[str, Any],
+                 reporter: Reporter | None = None) -> None:
     # on_exists="replace": a damaged entry is replaced whole
     with atomic_directory(path, on_exists="replace") as tmp:
         build = _build_images if task == IMAGE_TASK else _build
-        report = build(cfg, task, tokenizer, train_sources, eval_sources, tmp)
+        report = build(cfg, task, tokenizer, train_sources, eval_sources, tmp, reporter)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         write_manifest(tmp, about)
 
@@ -272,12 +281,13 @@ def _features(task: str):
     return Features(columns)
 
 
-def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile], eval_sources: list[SourceFile], tmp) -> dict[str, Any]:
+def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile], eval_sources: list[SourceFile], tmp,
+           reporter: Reporter | None = None) -> dict[str, Any]:
     """Tokenize into `tmp`: train/ (and eval/ with data.eval) hold the usable examples in
     file order, before any split; the returned report says what was read, cut and dropped."""
     report: dict[str, Any] = {"task": task, "rows_read": {}, "dropped": {}, "truncated": 0, "notes": [], "max_length": cfg.max_length}
-    train_raw = _read(train_sources, report)
-    eval_raw = _read(eval_sources, report) if eval_sources else []
+    train_raw = _read(train_sources, report, reporter)
+    eval_raw = _read(eval_sources, report, reporter) if eval_sources else []
     label_ids = None
     if task == "classification":
         report["label_names"] = _label_names(cfg, train_raw, eval_raw)
@@ -288,24 +298,26 @@ def _build(cfg: DataConfig, task: str, tokenizer, train_sources: list[SourceFile
     keep = ["input_ids", "labels", "length", "n_trained"]
     if task in CONVERSATION_TASKS:
         keep += ["replies", "turns", "n_tool_calls"]
-    train, train_keep = _tokenize(train_raw, cfg, task, tokenizer, label_ids, parts, "train", report)
+    train, train_keep = _tokenize(train_raw, cfg, task, tokenizer, label_ids, parts, "train", report, reporter)
     if not len(train_keep):  # refused here, with the drops: an empty table is not stored
         if not eval_sources:
             _split_indices(0, cfg.eval_fraction, cfg.split_seed, None, report)
         _refuse_empty(report, "data.train")
-    train.select(train_keep).select_columns(keep).save_to_disk(str(tmp / "train"))
+    with phase(reporter, "writing the prepared training examples", on_update=release_mapped_pages):
+        train.select(train_keep).select_columns(keep).save_to_disk(str(tmp / "train"))
     if eval_sources:
-        held_out, eval_keep = _tokenize(eval_raw, cfg, task, tokenizer, label_ids, parts, "eval", report)
+        held_out, eval_keep = _tokenize(eval_raw, cfg, task, tokenizer, label_ids, parts, "eval", report, reporter)
         if not len(eval_keep):
             _refuse_empty(report, "data.eval")
-        held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
+        with phase(reporter, "writing the prepared held-out examples", on_update=release_mapped_pages):
+            held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
         del held_out
     del train
     shutil.rmtree(parts, ignore_errors=True)
     return report
 
 
-def _build_images(cfg: DataConfig, task: str, processing, train_sources, eval_sources, tmp) -> dict[str, Any]:
+def _build_images(cfg: DataConfig, task: str, processing, train_sources, eval_sources, tmp, reporter: Reporter | None = None) -> dict[str, Any]:
     """Decode the images into `tmp` (train/, and eval/ with data.eval), before any split:
     uint8 at the model's input size (`data.images`); the report says what was read and dropped."""
     from .images import read_images
@@ -315,18 +327,22 @@ def _build_images(cfg: DataConfig, task: str, processing, train_sources, eval_so
     parts = tmp / "parts"
     parts.mkdir()
     keep = ["pixels", "labels", "length", "n_trained"]
-    train, train_keep, names = read_images(cfg, processing, train_sources, None, parts, "train", report)
+    with phase(reporter, "decoding the training images"):
+        train, train_keep, names = read_images(cfg, processing, train_sources, None, parts, "train", report)
     report["label_names"] = names
     if not len(train_keep):
         if not eval_sources:
             _split_indices(0, cfg.eval_fraction, cfg.split_seed, None, report)
         _refuse_empty(report, "data.train")
-    train.select(train_keep).select_columns(keep).save_to_disk(str(tmp / "train"))
+    with phase(reporter, "writing the prepared training images"):
+        train.select(train_keep).select_columns(keep).save_to_disk(str(tmp / "train"))
     if eval_sources:
-        held_out, eval_keep, _ = read_images(cfg, processing, eval_sources, names, parts, "eval", report)
+        with phase(reporter, "decoding the held-out images"):
+            held_out, eval_keep, _ = read_images(cfg, processing, eval_sources, names, parts, "eval", report)
         if not len(eval_keep):
             _refuse_empty(report, "data.eval")
-        held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
+        with phase(reporter, "writing the prepared held-out images"):
+            held_out.select(eval_keep).select_columns(keep).save_to_disk(str(tmp / "eval"))
         del held_out
     del train
     for conversion, n in report["converted"].items():
@@ -340,11 +356,12 @@ def _column(ds, name: str) -> np.ndarray:
     return np.asarray(ds.data.column(name).to_numpy())
 
 
-def _read(sources: list[SourceFile], report: dict) -> list[tuple[SourceFile, Any]]:
+def _read(sources: list[SourceFile], report: dict, reporter: Reporter | None = None) -> list[tuple[SourceFile, Any]]:
     """Each file's rows, with per-source `max_rows` applied across the files of a source."""
     out, left = [], {}
     for src in sources:
-        ds = load_source(src)
+        with phase(reporter, f"reading {src.name}"):
+            ds = load_source(src)
         if src.max_rows is not None:
             remaining = left.setdefault(src.group, src.max_rows)
             if remaining <= 0:
@@ -430,7 +447,8 @@ def _text_field(row: dict, column: str, optional: bool = False) -> str | None:
     raise RowError(f"field '{column}' is not text (got {type(value).__name__} {str(value)[:40]!r})")
 
 
-def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tokenizer, label_ids, parts, split: str, report: dict):
+def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tokenizer, label_ids, parts, split: str, report: dict,
+              reporter: Reporter | None = None):
     """Tokenize every file with a batched map into `parts`, apply the bad-row policy, pack."""
     from datasets import concatenate_datasets
 
@@ -446,7 +464,10 @@ def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tok
                                 hint="each row needs a list like [{role: user, content: ...}, {role: assistant, content: ...}]")
         fn = _row_function(task, cfg, tokenizer, cols, style, label_ids)
 
-        def batch_fn(batch: dict, indices: list[int], src=src, fn=fn) -> dict:
+        def batch_fn(batch: dict, indices: list[int], src=src, fn=fn, calls=[0]) -> dict:  # noqa: B006 - a counter per process
+            calls[0] += 1
+            if calls[0] % 8 == 0:  # every 8,000 rows, in whichever process reads them: see mapped.py
+                release_mapped_pages()
             rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
             out = {name: [] for name in _features(task)}
             for i, result in zip(indices, fn(rows)):
@@ -472,9 +493,10 @@ def _tokenize(raw: list[tuple[SourceFile, Any]], cfg: DataConfig, task: str, tok
             return out
 
         fp = hashlib.sha256(f"{src.fingerprint()}:{split}:{k}:{id(parts)}".encode()).hexdigest()[:16]
-        mapped = ds.map(batch_fn, with_indices=True, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                        features=_features(task), cache_file_name=str(parts / f"{split}-{k}.arrow"), new_fingerprint=fp,
-                        num_proc=cfg.num_proc, load_from_cache_file=False)
+        with phase(reporter, f"tokenizing {src.name}"):
+            mapped = ds.map(batch_fn, with_indices=True, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                            features=_features(task), cache_file_name=str(parts / f"{split}-{k}.arrow"), new_fingerprint=fp,
+                            num_proc=worker_count(cfg.num_proc, ds.num_rows), load_from_cache_file=False)
         tokenized.append(mapped)
     ds = concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
     drops = ds.data.column("drop").to_pylist()

@@ -21,6 +21,7 @@ from ..data.prepare import TaskData, prepare_data
 from ..errors import CheckpointError, RecipeError
 from ..recipe.load import load_recipe
 from ..recipe.sections import IMAGE_TASK, Recipe
+from ..report.reporter import Reporter
 from ..run.checkpoint import load_adapter
 from ..run.layout import find_recipe_file, resolve_adapter_dir
 from .checks import check_max_length
@@ -81,12 +82,14 @@ def load_preprocessor(recipe: Recipe, model_path: str):
     return load_tokenizer(model_path, recipe.trust_remote_code)
 
 
-def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None) -> Inputs:
+def load_inputs(recipe: Recipe, model_path: str | None = None, warn: Callable[[str], None] | None = None,
+                reporter: Reporter | None = None) -> Inputs:
     """Tokenizer and prepared data (resolving the model unless `model_path` is given);
-    `warn` hears what the data cache has to say (a damaged entry rebuilt, ...)."""
+    `warn` hears what the data cache has to say (a damaged entry rebuilt, ...), `reporter`
+    shows the progress of preparing the data."""
     model_path = model_path or resolve_checked(recipe)
     tokenizer = load_preprocessor(recipe, model_path)
-    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn))
+    return Inputs(model_path, tokenizer, prepare_data(recipe.data, recipe.task, tokenizer, warn=warn, reporter=reporter))
 
 
 def prepare(

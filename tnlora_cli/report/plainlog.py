@@ -79,10 +79,11 @@ class PlainProgress:
         elapsed = self.clock() - self.started
         done = completed - self.first
         remaining = elapsed / done * (self.total - completed) if done > 0 else None
-        parts = [f"{self.description} step {completed}/{self.total}"]
+        parts = [f"{self.description} step {completed}/{self.total}" if self.total > 0 else f"{self.description}: {completed} done"]
         parts += [f"{k} {_value(v)}" for k, v in (fields or {}).items()]
         parts.append(f"elapsed {_clock(elapsed)}")
-        parts.append(f"remaining {_clock(remaining) if remaining is not None else '?'}")
+        if self.total > 0:  # a total of 0: not known beforehand (rows of a file being read)
+            parts.append(f"remaining {_clock(remaining) if remaining is not None else '?'}")
         return "  ".join(parts)
 
     def advance(self, completed: int, fields: dict[str, Any] | None = None) -> None:
@@ -101,4 +102,5 @@ class PlainProgress:
     def finish(self) -> None:
         # An error or an interruption also ends the task: it did not finish, it stopped.
         verb = "finished" if self.completed >= self.total else "stopped"
-        self.write(f"{self.description} {verb} at step {self.completed}/{self.total} in {_clock(self.clock() - self.started)}")
+        where = f"at step {self.completed}/{self.total}" if self.total > 0 else f"after {self.completed}"
+        self.write(f"{self.description} {verb} {where} in {_clock(self.clock() - self.started)}")

@@ -153,7 +153,7 @@ class _TrainingRun:
         if resume_dir is not None and not schedule_pending:
             check_resumed_recipe(recipe, resume_dir, checkpoint_step(resume_dir), world)
         reporter.status(f"loading {recipe.model} and {recipe.data.train}")
-        inputs = load_inputs(recipe, model_path, warn=reporter.status)
+        inputs = load_inputs(recipe, model_path, warn=reporter.status, reporter=reporter)
         schedule = resolve_schedule(recipe, len(inputs.data.train), world)  # the one place the training split's size is read
         recipe = schedule.recipe  # epochs / warmup_ratio resolved into steps
         if schedule.note:
