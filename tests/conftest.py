@@ -243,3 +243,14 @@ def wide_console():
     cli.console.width = cli.out_console.width = 4000
     yield
     cli.console.width, cli.out_console.width = widths
+
+
+def assert_same_adapters(run_a: Path, run_b: Path, rtol: float, atol: float) -> None:
+    """The adapter files of two run directories hold the same tensors, to the tolerance."""
+    from safetensors.torch import load_file
+
+    a = load_file(str(run_a / "adapter/adapter_model.safetensors"))
+    b = load_file(str(run_b / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import ACCELERATE, accelerate_launch, write_recipe
-from safetensors.torch import load_file
+from conftest import ACCELERATE, accelerate_launch, assert_same_adapters, write_recipe
 
 from tnlora_cli.recipe.load import validate_recipe
 from tnlora_cli.train import train
@@ -45,7 +43,4 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(make_recipe, 
     single["training"].update(max_steps=40, batch_size=8)
     single["output_dir"] = str(tmp_path / "single")
     train(validate_recipe(single))
-    a = load_file(str(tmp_path / "ddp/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "single/adapter/adapter_model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert_same_adapters(tmp_path / "ddp", tmp_path / "single", rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ACCELERATE, accelerate_launch
+from conftest import ACCELERATE, accelerate_launch, assert_same_adapters
 
 from tnlora_cli.data.prepare import prepare_data
 from tnlora_cli.errors import DataError, ModelError
@@ -292,7 +292,6 @@ def test_augmentation_is_drawn_from_the_seeded_rng_and_never_evaluated(image_rec
 
 def test_resumed_augmented_run_equals_an_uninterrupted_one(image_recipe, tmp_path):
     """Augmentation draws from the RNG the checkpoints save: stop at step 4 of 9, resume, compare."""
-    from safetensors.torch import load_file
 
     def recipe(out: str):
         raw = image_recipe("lora", augment="crop_flip")
@@ -303,11 +302,7 @@ def test_resumed_augmented_run_equals_an_uninterrupted_one(image_recipe, tmp_pat
     train(recipe("straight"))
     train(recipe("resumed"), stop_after=4)
     train(recipe("resumed"), resume="auto")
-    a = load_file(str(tmp_path / "straight/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "resumed/adapter/adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert_same_adapters(tmp_path / "straight", tmp_path / "resumed", rtol=1e-6, atol=1e-7)
 
 
 def test_export_as_lora_loads_with_peft_onto_the_vision_model(image_recipe, tmp_path):
@@ -362,9 +357,5 @@ def test_two_process_ddp_on_images_matches_one_process_with_the_global_batch(ima
     single["training"].update(max_steps=10, batch_size=8)
     single["output_dir"] = str(tmp_path / "single")
     train(validate_recipe(single))
-    from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "ddp/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "single/adapter/adapter_model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert_same_adapters(tmp_path / "ddp", tmp_path / "single", rtol=1e-4, atol=1e-5)

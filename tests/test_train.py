@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_adapters
 from safetensors.torch import load_file
 
 from tnlora_cli.data.chat import IGNORE_INDEX
@@ -80,11 +81,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(make_recipe, tmp_
     assert partial.steps == 4 and not (tmp_path / "resumed/adapter").exists()
     assert [p.name for p in checkpoint_dirs(tmp_path / "resumed")] == ["step-000004"]
     train(recipe("resumed"), resume="auto")
-    a = load_file(str(tmp_path / "straight/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "resumed/adapter/adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert_same_adapters(tmp_path / "straight", tmp_path / "resumed", rtol=1e-6, atol=1e-7)
     assert not list((tmp_path / "resumed/checkpoints").glob(".*")), "temporary checkpoint directories left behind"
 
 

@@ -21,11 +21,18 @@ class Examples(Sequence):
     items carry where the table has them (held-out chat and instruction examples: 'replies'
     and 'turns' for eval --generate, see `prepare._features`)."""
 
+    #: The columns every item is made from.
+    columns: tuple[str, ...] = ("input_ids", "labels")
+
     def __init__(self, dataset, rows: np.ndarray | None = None, extra: tuple[str, ...] = ()) -> None:
         self.dataset = dataset
         # Only the columns items carry are read (a batch never reads the held-out text).
-        self._items = dataset.select_columns(["input_ids", "labels", *(c for c in extra if c in dataset.column_names)])
+        self._items = dataset.select_columns([*self.columns, *(c for c in extra if c in dataset.column_names)])
         self.rows = np.arange(dataset.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One item from its table row (the columns read)."""
+        return row
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,13 +44,12 @@ class Examples(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        row = self._items[int(self.rows[i])]
-        return dict(row)
+        return self._item(dict(self._items[int(self.rows[i])]))
 
     def take(self, indices: list[int]) -> list[dict]:
         """Several examples in one read (a batch)."""
         cols = self._items[self.rows[np.asarray(indices, dtype=np.int64)].tolist()]
-        return [dict(zip(cols, values)) for values in zip(*cols.values())]
+        return [self._item(dict(zip(cols, values))) for values in zip(*cols.values())]
 
     def lengths(self) -> np.ndarray:
         return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)[self.rows]

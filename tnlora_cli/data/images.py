@@ -28,7 +28,6 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 
 from ..errors import DataError, ModelError
 from ..recipe.sections import DataConfig
+from .examples import Examples
 from .sources import LOADERS, SourceFile, load_source, resolve_sources
 
 #: Default label column of image data (text classification has no default).
@@ -352,51 +352,31 @@ def read_images(cfg: DataConfig, processing: ImageProcessing, sources: list[Imag
     return table, keep, names
 
 
-class ImageExamples(Sequence):
+class ImageExamples(Examples):
     """Decoded images of the cache as training reads them: items are {'pixel_values': float
     (C, H, W), 'labels': int}, normalised as the model expects when read. `rows` picks and
     orders the table's rows (a split); `image` is the entry's report of the preprocessing.
     `augment` (training only): flip or crop_flip, drawn from torch's global RNG, which the
     training loop seeds and checkpoints (as for dropout)."""
 
+    columns = ("pixels", "labels")
+
     def __init__(self, dataset, rows: np.ndarray | None, image: dict[str, Any], augment: str = "none") -> None:
-        self.dataset = dataset
+        super().__init__(dataset, rows)
         self.augment = augment
         self.image = image
-        self._items = dataset.select_columns(["pixels", "labels"])
-        self.rows = np.arange(dataset.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         self.shape = (image["channels"], image["height"], image["width"])
         self._mean = torch.tensor(image["mean"], dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(image["std"], dtype=torch.float32).view(-1, 1, 1)
         self._rescale = float(image["rescale"])
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _example(self, pixels: bytes, label: int) -> dict[str, Any]:
-        x = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(self.shape).float()
+    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+        x = torch.frombuffer(bytearray(row["pixels"]), dtype=torch.uint8).view(self.shape).float()
         if self.augment == "crop_flip":
             x = random_resized_crop(x)
         if self.augment in ("flip", "crop_flip") and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return {"pixel_values": (x * self._rescale - self._mean) / self._std, "labels": int(label)}
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        row = self._items[int(self.rows[i])]
-        return self._example(row["pixels"], row["labels"])
-
-    def take(self, indices: list[int]) -> list[dict]:
-        cols = self._items[self.rows[np.asarray(indices, dtype=np.int64)].tolist()]
-        return [self._example(p, y) for p, y in zip(cols["pixels"], cols["labels"])]
-
-    def lengths(self) -> np.ndarray:
-        return np.asarray(self.dataset.data.column("length").to_numpy(), dtype=np.int64)[self.rows]
+        return {"pixel_values": (x * self._rescale - self._mean) / self._std, "labels": int(row["labels"])}
 
     def unaugmented(self) -> ImageExamples:
         """The same examples as stored (what evaluation reads)."""
