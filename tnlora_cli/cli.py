@@ -393,10 +393,11 @@ def prepare(
 
 
 def _refuse_output_file(option: str, target: Path | None) -> None:
-    """Before any work: an output file option naming a directory, or a file in a missing folder."""
-    if target is not None and (target.is_dir() or not target.parent.is_dir()):
-        problem = "is a directory" if target.is_dir() else f"is in {target.parent}, which does not exist"
-        _run(_input_error, f"{option} {target}: {problem}; give a file path")
+    """Before any work: an output file option (these replace an existing file) whose folder exists."""
+    if target is not None:
+        from .run.outputs import check_output_file
+
+        _run(check_output_file, target, option, True, missing_folder_ok=False)
 
 
 def _cache_command(recipe: Path | None, set_: Any, json_out: Path | None, list_cache: bool, prune_cache: bool, older_than: float | None, all_: bool) -> None:

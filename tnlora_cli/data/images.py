@@ -39,6 +39,7 @@ from ..errors import DataError, ModelError
 from ..recipe.sections import DataConfig
 from .examples import Examples
 from .sources import LOADERS, SourceFile, load_source, resolve_sources
+from .workers import worker_count
 
 #: Default label column of image data (text classification has no default).
 DEFAULT_LABEL_COLUMN = "label"
@@ -333,7 +334,7 @@ def read_images(cfg: DataConfig, processing: ImageProcessing, sources: list[Imag
 
         fp = hashlib.sha256(f"{src.fingerprint()}:{split}:{k}:{id(parts)}".encode()).hexdigest()[:16]
         decoded.append(ds.map(batch_fn, with_indices=True, batched=True, batch_size=64, remove_columns=ds.column_names, features=_features(),
-                              cache_file_name=str(parts / f"{split}-{k}.arrow"), new_fingerprint=fp, num_proc=cfg.num_proc,
+                              cache_file_name=str(parts / f"{split}-{k}.arrow"), new_fingerprint=fp, num_proc=worker_count(cfg.num_proc, ds.num_rows),
                               load_from_cache_file=False))
     table = concatenate_datasets(decoded) if len(decoded) > 1 else decoded[0]
     drops = table.data.column("drop").to_pylist()

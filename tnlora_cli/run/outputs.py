@@ -67,12 +67,15 @@ def require_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
         )
 
 
-def check_output_file(path: str | Path, option: str, force: bool) -> None:
+def check_output_file(path: str | Path, option: str, force: bool, missing_folder_ok: bool = True) -> None:
     """Before any work: `path` can take a new file (written atomically at the end). A directory,
-    a folder that is a file, an existing file without `--force`, or an unwritable folder is refused."""
+    a folder that is a file, an existing file without `--force`, or an unwritable folder is refused;
+    so is a folder that does not exist, unless `missing_folder_ok` (the write makes it)."""
     target = Path(path)
     if target.is_dir():
-        raise InputError(f"{option} {path} is a directory", hint=f"give a file path, e.g. {option} {target / 'out.jsonl'}")
+        raise InputError(f"{option} {path} is a directory", hint=f"give a file path (in it, for example {target / 'NAME'})")
+    if not missing_folder_ok and not target.parent.is_dir() and not target.parent.exists():
+        raise InputError(f"{option} {path} is in {target.parent}, which does not exist", hint="create the folder first, or choose a path in an existing one")
     folder = next((p for p in target.absolute().parents if p.exists()), None)
     if folder is not None and not folder.is_dir():
         raise InputError(f"{option} {path}: {folder} is a file, not a folder", hint="choose a path in a folder")
