@@ -372,6 +372,10 @@ class _TrainingRun:
             plot_loss_curve(self.metrics_file, out / "loss.png")
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if self.world > 1 and torch.distributed.is_initialized():
+            # Every rank tears the process group down here, together: left to interpreter exit, a
+            # rank whose peers had gone once waited forever in the backend's teardown.
+            torch.distributed.destroy_process_group()
         return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters,
                            verdict=verdict if self.is_main else None)
 
