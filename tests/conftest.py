@@ -253,4 +253,4 @@ def assert_same_adapters(run_a: Path, run_b: Path, rtol: float, atol: float) -> 
     b = load_file(str(run_b / "adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")

@@ -93,17 +93,22 @@ def images(tmp_path_factory) -> Path:
     return image_folder(tmp_path_factory.mktemp("images") / "train")
 
 
+def make_image_recipe(models: dict[str, Path], images: Path, output_dir: Path, kind: str = "lora", model: str = "vit", **data) -> dict:
+    """A small image-classification recipe (40 steps of 8 images) for one of `models`."""
+    return {
+        "model": str(models[model]),
+        "task": "image-classification",
+        "adapter": {"type": kind, "target_modules": ["q_proj", "v_proj"], **SMALL[kind]},
+        "data": {"train": str(images), "eval_fraction": 0.25, **data},
+        "training": {"max_steps": 40, "batch_size": 8, "learning_rate": 1e-2, "log_every": 10, "seed": 0},
+        "output_dir": str(output_dir),
+    }
+
+
 @pytest.fixture
 def image_recipe(vision_models, images, tmp_path):
     def _make(kind: str = "lora", model: str = "vit", **data) -> dict:
-        return {
-            "model": str(vision_models[model]),
-            "task": "image-classification",
-            "adapter": {"type": kind, "target_modules": ["q_proj", "v_proj"], **SMALL[kind]},
-            "data": {"train": str(images), "eval_fraction": 0.25, **data},
-            "training": {"max_steps": 40, "batch_size": 8, "learning_rate": 1e-2, "log_every": 10, "seed": 0},
-            "output_dir": str(tmp_path / "run"),
-        }
+        return make_image_recipe(vision_models, images, tmp_path / "run", kind, model, **data)
 
     return _make
 

@@ -176,15 +176,26 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = model_class(task, config)
     attn = _without_unused_sdpa(task, config, attn)
+    remade_head = None
     if task == IMAGE_TASK:
         # A pretrained vision checkpoint's head has its own classes (ImageNet's 1,000, or none):
         # the head is made anew for the data's labels, and the report says so.
         kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
+        remade_head = _zero3_mismatched_head(config, len(label_names or []))
+        if remade_head is not None:
+            kwargs.update(label_config([str(i) for i in range(remade_head)]))
+            # Loading under ZeRO-3 draws from the RNG (one process does not): the new head
+            # draws from the state before it, as in one process.
+            rng_before_loading = torch.random.get_rng_state()
     with _attn_errors(attn_implementation):
         model = cls.from_pretrained(path, **kwargs, **attn)
     if task == IMAGE_TASK:
         model, info = model
-        model.tnlora_head_note = new_head_note(model, info)
+        if remade_head is not None:
+            torch.random.set_rng_state(rng_before_loading)
+            model.tnlora_head_note = remake_head(model, remade_head, label_names)
+        else:
+            model.tnlora_head_note = new_head_note(model, info)
     if quantization is not None and quantization.bits == 4:
         check_cpu_4bit_layers(model)
     if pad_token_id is not None and model.config.pad_token_id is None:
@@ -235,6 +246,42 @@ def new_head_note(model: nn.Module, info: dict[str, Any]) -> str | None:
     if missing:
         return f"classification head created for {model.config.num_labels} labels (the checkpoint has none: {', '.join(missing)})"
     return None
+
+
+def _zero3_mismatched_head(config, num_labels: int) -> int | None:
+    """The checkpoint's label count when weights load under DeepSpeed ZeRO-3 and its
+    classification head has another size than the data's; else None.
+
+    ZeRO-3 loads partitioned weights through a path of transformers that cannot skip a
+    tensor of another shape (ignore_mismatched_sizes does not apply there): such a head is
+    loaded at its own size and then made anew (`remake_head`), as one process makes it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return None
+    has_head = any(str(a).endswith("ForImageClassification") for a in getattr(config, "architectures", None) or [])
+    saved = int(getattr(config, "num_labels", 0) or 0)
+    return saved if has_head and saved != num_labels else None
+
+
+def remake_head(model: PreTrainedModel, saved_labels: int, label_names: list[str]) -> str:
+    """Replace every linear layer of the task head that outputs the checkpoint's
+    `saved_labels` classes with a fresh one for `label_names`, initialised by the model's own
+    rule from the global RNG (built on the meta device first, so that construction draws
+    nothing from it); the label config follows. Returns the report's note."""
+    resized = []
+    for head in HEAD_NAMES:
+        for name, layer in list(getattr(model, head, nn.Module()).named_modules(prefix=head)):
+            if isinstance(layer, nn.Linear) and layer.out_features == saved_labels:
+                with torch.device("meta"):
+                    fresh = nn.Linear(layer.in_features, len(label_names), bias=layer.bias is not None)
+                fresh = fresh.to_empty(device=layer.weight.device).to(layer.weight.dtype)
+                model._init_weights(fresh)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, fresh)
+                resized.append(f"{name} ({saved_labels} -> {len(label_names)} outputs)")
+    model.config.update(label_config(label_names))
+    return f"classification head re-created for {len(label_names)} labels (the checkpoint's has another size: {', '.join(resized)})"
 
 
 def head_module_names(model: nn.Module, task: str) -> list[str]:
