@@ -222,6 +222,44 @@ def test_bad_images_are_dropped_and_counted_per_reason(image_recipe, tmp_path):
     assert data.label_names == sorted(CLASSES)
 
 
+@pytest.mark.parametrize("model_type, settings, side", [
+    ("vit", {"patch_size": 16}, 16),
+    ("swin", {}, 4),  # patch_size 4
+    ("convnext", {}, 4),  # its 4x4 stride-4 stem, named patch_size
+    ("clip", {}, 32),  # the vision config's patch_size
+    ("cvt", {}, 4),  # patch_stride of the first stage
+    ("segformer", {}, 4),  # strides of the first stage
+    ("resnet", {}, 4),  # a 7x7 stride-2 convolution, then a stride-2 max pool
+    ("regnet", {}, 2),  # a 3x3 stride-2 convolution
+    ("perceiver", {}, 1),  # no patch and no stem stride: no minimum
+])
+def test_one_patch_is_the_patch_size_or_the_stem_stride(model_type, settings, side):
+    from transformers import CONFIG_MAPPING
+
+    from tnlora_cli.data.images import smallest_side
+
+    assert smallest_side(CONFIG_MAPPING[model_type](**settings)) == side
+
+
+def test_resnet_refuses_an_image_smaller_than_its_stem_stride(image_recipe, tmp_path):
+    """The 1-channel ResNet resizes every image to 32x32, yet a 3x3 source image (below its
+    stride-4 stem) is a bad image; a 4x4 one is kept."""
+    folder = image_folder(tmp_path / "images", per_class=4)
+    draw("red", random.Random(0), (3, 3)).save(folder / "red" / "tiny.png")
+    draw("red", random.Random(0), (4, 4)).save(folder / "red" / "small.png")
+    raw = image_recipe("lora", model="resnet", train=str(folder))
+    raw["adapter"].update(target_modules=["classifier.1"], modules_to_save=[])
+    recipe = validate_recipe(raw)
+    processing = load_preprocessor(recipe, resolve_checked(recipe))
+    assert processing.min_side == 4
+    with pytest.raises(DataError, match=r"red/tiny\.png: the image is 3x3, smaller than one 4x4 patch"):
+        prepare_data(recipe.data, recipe.task, processing)
+    recipe = validate_recipe({**raw, "data": {**raw["data"], "on_bad_rows": "drop"}})
+    data = prepare_data(recipe.data, recipe.task, processing)
+    assert data.report["dropped"] == {"smaller than one patch": 1}
+    assert data.report["train_examples"] + data.report["eval_examples"] == 13
+
+
 def test_bad_image_is_refused_with_its_file_and_nothing_is_cached(image_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "cache"))
     folder = image_folder(tmp_path / "images", per_class=4)

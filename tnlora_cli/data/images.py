@@ -19,6 +19,17 @@ An image that cannot be used (an unreadable path, a file that is not an image or
 truncated, a label not among the classes, an image smaller than one patch) stops
 preparation with the file and row, or with `data.on_bad_rows: drop` is left out and
 counted per reason; so is an empty class folder.
+
+"One patch" is the smallest unit of the image the model looks at (`smallest_side`): its
+patch size where the config has one (ViT, DeiT, BEiT, DINOv2, Swin, ConvNeXt: its 4x4
+stem; CLIP and SigLIP through their vision config), else the stride of its first stage
+(CvT's `patch_stride`, PVT's and SegFormer's `strides`), else the stride of a convolutional
+stem that the architecture fixes (ResNet and BiT 4: a stride-2 convolution and a stride-2
+max pool; SwiftFormer 4; RegNet, EfficientNet and MobileNet 2). Every image is resized to
+the model's input size, so the network itself never needs more: a source image smaller than
+that unit is refused because, upscaled, it holds less than one patch of detail and is
+almost always a thumbnail, an icon or a broken file. A model of none of these kinds has no
+minimum (1 pixel).
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ class ImageProcessing:
     source: str
     #: Tokens the model sees per image (patches and class token for a ViT; 1 for a CNN).
     tokens: int = 1
-    #: Smallest side an image may have (a ViT's patch size).
+    #: Smallest side a source image may have: one patch (`smallest_side`).
     min_side: int = 1
     processor: Any = field(default=None, repr=False, compare=False)
 
@@ -116,7 +127,25 @@ def load_image_processing(model_path: str, trust_remote_code: bool = False) -> I
         height, width = _config_size(config)
         mean, std, rescale, resample, source = [DEFAULT_MEAN] * channels, [DEFAULT_STD] * channels, 1 / 255, 2, "default"
     tokens = (height // patch) * (width // patch) + 1 if patch else 1
-    return ImageProcessing(height, width, channels, mean, std, rescale, resample, source, tokens, patch or 1, processor)
+    return ImageProcessing(height, width, channels, mean, std, rescale, resample, source, tokens, smallest_side(config), processor)
+
+
+#: Fixed strides of convolutional stems whose configs name no patch size or stride.
+STEM_STRIDES = {"resnet": 4, "bit": 4, "swiftformer": 4, "regnet": 2, "efficientnet": 2, "mobilenet_v1": 2, "mobilenet_v2": 2}
+
+
+def smallest_side(config) -> int:
+    """The smallest side, in pixels, a source image may have for this model: one patch (see
+    the module docstring)."""
+    for owner in (config, getattr(config, "vision_config", None)):
+        patch = getattr(owner, "patch_size", None)
+        if patch:
+            return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+    for name in ("patch_stride", "strides"):
+        first = getattr(config, name, None)
+        if isinstance(first, (list, tuple)) and first:
+            return int(first[0])
+    return STEM_STRIDES.get(getattr(config, "model_type", None), 1)
 
 
 def _config_size(config) -> tuple[int, int]:
