@@ -24,9 +24,9 @@ from . import __version__
 from .adapters.dora import MAGNITUDE
 from .adapters.layers import AdaptedLinear, AdaptedSlice
 from .errors import MergeError, RecipeError
-from .model.build import load_adapters_for_updates, load_adapters_on_meta, saved_roles
+from .model.build import load_adapters_for_updates, load_adapters_on_meta, load_run, saved_roles
 from .model.inject import adapted_layers, merge_units, require_linear
-from .model.loading import base_model_reference, resolve_model
+from .model.loading import HEAD_NAMES, base_model_reference, resolve_model
 from .model.peft_format import PEFT_PREFIX, peft_task_type, to_peft_key
 from .model.state import SHARED_ATTR, is_adapter_tensor
 from .model.targets import module_roles
@@ -60,6 +60,27 @@ def _choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int
         return max(1, min(rank, s.numel()))
     share = (s**2).cumsum(0) / (s**2).sum().clamp_min(1e-300)
     return max(1, int((share < energy - 1e-12).sum()) + 1)
+
+
+@torch.no_grad()
+def head_base_tensors(path: str | Path, targets: list[str]) -> dict[str, torch.Tensor]:
+    """The frozen base weights of adapted layers inside the task head, under peft's keys
+    (`base_model.model.<layer>.base_layer.weight`, `.bias`).
+
+    A classification head is made for the run's labels from the seeded RNG (the checkpoint
+    has none, or one of another size), so a peft user loading the checkpoint with
+    `num_labels` gets other random weights under the adapter: the exported adapter carries
+    the run's, and peft loads them into the wrapped layer with the adapter. Other targets'
+    base weights are the checkpoint's and are not written."""
+    in_head = [name for name in targets if name.split(".")[0] in HEAD_NAMES]
+    if not in_head:
+        return {}
+    run = load_run(path, dtype="auto", quantize=False, data=False)
+    tensors = {}
+    for name in in_head:
+        for key, tensor in run.prepared.model.get_submodule(name).base_layer.state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.base_layer.{key}"] = tensor.detach().clone().contiguous()
+    return tensors
 
 
 @torch.no_grad()
@@ -112,6 +133,7 @@ def export_as_lora(
     for key, tensor in state.items():
         if not is_adapter_tensor(key):
             tensors[f"base_model.model.{key}"] = tensor.contiguous()
+    tensors.update(head_base_tensors(path, list(ranks)))
     top = max(ranks.values())
     base = base_model_reference(recipe.model, resolve_model(recipe.model, recipe.trust_remote_code, recipe.allow_pickle))
     peft_config = {
@@ -183,7 +205,7 @@ def export_as_peft(path: str | Path, out: str | Path, *, force: bool = False) ->
         "modules_to_save": heads or None,
         "inference_mode": True,
     }
-    tensors = {f"{PEFT_PREFIX}{k}": v for k, v in head_state.items()}
+    tensors = {f"{PEFT_PREFIX}{k}": v for k, v in head_state.items()} | head_base_tensors(path, targets)
     import peft
 
     if kind == "lora":

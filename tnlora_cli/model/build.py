@@ -196,7 +196,7 @@ def load_run(
         require_base_model(recipe, find_recipe_file(adapter_dir), config)
         if not data:
             model_path = resolve_checked(recipe)
-            inputs = Inputs(model_path, load_tokenizer(model_path, recipe.trust_remote_code), TaskData([], [], config.get("label_names")))
+            inputs = Inputs(model_path, load_preprocessor(recipe, model_path), TaskData([], [], config.get("label_names")))
     prepared = prepare(
         recipe, inputs=inputs, targets=config["targets"], modules_to_save=config["modules_to_save"], dtype=dtype, quantize=quantize,
         roles=saved_roles(config), warn=warn,
