@@ -3,6 +3,7 @@ inputs and 8x8 patches, a 1-channel ResNet), with images drawn by PIL into temp 
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import subprocess
@@ -402,3 +403,45 @@ def test_two_process_ddp_on_images_matches_one_process_with_the_global_batch(ima
     train(validate_recipe(single))
 
     assert_same_adapters(tmp_path / "ddp", tmp_path / "single", rtol=1e-4, atol=1e-5)
+
+
+def test_hub_vit_cifar10_recipe_validates_and_its_data_layout_prepares(vision_models, tmp_path, monkeypatch):
+    """recipes/vit_cifar10_trac.yaml needs the hub: offline, its dry run stops at the model with
+    the one message, its count is TRAC's Table 8 with the shipped config, and data shaped like
+    uoft-cs/cifar10 (an `img` column, class ids named by a ClassLabel) prepares with the recipe's
+    data section (the names are the labels)."""
+    import datasets
+
+    path = Path(__file__).resolve().parents[1] / "recipes/vit_cifar10_trac.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["model"] == "google/vit-base-patch16-224-in21k" and raw["data"]["shots_per_class"] == 10
+    validate_recipe(raw)
+    dry = _cli("train", str(path), "--dry-run")
+    assert dry.returncode == 2 and "Traceback" not in dry.stderr
+    assert "no config for 'google/vit-base-patch16-224-in21k' (HF_HUB_OFFLINE=1" in " ".join(dry.stderr.split())
+    counted = _cli("count-params", str(path), "--set", "model=vit-base-patch16-224-in21k")
+    assert counted.returncode == 0 and "26,304" in counted.stdout
+
+    names = raw["data"]["labels"]
+    rng = random.Random(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    for split, per_class in (("train", 3), ("test", 1)):
+        rows = {"img": [], "label": []}
+        for i in range(len(names) * per_class):
+            buffer = io.BytesIO()
+            draw(CLASSES[i % 3], rng, (32, 32)).save(buffer, "PNG")
+            rows["img"].append({"bytes": buffer.getvalue(), "path": None})
+            rows["label"].append(i % len(names))
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+    raw["model"] = str(vision_models["vit"])
+    raw["data"].update(train=[{"path": str(tmp_path / "train.parquet"), "split": "train"}], eval={"path": str(tmp_path / "test.parquet"), "split": "test"},
+                       shots_per_class=2)
+    recipe = validate_recipe(raw)
+    data = prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
+    assert data.label_names == names and data.report["shots_per_class"] == {n: 2 for n in names}
+    assert len(data.eval) == len(names) and sorted(e["labels"] for e in data.eval) == list(range(len(names)))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    raw["data"]["train"] = [{"path": "uoft-cs/cifar10", "split": "train"}]
+    recipe = validate_recipe(raw)
+    with pytest.raises(DataError, match=r"data.train\[0\]: 'uoft-cs/cifar10' is not a local file.*tnlora is offline"):
+        prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))

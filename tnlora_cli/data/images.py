@@ -270,6 +270,12 @@ def _read_source(src: ImageSource, cfg: DataConfig, report: dict):
         ds = ds.rename_column(cfg.image_column, "image")
     if label_col != "label":
         ds = ds.rename_column(label_col, "label")
+    if isinstance(ds.features["label"], datasets.ClassLabel):
+        # Hub datasets (CIFAR-10's uoft-cs/cifar10) store class ids and name them in the
+        # feature: the names are the labels. Only the label column is read; images stay undecoded.
+        names = ds.features["label"].names
+        ds = ds.map(lambda ids: {"label": [None if i is None or i < 0 else names[i] for i in ids]}, batched=True, input_columns="label",
+                    features=datasets.Features({**ds.features, "label": datasets.Value("string")}))
     report["rows_read"][src.name] = report["rows_read"].get(src.name, 0) + ds.num_rows
     return ds, Path(src.name).parent, None
 

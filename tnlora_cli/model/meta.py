@@ -5,6 +5,7 @@ dry run, the memory check and the streaming merge work on."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -42,9 +43,14 @@ def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - network and format errors alike
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        same = name.rsplit("/", 1)[-1]
+        hint = (f"the shipped config '{same}' describes this model: --set model={same} counts it without the hub"
+                if same in shipped_configs() else
+                f"use one of the shipped configs ({', '.join(shipped_configs())}), minilm, or a directory with config.json")
         raise ModelError(
-            f"model: no config for '{name}'",
-            hint=f"use one of the shipped configs ({', '.join(shipped_configs())}), minilm, or a directory with config.json",
+            f"model: no config for '{name}'" + (" (HF_HUB_OFFLINE=1: the hub is not consulted)" if offline else " (not on the hub, or the hub is unreachable)"),
+            hint=hint,
         ) from None
 
 

@@ -38,7 +38,8 @@ class DataConfig(StrictModel):
         description="Embedded alias (chatterbot, shakespeare), a local .jsonl/.json/.csv/.parquet/.txt file, directory or glob, "
         "a hub dataset id, or a list of these (concatenated; each may be {path, max_rows, config, split})."
     )
-    eval: str | None = Field(None, description="Held-out file; default: a deterministic split of `train`.")
+    eval: str | DataSource | None = Field(None, description="Held-out file (or {path, max_rows, config, split}, e.g. a hub dataset's test "
+                                          "split); default: a deterministic split of `train`.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of `train` held out when `eval` is not given.")
     split_seed: int = Field(0, description="Seed of the train/held-out split.")
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training examples (default: all).")
