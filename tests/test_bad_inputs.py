@@ -226,6 +226,9 @@ RECIPE_CASES = [
     R("use_dora on a nonlinear tensorguide", _set("adapter", {"type": "tensorguide", "target_modules": ["query"], "activation": "relu", "use_dora": True}),
       r"adapter.use_dora: DoRA rescales a weight update, but TensorGuide with activation: relu is a nonlinear branch"),
     R("use_dora not a boolean", _set("adapter.use_dora", "maybe"), r"adapter.use_dora"),
+    # images2:
+    R("image smaller than a ResNet's stem stride", _images(lambda f: __import__("test_images").draw("red", __import__("random").Random(0), (3, 5)).save(f / "red/tiny.png"),
+                                                          model="resnet"), r"red/tiny\.png: the image is 3x5, smaller than one 4x4 patch"),
 ]
 
 # ----------------------------------------------------------------- recipe files
