@@ -469,11 +469,17 @@ def test_hub_vit_cifar10_recipe_validates_and_its_data_layout_prepares(vision_mo
     raw = yaml.safe_load(path.read_text())
     assert raw["model"] == "google/vit-base-patch16-224-in21k" and raw["data"]["shots_per_class"] == 10
     validate_recipe(raw)
-    dry = _cli("train", str(path), "--dry-run")
-    assert dry.returncode == 2 and "Traceback" not in dry.stderr
-    assert "no config for 'google/vit-base-patch16-224-in21k' (HF_HUB_OFFLINE=1" in " ".join(dry.stderr.split())
-    counted = _cli("count-params", str(path), "--set", "model=vit-base-patch16-224-in21k")
-    assert counted.returncode == 0 and "26,304" in counted.stdout
+    from typer.testing import CliRunner
+
+    from tnlora_cli.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dry = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
+    assert dry.exit_code == 2 and "Traceback" not in dry.output, dry.output
+    assert "no config for 'google/vit-base-patch16-224-in21k' (HF_HUB_OFFLINE=1" in " ".join(dry.output.split())
+    assert "--set model=vit-base-patch16-224-in21k" in " ".join(dry.output.split())
+    counted = CliRunner().invoke(app, ["count-params", str(path), "--set", "model=vit-base-patch16-224-in21k", "--json"])
+    assert counted.exit_code == 0 and json.loads(counted.stdout)["adapter_total"]["trainable"] == 26_304
 
     names = raw["data"]["labels"]
     rng = random.Random(0)
