@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ACCELERATE, accelerate_launch, assert_same_adapters, write_recipe
 from test_engines import ENGINES, HAS_DEEPSPEED, _zero3_config
 from test_images import image_recipe, images, make_image_recipe, vision_models  # noqa: F401 - fixtures
@@ -48,3 +49,26 @@ def test_sharded_engines_on_images_match_one_process_with_the_global_batch(image
     config = json.loads((tmp_path / "sharded/adapter/adapter_config.json").read_text())
     assert config["task"] == "image-classification" and config["modules_to_save"] == ["classifier"]
     assert_same_adapters(tmp_path / "sharded", single_process_run, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate launcher not installed")
+def test_batchnorm_statistics_agree_across_ranks_and_eval_reproduces_the_run(image_recipe, tmp_path, monkeypatch):  # noqa: F811
+    """The ResNet's running statistics, updated by each rank's own batches (FSDP synchronises no
+    buffers), are averaged over the ranks before they are saved: every rank ends with the same
+    state, and `tnlora eval` of the saved adapter gives the run's own numbers."""
+    from safetensors.torch import load_file
+
+    from tnlora_cli.evaluate import evaluate_run
+
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "data-cache"))
+    raw = image_recipe("lora", model="resnet")
+    raw["adapter"].update(target_modules=["classifier.1"], modules_to_save=[])
+    raw["training"].update(max_steps=STEPS, batch_size=4, distributed="fsdp")
+    result = accelerate_launch(["--multi_gpu"], 29660, "train", str(write_recipe(tmp_path / "run.yaml", raw)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = Path(raw["output_dir"])
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["adapter_checksum_per_rank"][0] == final["adapter_checksum_per_rank"][1], "ranks ended with different statistics"
+    saved = load_file(str(run / "adapter/adapter_model.safetensors"))
+    assert any(k.endswith(".running_mean") and not torch.all(v == 0) for k, v in saved.items())
+    assert evaluate_run(run)["metrics"]["tuned"] == pytest.approx(json.loads((run / "eval.json").read_text())["metrics"]["tuned"])

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..errors import RecipeError
-from ..model.state import adapter_state_dict
+from ..model.state import NORM_STATISTICS, adapter_state_dict
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -197,6 +197,25 @@ class Engine:
         return local_norm
 
     # -- what leaves the run: full tensors (collective for sharded engines)
+
+    def average_norm_statistics(self, model: nn.Module) -> None:
+        """Several processes: replace every rank's BatchNorm running means and variances by
+        their mean over the ranks, in place (collective: every rank calls it).
+
+        Training forward passes update them from each rank's own batches, so ranks drift
+        apart (DDP's broadcast from rank 0 comes before each forward, FSDP and ZeRO have none);
+        averaged before the adapter state is taken, every rank saves, resumes and continues
+        with the same statistics, those of all ranks' batches."""
+        if self.accelerator.num_processes == 1:
+            return
+        stats = [b for name, b in model.named_buffers() if name.endswith(NORM_STATISTICS[:2])]
+        if not stats:
+            return
+        flat = torch.cat([b.detach().to(self.accelerator.device, torch.float32).reshape(-1) for b in stats])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        for buffer, mean in zip(stats, flat.split([b.numel() for b in stats])):
+            buffer.copy_(mean.view_as(buffer))
 
     def adapter_state(self, model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
         return adapter_state_dict(self.unwrap(model), modules_to_save)

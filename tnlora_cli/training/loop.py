@@ -308,6 +308,7 @@ class _TrainingRun:
         the main rank writes them into its temporary directory, every rank adds its RNG state
         there, then the directory is renamed into place and old checkpoints are pruned."""
         accelerator, step = self.accelerator, self.step
+        self.engine.average_norm_statistics(self.model)
         adapter = self.engine.adapter_state(self.model, self.prepared.injection.modules_to_save)
         self.guard.check_state(step, adapter, f"checkpoint of step {step}")
         optimizer_state = self.engine.optimizer_state(self.optimizer)
@@ -338,6 +339,7 @@ class _TrainingRun:
         """The final adapter, the base-vs-tuned comparison on the held-out set, eval.json and
         the loss plot; a run stopped early (`stop_after`) publishes nothing."""
         accelerator, prepared, out = self.accelerator, self.prepared, self.out
+        self.engine.average_norm_statistics(self.model)
         final_state = self.engine.adapter_state(self.model, prepared.injection.modules_to_save)
         checksums = accelerator.gather(_checksum(final_state).to(accelerator.device).reshape(1)).tolist()
         peaks = accelerator.gather(torch.tensor([_peak_memory_mib()], device=accelerator.device)).tolist()
