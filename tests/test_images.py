@@ -158,11 +158,11 @@ def test_tiny_vit_trains_with_every_adapter_beats_base_and_head_only_and_merges(
 
     train_folder, held_out = patterns
     raw = image_recipe(kind, train=str(train_folder), eval=str(held_out))
-    raw["training"]["max_steps"] = 100
+    raw["training"].update(max_steps=100, learning_rate=3e-2)
     rows = train(validate_recipe(raw)).evaluation
     assert set(rows) == {"base", "head only", "tuned"}
     assert rows["tuned"]["accuracy"] > max(rows["base"]["accuracy"], rows["head only"]["accuracy"]), rows
-    assert rows["tuned"]["accuracy"] >= 0.5, rows  # chance is 1/3
+    assert rows["tuned"]["accuracy"] >= 0.6, rows  # chance is 1/3
     config = json.loads((Path(raw["output_dir"]) / "adapter/adapter_config.json").read_text())
     assert config["task"] == "image-classification" and config["modules_to_save"] == ["classifier"]
     assert config["label_names"] == list(PATTERNS)
