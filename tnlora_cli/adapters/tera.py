@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..tensor.tt import fold_dim
 from ..tensor.tucker import mode_dot, mode_dot_cost, outer_vectors
-from .base import Adapter, SharedStore, at_least_fp32
+from .base import Adapter, SharedStore, Update, at_least_fp32
 from .configs import TeraConfig
 
 
@@ -164,6 +164,15 @@ class TeraAdapter(Adapter):
             if a is not None:
                 h = mode_dot(h, a.T.to(x.dtype), mode + 1)  # ×_i A_iᵀ: (T, .., R_i, ..) -> (T, .., I_i, ..)
         return h.reshape(*lead, self.out_features)
+
+    def branch_and_update(self, x: torch.Tensor) -> tuple[torch.Tensor, Update]:
+        # On the dense path, ΔW is built for the branch anyway: one build serves both when it is
+        # in at least fp32 (a half-precision build would round the norm's ΔW).
+        tokens = x.numel() // self.in_features
+        if self._choose_path(tokens) == "dense" and x.dtype == at_least_fp32(x).dtype:
+            delta = self._build(x.dtype)
+            return x @ delta, delta.T
+        return self(x), self.delta_weight()
 
     def delta_weight(self) -> torch.Tensor:
         return self._build().T
