@@ -180,3 +180,22 @@ def test_quantized_base_thin_norm_is_of_the_dequantized_weight(make_recipe):
     _, update = adapter.branch_and_update(torch.randn(2, adapter.in_features))
     torch.testing.assert_close(dora.update_norm(base, update), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(base.squared_row_norms(), dense.square().sum(dim=1), rtol=1e-6, atol=1e-6)
+
+
+def test_tera_dense_path_builds_once_for_the_branch_and_the_norm(monkeypatch):
+    """TeRA on its dense path: the ΔW the branch multiplies by is the one the norm sums."""
+    torch.manual_seed(0)
+    model = MLP()
+    inject_adapter(model, REGISTRY["tera"].config_class(type="tera", target_modules=["lin0"], use_dora=True, path="dense", **SMALL["tera"]))
+    adapter = model.lin0.adapter
+    with torch.no_grad():
+        for d in adapter.d:
+            d.add_(torch.randn_like(d) * 0.3)
+    calls = []
+    original = type(adapter)._build
+    monkeypatch.setattr(type(adapter), "_build", lambda self, *a: calls.append(1) or original(self, *a))
+    x = torch.randn(5, 16)
+    y = model.lin0(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(y, x @ merged_weight(model.lin0).T + model.lin0.base_layer.bias, rtol=1e-5, atol=1e-5)

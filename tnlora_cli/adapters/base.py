@@ -30,7 +30,6 @@ from ..tensor.precision import at_least_fp32
 from . import dora
 from .configs import AdapterConfig, ScaledLowRankConfig, StrictModel  # noqa: F401 - re-exported
 
-
 #: An update as `branch_and_update` hands it over: thin factors (A (in, k), B (out, k), ΔW = B Aᵀ,
 #: scaling included) or the dense ΔW (out, in).
 Update = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
@@ -139,7 +138,10 @@ class Adapter(nn.Module):
         product of them (the norm then never forms the (out, in) matrix), dense otherwise; it
         may carry gradient (the caller detaches it). The default builds twice."""
         factors = self.low_rank_factors()
-        return self.undropped(x), factors if factors is not None else self.delta_weight()
+        if factors is None:
+            with torch.no_grad():  # the norm is a constant: no graph for a dense ΔW
+                factors = self.delta_weight()
+        return self.undropped(x), factors
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (out, in) matrix in at least fp32, scaling included."""
