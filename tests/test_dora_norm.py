@@ -199,3 +199,17 @@ def test_tera_dense_path_builds_once_for_the_branch_and_the_norm(monkeypatch):
     assert len(calls) == 1
     with torch.no_grad():
         torch.testing.assert_close(y, x @ merged_weight(model.lin0).T + model.lin0.base_layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_thin_norm_is_fp32_under_autocast():
+    """Under bf16 autocast (a GPU recipe's mixed precision; here the CPU's), the thin-factor norm
+    is still computed in fp32: its W0 A in bf16 would be off by about 1e-3."""
+    model = _dora_model("lora")
+    adapter = model.lin0.adapter
+    base = dora.bound_base(adapter)
+    update = adapter.low_rank_factors()
+    want = dora.update_norm(base, update)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dora.update_norm(base, update)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -85,19 +85,21 @@ THIN_NORM_MAX_COST = 32
 
 
 @torch.no_grad()
-def update_norm(base: Any, update: Any) -> torch.Tensor:
+def update_norm(base: Any, update: Any, weight: torch.Tensor | None = None) -> torch.Tensor:
     """‖W0 + ΔW‖ per output row (fp32 or wider), without gradient, for an update as
-    `Adapter.branch_and_update` returns it (thin factors or dense)."""
-    if isinstance(update, tuple):
-        a, b = (at_least_fp32(t.detach()) for t in update)
-        (n, k), m = a.shape, b.shape[0]
-        weight = base.dense()
-        a, b = a.to(weight.device), b.to(weight.device)
-        if (n + m) * k * k <= THIN_NORM_MAX_COST * n * m:
-            return updated_row_norms(weight, base.squared_row_norms(), a, b)
-        return row_norm(weight + b @ a.T)
-    weight = base.dense()
-    return row_norm(weight + at_least_fp32(update.detach()).to(weight.device))
+    `Adapter.branch_and_update` returns it (thin factors or dense); `weight` is `base.dense()`
+    when the caller has it already."""
+    weight = base.dense() if weight is None else weight
+    # In fp32 even under autocast: the terms of the thin form cancel, and a half-precision
+    # W0 A would round the norm far beyond fp32.
+    with torch.autocast(weight.device.type, enabled=False):
+        if isinstance(update, tuple):
+            a, b = (at_least_fp32(t.detach()).to(weight.device) for t in update)
+            (n, k), m = a.shape, b.shape[0]
+            if (n + m) * k * k <= THIN_NORM_MAX_COST * n * m:
+                return updated_row_norms(weight, base.squared_row_norms(), a, b)
+            return row_norm(weight + b @ a.T)
+        return row_norm(weight + at_least_fp32(update.detach()).to(weight.device))
 
 
 def dora_combine(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -108,9 +110,10 @@ def dora_combine(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor) -> t
     inputs = dropout(x) if dropping else x
     branch, update = adapter.branch_and_update(inputs.to(adapter.compute_dtype))
     branch = branch.to(base_out.dtype)
-    scale = (at_least_fp32(getattr(adapter, MAGNITUDE)) / update_norm(base, update)).to(base_out.dtype)
+    weight = base.dense()  # once: dequantizing a 4-bit base is not free
+    scale = (at_least_fp32(getattr(adapter, MAGNITUDE)) / update_norm(base, update, weight)).to(base_out.dtype)
     if dropping:
-        frozen = F.linear(inputs, base.dense().to(inputs.dtype)).to(base_out.dtype)
+        frozen = F.linear(inputs, weight.to(inputs.dtype)).to(base_out.dtype)
         return torch.addcmul(base_out - frozen, scale, frozen + branch)
     bias = base.bias()
     if bias is None:
