@@ -283,6 +283,9 @@ class BaseWeight:
     def squared_row_norms(self) -> torch.Tensor:
         """‖W0_o‖² per row of `dense()`, in at least fp32. W0 is frozen: computed once and kept
         while the layer holds the same weight tensor, unchanged (same storage and version)."""
+        if torch.compiler.is_compiling():
+            # In a compiled graph the checks below would break it; one pass over W0 instead.
+            return self.dense().square().sum(dim=1)
         weight = self.layer.weight
         key = (weight.device, weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_squared_row_norms")

@@ -81,6 +81,11 @@ class TensorGuideAdapter(Adapter):
         change in training. The key includes the buffers' version counters, so loading a
         state dict or moving the module regenerates them."""
         cores = self._start_cores()
+        if torch.compiler.is_compiling():
+            # The version check below cannot be traced (a cache filled before compiling, as
+            # DoRA's start fills it, would break the graph): generate in the graph, token-free.
+            with torch.no_grad():
+                return self.generate(cores)
         key = (cores[0].device, cores[0].dtype, tuple(c._version for c in cores))
         cached = self.__dict__.get("_start_cache")
         if cached is None or cached[0] != key:
