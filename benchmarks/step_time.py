@@ -6,6 +6,10 @@
     pip install 'tnlora[bench]'                           # adds peft's LoRA as a second baseline
                                                           # and peft-<type>: tnlora's adapters through peft
 
+`--dora-pairs` times each adapter (`--cases`, default peft's LoRA and the six) against itself with
+`use_dora: true` in one process, their steps alternating, and prints the ratio (with `--before`,
+also with the earlier package): the measure for what DoRA adds, finer than two processes apart.
+
 `--before DIR` times every case a second time with the `tnlora_cli` package found in DIR (e.g.
 `git archive REV tnlora_cli | tar -x -C DIR`), interleaved with the current one, and adds the
 ratio now / before: how a change to the forward paths moved each adapter's whole step.
@@ -54,7 +58,9 @@ def _targets(model) -> list[str]:
     return ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
 
 
-def run_case(case: str, args: argparse.Namespace) -> dict:
+def build_case(case: str, args: argparse.Namespace):
+    """A fresh model with the case's adapter: (one optimizer step as a function, trainable
+    parameters, device)."""
     import torch
     from transformers import AutoModel
 
@@ -103,23 +109,53 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, params, device
+
+
+def _clock(args: argparse.Namespace, device):
+    # cpu: this process's CPU time, which other processes' load barely moves (with one thread,
+    # OMP_NUM_THREADS=1, it is the step's own compute); wall: elapsed time (always on a GPU).
+    return time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
+
+
+def _timed(step, device, clock) -> float:
+    import torch
+
+    start = clock()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - start
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    step, params, device = build_case(case, args)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    # cpu: this process's CPU time, which other processes' load barely moves (with one thread,
-    # OMP_NUM_THREADS=1, it is the step's own compute); wall: elapsed time (always on a GPU).
-    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
-    times = []
-    for _ in range(args.steps):
-        start = clock()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(clock() - start)
+    clock = _clock(args, device)
+    times = [_timed(step, device, clock) for _ in range(args.steps)]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"case": case + ("-dora" if dora else ""), "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
+    return {"case": case, "device": str(device), "step_s": statistics.median(times), "peak_bytes": peak, "trainable": sum(p.numel() for p in params)}
+
+
+def run_pair(case: str, args: argparse.Namespace) -> dict:
+    """`case` and `case-dora` in one process, their steps alternating: a burst of load from
+    elsewhere, or the machine's clock and caches drifting, hits both alike."""
+    plain, _, device = build_case(case, args)
+    dora, _, _ = build_case(f"{case}-dora", args)
+    for _ in range(args.warmup):
+        plain(), dora()
+    clock = _clock(args, device)
+    times: dict[str, list[float]] = {"plain": [], "dora": []}
+    for _ in range(args.steps):
+        times["plain"].append(_timed(plain, device, clock))
+        times["dora"].append(_timed(dora, device, clock))
+    return {"case": case, "device": str(device), **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
 
 
 def main() -> None:
@@ -134,6 +170,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: time steps by process CPU time (CPU runs; robust to a busy machine)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", help=argparse.SUPPRESS)
+    parser.add_argument("--dora-pairs", action="store_true", help="each adapter against itself with DoRA, in one process, steps alternating")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--before", help="a directory holding an earlier tnlora_cli: time every case with it too")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every case, interleaved; the fastest round counts")
@@ -141,11 +179,17 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return
+    if args.pair:
+        print(json.dumps(run_pair(args.pair, args)))
+        return
 
     results: dict[str, dict] = {}
     before: dict[str, dict] = {}
     own = ["--model", args.model, "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--clock", args.clock] + (["--cpu"] if args.cpu else [])
+    if args.dora_pairs:
+        dora_pairs(args, own)
+        return
     for _ in range(args.rounds):
         for case in args.cases.split(","):
             # now and before back to back: a burst of load from elsewhere hits both alike
@@ -196,6 +240,56 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+def _subprocess(flag: str, case: str, own: list[str], src: str | None) -> dict | None:
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, flag, case, *own], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        reason = "peft not installed" if "No module named 'peft'" in proc.stderr else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"{case}{' (before)' if src else ''}: skipped ({reason})", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def dora_pairs(args: argparse.Namespace, own: list[str]) -> None:
+    """The `--dora-pairs` table: per adapter, plain and DoRA steps alternating in one process;
+    over `--rounds`, the median ratio counts (each round's is printed as it comes)."""
+    given = [c for c in args.cases.split(",") if not c.endswith("-dora")] if args.cases != ",".join(CASES) else ["peft-lora", *ADAPTERS]
+    rows: dict[str, dict[str, list[dict]]] = {case: {"now": [], "before": []} for case in given}
+    for _ in range(args.rounds):
+        for case in given:
+            for label, src in (("now", None), ("before", args.before)):
+                if label == "before" and (src is None or case.startswith("peft-")):
+                    continue
+                r = _subprocess("--pair", case, own, src)
+                if r is not None:
+                    rows[case][label].append(r)
+                    print(f"{case} ({label}): {1e3 * r['plain_s']:.1f} / {1e3 * r['dora_s']:.1f} ms, x{r['dora_s'] / r['plain_s']:.3f}", file=sys.stderr, flush=True)
+    device = next((runs["now"][0]["device"] for runs in rows.values() if runs["now"]), "?")
+    print(f"model {args.model} (layers {args.layers or 'all'}), batch {args.batch} x {args.seq}, device {device}, median of {args.steps} "
+          f"alternating steps per round, {args.rounds} round(s), {'process CPU' if args.clock == 'cpu' and device == 'cpu' else 'wall'} time")
+    header = f"{'adapter':<14} {'plain ms':>9} {'DoRA ms':>9} {'x same':>7}" + (f" {'before x same':>14}" if args.before else "")
+    print(header)
+    print("-" * len(header))
+
+    def ratio(runs: list[dict]) -> float:
+        return statistics.median(r["dora_s"] / r["plain_s"] for r in runs)
+
+    for case, runs in rows.items():
+        if not runs["now"]:
+            continue
+        plain = statistics.median(r["plain_s"] for r in runs["now"])
+        dora = statistics.median(r["dora_s"] for r in runs["now"])
+        line = f"{case:<14} {1e3 * plain:>9.1f} {1e3 * dora:>9.1f} {ratio(runs['now']):>7.2f}"
+        if args.before:
+            line += f" {ratio(runs['before']):>14.2f}" if runs["before"] else f" {'-':>14}"
+        print(line)
+    if os.path.exists("/proc/loadavg"):
+        with open("/proc/loadavg") as f:
+            print(f"load average at the end: {' '.join(f.read().split()[:3])}; cores: {os.cpu_count()}")
 
 
 if __name__ == "__main__":

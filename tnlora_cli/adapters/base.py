@@ -11,12 +11,14 @@ every adapter the same `SharedStore`, where tensors shared across layers are reg
 once. The wrappers that put an adapter on a layer live in `layers.py`.
 Optional hooks (`bind_base`, `combine`, `merge_weight`) let a method see the base weight and
 define how it joins the base output and the merged weight; their defaults are additive, and
-`adapter.use_dora` makes every method weight-decomposed through them (`dora.py`).
+`adapter.use_dora` makes every method weight-decomposed through them (`dora.py`), which reads
+the branch and the update it was computed from in one call (`branch_and_update`).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +29,10 @@ from transformers.pytorch_utils import Conv1D
 from ..tensor.precision import at_least_fp32
 from . import dora
 from .configs import AdapterConfig, ScaledLowRankConfig, StrictModel  # noqa: F401 - re-exported
+
+#: An update as `branch_and_update` hands it over: thin factors (A (in, k), B (out, k), ΔW = B Aᵀ,
+#: scaling included) or the dense ΔW (out, in).
+Update = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 
 class SharedStore(nn.Module):
@@ -123,6 +129,20 @@ class Adapter(nn.Module):
         `dropout` on their input override it; the others have nothing to skip."""
         return self(x)
 
+    def branch_and_update(self, x: torch.Tensor) -> tuple[torch.Tensor, Update]:
+        """`undropped(x)` and ΔW, from one build of the tensors the update is made of.
+
+        DoRA needs both in every forward, the branch and ΔW for its norm; adapters whose
+        branch contracts its own factors (tensor trains, generated matrices) override this so
+        that the factors are built once and serve both. ΔW comes as thin factors where it is a
+        product of them (the norm then never forms the (out, in) matrix), dense otherwise; it
+        may carry gradient (the caller detaches it). The default builds twice."""
+        factors = self.low_rank_factors()
+        if factors is None:
+            with torch.no_grad():  # the norm is a constant: no graph for a dense ΔW
+                factors = self.delta_weight()
+        return self.undropped(x), factors
+
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (out, in) matrix in at least fp32, scaling included."""
         raise NotImplementedError
@@ -207,8 +227,15 @@ class LowRankAdapter(Adapter):
         return self.undropped(self.dropout(x))
 
     def undropped(self, x: torch.Tensor) -> torch.Tensor:
+        return self._through(x, *self.factors())
+
+    def _through(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # The scaling goes on B (out, r), not on the (tokens, out) output: one pass fewer.
+        return (x @ a.to(x.dtype)) @ (b.T * self.scaling).to(x.dtype)
+
+    def branch_and_update(self, x: torch.Tensor) -> tuple[torch.Tensor, Update]:
         a, b = self.factors()
-        return (x @ a.to(x.dtype)) @ b.T.to(x.dtype) * self.scaling
+        return self._through(x, a, b), (at_least_fp32(a), at_least_fp32(b) * self.scaling)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.factors()
@@ -252,6 +279,27 @@ class BaseWeight:
         if isinstance(self.layer, Conv1D):
             weight = weight.T
         return weight[self.start : self.stop]
+
+    def squared_row_norms(self) -> torch.Tensor:
+        """‖W0_o‖² per row of `dense()`, in at least fp32. W0 is frozen: computed once and kept
+        while the layer holds the same weight tensor, unchanged (same storage and version)."""
+        if torch.compiler.is_compiling():
+            # In a compiled graph the checks below would break it; one pass over W0 instead.
+            return self.dense().square().sum(dim=1)
+        weight = self.layer.weight
+        key = (weight.device, weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_squared_row_norms")
+        if cached is None or cached[0]() is not weight or cached[1] != key:
+            with torch.no_grad():
+                squares = self.dense().square().sum(dim=1)
+            # The weight itself by a weak reference: a replaced weight must not be kept alive.
+            cached = (weakref.ref(weight), key, squares)
+            self.__dict__["_squared_row_norms"] = cached
+        return cached[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The cache holds a weak reference, which cannot be pickled; it is rebuilt on use.
+        return {k: v for k, v in self.__dict__.items() if k != "_squared_row_norms"}
 
     def bias(self) -> torch.Tensor | None:
         """The bias of these rows (out,), None when the layer has none."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..tensor.tt import factorize_dim, tt_matrix_apply
-from .base import Adapter, SharedStore, at_least_fp32
+from .base import Adapter, SharedStore, Update, at_least_fp32
 from .configs import TensorGuideConfig
 
 ACTIVATIONS = {"none": None, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -81,6 +81,11 @@ class TensorGuideAdapter(Adapter):
         change in training. The key includes the buffers' version counters, so loading a
         state dict or moving the module regenerates them."""
         cores = self._start_cores()
+        if torch.compiler.is_compiling():
+            # The version check below cannot be traced (a cache filled before compiling, as
+            # DoRA's start fills it, would break the graph): generate in the graph, token-free.
+            with torch.no_grad():
+                return self.generate(cores)
         key = (cores[0].device, cores[0].dtype, tuple(c._version for c in cores))
         cached = self.__dict__.get("_start_cache")
         if cached is None or cached[0] != key:
@@ -122,31 +127,42 @@ class TensorGuideAdapter(Adapter):
         return h @ (torch.cat([w2, w2 - s2], dim=0) * self.scale).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resample and self.training:
-            # Algorithm 1: a fresh latent per step, from the global RNG (seeded, and saved in
-            # checkpoints, so resumed runs draw the same). The start branch uses the same z.
-            z = torch.randn(self.z.shape, device=self.z.device, dtype=self.z.dtype)
-            start = None
-            with torch.autocast(x.device.type, enabled=False):
+        pair, start = self._generated()
+        return self._branch(x, pair, start)
+
+    def _generated(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """(W1, W2) and the start pair (None without subtraction) of this forward."""
+        with torch.autocast(self.z.device.type, enabled=False):
+            if self.resample and self.training:
+                # Algorithm 1: a fresh latent per step, from the global RNG (seeded, and saved in
+                # checkpoints, so resumed runs draw the same). The start branch uses the same z.
+                z = torch.randn(self.z.shape, device=self.z.device, dtype=self.z.dtype)
+                start = None
                 if self.subtract_start:
                     with torch.no_grad():
                         start = self.generate(self._start_cores(), z=z)
-                pair = self.generate(z=z)
-            return self._branch(x, pair, start)
-        with torch.autocast(x.device.type, enabled=False):
-            pair, start = self.generate(), self.start_pair() if self.subtract_start else None
-        return self._branch(x, pair, start)
+                return self.generate(z=z), start
+            return self.generate(), self.start_pair() if self.subtract_start else None
+
+    def branch_and_update(self, x: torch.Tensor) -> tuple[torch.Tensor, Update]:
+        pair, start = self._generated()
+        return self._branch(x, pair, start), self._thin_factors(pair, start)
+
+    def _thin_factors(self, pair: tuple[torch.Tensor, torch.Tensor], start: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = s (W1 W2 − W1_0 W2_0)ᵀ = B Aᵀ with A = [W1 − W1_0, W1_0] (in, 2M) and
+        B = s [W2ᵀ, (W2 − W2_0)ᵀ] (out, 2M): the split `_branch` uses, so that every product
+        with a factor is exactly zero at the start (A's first and B's second block are)."""
+        w1, w2 = (at_least_fp32(t) for t in pair)
+        if start is None:
+            return w1, self.scale * w2.T
+        s1, s2 = (at_least_fp32(t) for t in start)
+        return torch.cat([w1 - s1, s1], dim=1), self.scale * torch.cat([w2.T, (w2 - s2).T], dim=1)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """ΔW = s (W1 W2 - W1_0 W2_0)ᵀ = B Aᵀ with A = [W1, W1_0] (in, 2M) and
-        B = s [W2ᵀ, -W2_0ᵀ] (out, 2M); None when σ is nonlinear."""
+        """Thin factors of ΔW (see `_thin_factors`); None when σ is nonlinear."""
         if not self.is_linear:
             return None
-        w1, w2 = (at_least_fp32(t) for t in self.generate())
-        if not self.subtract_start:
-            return w1, self.scale * w2.T
-        s1, s2 = (at_least_fp32(t) for t in self.start_pair())
-        return torch.cat([w1, s1], dim=1), self.scale * torch.cat([w2.T, -s2.T], dim=1)
+        return self._thin_factors(self.generate(), self.start_pair() if self.subtract_start else None)
 
     def delta_weight(self) -> torch.Tensor:
         if not self.is_linear:

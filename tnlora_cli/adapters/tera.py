@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..tensor.tt import fold_dim
 from ..tensor.tucker import mode_dot, mode_dot_cost, outer_vectors
-from .base import Adapter, SharedStore, at_least_fp32
+from .base import Adapter, SharedStore, Update, at_least_fp32
 from .configs import TeraConfig
 
 
@@ -126,17 +126,25 @@ class TeraAdapter(Adapter):
             return 2 * via_input, 2 * build + 3 * tokens * n * m
         return via_input, dense
 
-    def _choose_path(self, tokens: int) -> str:
-        """The cheaper path for this many tokens, computed once per (tokens, training)."""
+    def _choose_path(self, tokens: int, built_anyway: bool = False) -> str:
+        """The cheaper path for this many tokens, computed once per (tokens, training, built_anyway).
+        `built_anyway`: ΔW is built in this forward whatever the path (DoRA's norm needs it), so
+        the dense path's forward build costs nothing extra."""
         if self.path != "auto":
             return self.path
         training = torch.is_grad_enabled() and self.d[0].requires_grad
-        key = (tokens, training)
+        key = (tokens, training, built_anyway)
         chosen = self._path_cache.get(key)
         if chosen is None:
             via_input, dense = self.costs(tokens, training)
+            if built_anyway:
+                via_input += self.build_cost()
             chosen = self._path_cache[key] = "input" if via_input <= dense else "dense"
         return chosen
+
+    def build_cost(self) -> int:
+        """Multiply-adds of one build of ΔW (the dense path's, without its backward)."""
+        return self.costs(0)[1]
 
     @property
     def _path_cache(self) -> dict[tuple[int, bool], str]:
@@ -164,6 +172,17 @@ class TeraAdapter(Adapter):
             if a is not None:
                 h = mode_dot(h, a.T.to(x.dtype), mode + 1)  # ×_i A_iᵀ: (T, .., R_i, ..) -> (T, .., I_i, ..)
         return h.reshape(*lead, self.out_features)
+
+    def branch_and_update(self, x: torch.Tensor) -> tuple[torch.Tensor, Update]:
+        # On the dense path, ΔW is built for the branch anyway: one build serves both when it is
+        # in at least fp32 (a half-precision build would round the norm's ΔW).
+        tokens = x.numel() // self.in_features
+        if self._choose_path(tokens, built_anyway=True) == "dense" and x.dtype == at_least_fp32(x).dtype:
+            delta = self._build(x.dtype)
+            return x @ delta, delta.T
+        with torch.no_grad():  # for the norm only, a constant in backward
+            delta = self.delta_weight()
+        return self(x), delta
 
     def delta_weight(self) -> torch.Tensor:
         return self._build().T

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..tensor.init import kaiming_uniform, make_generator
-from .base import Adapter, LayerSpec, SharedStore, at_least_fp32
+from .base import Adapter, LayerSpec, SharedStore, Update, at_least_fp32
 from .configs import VeraConfig
 
 
@@ -49,14 +49,23 @@ class VeraAdapter(Adapter):
         return self.undropped(self.dropout(x))
 
     def undropped(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense_is_cheaper(x):
+            return x @ self.delta_weight().T.to(x.dtype)
         a, b = self._projections()
-        tokens = x.numel() // self.in_features
-        n, m, r = self.in_features, self.out_features, self.r
+        return self.lambda_b * ((self.lambda_d * (x @ a.T.to(x.dtype))) @ b.T.to(x.dtype))
+
+    def branch_and_update(self, x: torch.Tensor) -> tuple[torch.Tensor, Update]:
+        if self._dense_is_cheaper(x):
+            delta = self.delta_weight()
+            return x @ delta.T.to(x.dtype), delta
+        return self.undropped(x), self.low_rank_factors()
+
+    def _dense_is_cheaper(self, x: torch.Tensor) -> bool:
         # x-path: T·r·(n+m); dense: n·m·r to build ΔW, then T·n·m. With r of 256-1024 the
         # dense path wins for long batches (methods.md §9); pick the cheaper one per call.
-        if tokens * r * (n + m) <= n * m * r + tokens * n * m:
-            return self.lambda_b * ((self.lambda_d * (x @ a.T.to(x.dtype))) @ b.T.to(x.dtype))
-        return x @ self.delta_weight().T.to(x.dtype)
+        tokens = x.numel() // self.in_features
+        n, m, r = self.in_features, self.out_features, self.r
+        return tokens * r * (n + m) > n * m * r + tokens * n * m
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self._projections()
