@@ -226,6 +226,8 @@ RECIPE_CASES = [
     R("use_dora on a nonlinear tensorguide", _set("adapter", {"type": "tensorguide", "target_modules": ["query"], "activation": "relu", "use_dora": True}),
       r"adapter.use_dora: DoRA rescales a weight update, but TensorGuide with activation: relu is a nonlinear branch"),
     R("use_dora not a boolean", _set("adapter.use_dora", "maybe"), r"adapter.use_dora"),
+    # mnist:
+    R("image alias under a text task", _set("data.train", "mnist"), r"data.train: 'mnist' is an embedded image data set, which only task image-classification reads"),
 ]
 
 # ----------------------------------------------------------------- recipe files
