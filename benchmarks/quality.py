@@ -59,6 +59,7 @@ class Task:
     forgetting: bool = False  # held-out Shakespeare loss, tuned minus base
     stopped: str = ""  # why the task was not run to the end (said in the report)
     refine: bool = False  # the sweep adds the midpoints beside its best rate (a finer grid where it matters)
+    jobs: int = 2  # cells that ran at a time when the results were made (said in the report)
 
 
 TASKS = {
@@ -73,7 +74,7 @@ TASKS = {
                                "`smollm2_topics` is the generation task."),
     "smollm2_topics": Task("smollm2_topics", "exact_match", ("exact_match", "chrf", "loss"), generate=True, forgetting=True),
     # TensorGuide's image setup (Table 1): random ResNet-18, trained 1-channel stem, adapters on the classifier.
-    "mnist_resnet18": Task("mnist_resnet18", "accuracy", ("accuracy", "macro_f1", "loss")),
+    "mnist_resnet18": Task("mnist_resnet18", "accuracy", ("accuracy", "macro_f1", "loss"), jobs=1),
 }
 
 
