@@ -191,7 +191,7 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
         f"Recipe `benchmarks/quality/tasks/{task}.yaml`: {cfg['max_steps']} steps of {cfg['batch_size']} "
         f"({cfg['lr_scheduler']} schedule, {cfg['warmup_steps']} warm-up steps) for every experiment. "
         f"Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']}, transformers {env['transformers']}; "
-        f"each cell ran in its own process with {ordered[0].seeds[0]['threads']} thread(s), {'two cells' if spec.jobs == 2 else f'{spec.jobs} cell(s)'} at a time. "
+        f"each cell ran in its own process with {ordered[0].seeds[0]['threads']} thread(s), {'one cell' if spec.jobs == 1 else f'{spec.jobs} cells' if spec.jobs > 2 else 'two cells'} at a time. "
         f"{len(rows)} experiments, {sum(len(s.sweep) for s in rows)} sweep cells.",
         "",
         f"| experiment | best lr | {metric} (%) | " + " | ".join(f"{m} ({'0-100' if m in SCORES_0_100 else '%'})" for m in secondary)
@@ -214,7 +214,8 @@ def _task_section(task: str, rows: list[Summary]) -> list[str]:
     lines += ["", f"Base model without adapter: {metric} {100 * base[metric]:.1f}%, loss {base['loss']:.3f}. "
               "Mean ± standard deviation over seeds " + ", ".join(map(str, SEEDS)) + " at each experiment's best learning rate. "
               "Trainable and stored count the adapter (stored adds the frozen random tensors the file keeps)"
-              + ("." if spec.generate else "; a classification head, trained in full by every experiment, is not counted, "
+              + ("." if spec.generate else "; the modules trained in full (above) are not counted, but their weights are in the file size."
+                 if modules else "; a classification head, trained in full by every experiment, is not counted, "
                  "but its weights are in the file size.") + " "
               "Files keep VeRA's and TeRA's frozen random tensors (the default); with `adapter.save_frozen: false` they "
               "hold only the trainable tensors and the seed that regenerates the rest. "
