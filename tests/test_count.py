@@ -42,6 +42,10 @@ PAPER_COUNTS = [
     ("trac_vit_large_cifar10.yaml", 55_808, "TRAC Table 8, ViT-Large: 0.056M"),
     ("lora_vit_base_cifar10.yaml", 294_912, "TRAC Table 8, LoRA r=8 ViT-Base: 0.295M"),
     ("lora_vit_large_cifar10.yaml", 786_432, "TRAC Table 8, LoRA r=8 ViT-Large: 0.786M"),
+    ("loretta_vit_base_cifar10.yaml", 67_584, "TRAC Table 8, LoRETTA ViT-Base: 0.068M"),
+    ("loretta_vit_large_cifar10.yaml", 159_744, "TRAC Table 8, LoRETTA ViT-Large: 0.154M (config not given; TT rank 8)"),
+    ("tensorguide_qd_resnet18_m2048.yaml", 1_156, "TensorGuide Table 1, M=2048 (TT part; 4,292 with the stem)"),
+    ("tensorguide_qd_resnet18_m4096.yaml", 1_220, "TensorGuide Table 1, M=4096 (TT part; 4,356 with the stem)"),
 ]
 
 
@@ -97,7 +101,8 @@ def test_vit_paper_recipes_print_trac_table_8():
     excluded): TRAC 0.026M / 0.056M, LoRA r=8 0.295M / 0.786M."""
     runner = CliRunner()
     for recipe, millions in (("trac_vit_base_cifar10.yaml", "0.026"), ("trac_vit_large_cifar10.yaml", "0.056"),
-                             ("lora_vit_base_cifar10.yaml", "0.295"), ("lora_vit_large_cifar10.yaml", "0.786")):
+                             ("lora_vit_base_cifar10.yaml", "0.295"), ("lora_vit_large_cifar10.yaml", "0.786"),
+                             ("loretta_vit_base_cifar10.yaml", "0.068")):
         result = runner.invoke(app, ["count-params", str(ROOT / "recipes/paper" / recipe), "--json"])
         assert result.exit_code == 0, result.output
         data = json.loads(result.stdout)
