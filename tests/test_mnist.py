@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from tnlora_cli.cli import app
 from tnlora_cli.data.embedded import mnist_rows
 from tnlora_cli.data.prepare import prepare_data
 from tnlora_cli.data.sources import load_source, resolve_sources
@@ -44,6 +46,9 @@ def test_recipe_counts_tensorguides_budget_for_ten_classes():
 
     counts = count_params(load_recipe(RECIPE)).to_json()
     assert (counts["adapter_total"]["trainable"], counts["head"]["trainable"]) == (1156, 3136)
+    assert counts["head"]["modules"] == ["resnet.embedder.embedder.convolution"]
+    result = CliRunner().invoke(app, ["count-params", str(RECIPE)], env={"COLUMNS": "200"})
+    assert "trained in full: resnet.embedder.embedder.convolution" in result.output and "task head" not in result.output
 
 
 def test_missing_package_gets_the_install_hint(monkeypatch):

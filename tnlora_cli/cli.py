@@ -895,7 +895,8 @@ def _print_counts(report: Any) -> None:
     table.add_section()
     table.add_row("[bold]adapter total", str(total.layers), f"[bold]{total.trainable:,}", f"{total.frozen:,}", f"{total.stored:,}")
     if report.head.layers:
-        table.add_row("task head (trained in full)", str(report.head.layers), f"{report.head.trainable:,}", "0", f"{report.head.trainable:,}")
+        label = "task head (trained in full)" if report.head_is_task_head else f"trained in full: {', '.join(report.head_modules)}"
+        table.add_row(label, str(report.head.layers), f"{report.head.trainable:,}", "0", f"{report.head.trainable:,}")
     out_console.print(table)
     out_console.print(f"base model: {report.base_parameters:,} parameters; adapter trainable = {report.trainable_percent:.4f}% of base + adapter")
 

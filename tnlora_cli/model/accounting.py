@@ -37,6 +37,9 @@ class CountReport:
     adapter: str
     roles: dict[str, Counts] = field(default_factory=dict)
     head: Counts = field(default_factory=Counts)
+    #: The modules counted in `head` (modules_to_save) and whether they are the task's own head.
+    head_modules: list[str] = field(default_factory=list)
+    head_is_task_head: bool = True
     base_parameters: int = 0
     #: Layers the target list matched inside modules_to_save: trained in full, not adapted.
     not_adapted: list[str] = field(default_factory=list)
@@ -63,7 +66,7 @@ class CountReport:
             "adapter": self.adapter,
             "roles": {k: {**asdict(v), "stored": v.stored} for k, v in self.roles.items()},
             "adapter_total": {**asdict(total), "stored": total.stored},
-            "head": {**asdict(self.head), "stored": self.head.stored},
+            "head": {**asdict(self.head), "stored": self.head.stored, "modules": self.head_modules},
             "base_parameters": self.base_parameters,
             "trainable_percent": self.trainable_percent,
         }
@@ -87,7 +90,8 @@ def count_adapter(recipe: Recipe, model: torch.nn.Module) -> CountReport:
         modules_to_save = head_module_names(model, recipe.task)
     injection = inject_adapter(model, recipe.adapter, modules_to_save=modules_to_save, excluded=output_head_names(model))
     report = CountReport(model=recipe.model, adapter=recipe.adapter.type, base_parameters=base_parameters,
-                         not_adapted=injection.skipped_in_modules_to_save)
+                         not_adapted=injection.skipped_in_modules_to_save, head_modules=list(injection.modules_to_save),
+                         head_is_task_head=set(injection.modules_to_save) <= set(head_module_names(model, recipe.task)))
     counted: set[int] = set()
     saved = recipe.adapter.save_frozen
     for name, layer in adapted_layers(model):
