@@ -35,7 +35,7 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     with atomic_file(out_path, keep_suffix=True) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -62,7 +62,7 @@ def plot_confusion(counts: list[list[int]], labels: list[str], out_path: Path, t
     ax.set_title(title)
     fig.tight_layout()
     with atomic_file(out_path, keep_suffix=True) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -94,7 +94,7 @@ def plot_contact_sheet(examples: list[dict], augmented: list[dict] | None, label
         axes[r][0].set_ylabel(name, fontsize=8)
     fig.tight_layout()
     with atomic_file(out_path, keep_suffix=True) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -104,19 +104,22 @@ def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 
     roles = sorted({layer["role"] for report in reports for layer in report["layers"]})
-    fig, axes = plt.subplots(1, len(roles), figsize=(5.6 * len(roles), 4.2), dpi=120, squeeze=False)
+    # At least 8 inches wide: the title and a legend of three runs fit even with one panel.
+    fig, axes = plt.subplots(1, len(roles), figsize=(max(8.0, 5.6 * len(roles)), 4.2), dpi=120, squeeze=False)
     markers = "osD^vP*X"
     styles = ["-", "--", "-.", ":"]
     for ax, role in zip(axes[0], roles):
         max_drawn = set()
+        layers_drawn: set[int] = set()
         for k, report in enumerate(reports):
             rows = [layer for layer in report["layers"] if layer["role"] == role]
             if not rows:
                 continue
             xs = [r["layer"] if r["layer"] is not None else j for j, r in enumerate(rows)]
+            layers_drawn.update(xs)
             if all(r["rank"] is None for r in rows):
                 ax.plot([], [], label=f"{report['label']}: nonlinear, no rank")
                 continue
@@ -132,6 +135,10 @@ def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
                 max_drawn.add(cap)
         ax.set_title(role)
         ax.set_xlabel("layer")
+        # Layer indices are integers: never ticks at 0.98, and one layer gets a sensible width.
+        ax.xaxis.set_major_locator(FixedLocator(sorted(layers_drawn)) if len(layers_drawn) <= 12 else MaxNLocator(integer=True))
+        if layers_drawn:
+            ax.set_xlim(min(layers_drawn) - 0.5, max(layers_drawn) + 0.5)
         ax.set_ylabel("rank of ΔW")
         # Ranks span 1 to thousands: a base-2 log axis with plain-number ticks.
         ax.set_yscale("symlog", base=2, linthresh=1)
@@ -148,5 +155,5 @@ def plot_ranks(reports: list[dict[str, Any]], out_path: Path) -> None:
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(handles) - 1) // 4), 1, 1))
     with atomic_file(out_path, keep_suffix=True) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
