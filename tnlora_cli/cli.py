@@ -326,6 +326,7 @@ def train(
     spec = _run(load_recipe, recipe, set_ or [], unset or [])  # before torch loads: a recipe error is refused at once
     _quiet_libraries()
     from .train import train as run_train
+    from .training.launch import leave_launched_process
 
     if dry_run:
         from .dryrun import dry_run as run_dry
@@ -334,8 +335,12 @@ def train(
         return
     with _sigterm_as_interrupt():
         result = _run(run_train, spec, resume=resume, overwrite=overwrite, reporter=RichReporter(), check_memory=not skip_memory_check)
-    if result.evaluation is None:
-        return
+    if result.evaluation is not None:
+        _print_train_result(result)
+    leave_launched_process()
+
+
+def _print_train_result(result: Any) -> None:
     out_console.print(f"trainable parameters: {result.parameters['trainable']:,} of {result.parameters['total']:,}")
     warnings = (result.verdict or {}).get("warnings", [])
     table = _metrics_table(f"held-out metrics after {result.steps} steps" + (" -- WARNING: see below" if warnings else ""), result.evaluation, result.majority_rate)

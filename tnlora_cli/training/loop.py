@@ -115,6 +115,10 @@ def run_training(
     return run.publish(stopped=stop_after is not None and run.step < run.cfg.max_steps)
 
 
+#: Multi-process runs that have finished, kept referenced until the process exits (see publish).
+FINISHED_RUNS: list[_TrainingRun] = []
+
+
 class _TrainingRun:
     """One run's state; `run_training` calls its steps in order."""
 
@@ -376,7 +380,10 @@ class _TrainingRun:
         accelerator.end_training()
         if self.world > 1 and torch.distributed.is_initialized():
             # Every rank tears the process group down here, together: left to interpreter exit, a
-            # rank whose peers had gone once waited forever in the backend's teardown.
+            # rank whose peers had gone once waited forever in the backend's teardown. The run's
+            # objects (the wrapped model holds the group) stay referenced, so none of their
+            # destructors runs either: a rank once hung freeing them (launch.leave_launched_process).
+            FINISHED_RUNS.append(self)
             torch.distributed.destroy_process_group()
         return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters,
                            verdict=verdict if self.is_main else None)
