@@ -357,6 +357,38 @@ def _guide(task: str, rows: list[Summary]) -> list[str]:
     return lines + [""]
 
 
+def _dora(task: str, rows: list[Summary]) -> list[str]:
+    """Each experiment `X_dora` beside `X`: what DoRA's magnitude vector changes, at what cost."""
+    by_name = {s.name: s for s in rows}
+    pairs = [(by_name[n[: -len("_dora")]], s) for n, s in sorted(by_name.items()) if n.endswith("_dora") and n[: -len("_dora")] in by_name]
+    if not pairs:
+        return []
+    metric = TASKS[task].metric
+    lines = [f"### Does DoRA help? ({task})", "",
+             "`adapter.use_dora: true` (the weight split into a trained magnitude per output row and a direction) "
+             "on the same adapter and budget, swept and seeded the same way; the verdict is whether the DoRA run beats "
+             "the run without it, with the noise band of the claims above.", "",
+             f"| adapter | without DoRA {metric} (%) | with DoRA {metric} (%) | difference | verdict | trainable without → with | "
+             "s/step with / without |", "|---|---|---|---|---|---|---|"]
+    verdicts: dict[str, list[str]] = defaultdict(list)
+    for plain, dora in pairs:
+        if not (plain.complete and dora.complete):
+            lines.append(f"| `{plain.name}` | {_pm(plain, metric, 100)} | {_pm(dora, metric, 100)} | | not finished | | |")
+            continue
+        verdict, _ = _verdict(dora, plain, metric, "beats")
+        worse, _ = _verdict(plain, dora, metric, "beats")
+        word = "helps" if verdict == "agree" else "hurts" if worse == "agree" else "no clear difference"
+        verdicts[word].append(f"`{plain.name}`")
+        speed = min(r["seconds_per_step"] for r in dora.seeds) / min(r["seconds_per_step"] for r in plain.seeds)
+        lines.append(f"| `{plain.name}` (lr {plain.best_lr:g} / {dora.best_lr:g}) | {_pm(plain, metric, 100)} | {_pm(dora, metric, 100)} | "
+                     f"{100 * (dora.mean(metric) - plain.mean(metric)):+.1f} | {word} | {plain.trainable:,} → {dora.trainable:,} "
+                     f"(+{dora.trainable - plain.trainable:,}) | {speed:.2f} |")
+    if verdicts:
+        lines += ["", "In short: " + "; ".join(f"{word} for {', '.join(names)}" for word, names in verdicts.items())
+                  + ". The magnitudes add one number per output row of each adapted layer, the same for every adapter."]
+    return lines + [""]
+
+
 # The shipped recipes that take their learning rate from an experiment: (task, experiment). The
 # report says where a recipe and the evidence part, so a re-run that moves a best rate is noticed.
 SHIPPED_RECIPES = {
@@ -426,6 +458,7 @@ def write_report() -> Path:
             lines += [f"Not finished: {', '.join(missing + incomplete)} (missing or fewer than {len(SEEDS)} seeds).", ""]
         if len(rows) > 1:
             lines += _claims(task, rows) + ([] if missing or incomplete else _guide(task, rows))
+        lines += _dora(task, rows)
     recipe_lines, differ = _recipe_rates()
     lines += recipe_lines
     out = DOCS / "results.md"
