@@ -385,7 +385,10 @@ def _dora(task: str, rows: list[Summary]) -> list[str]:
                      f"(+{dora.trainable - plain.trainable:,}) | {speed:.2f} |")
     if verdicts:
         lines += ["", "In short: " + "; ".join(f"{word} for {', '.join(names)}" for word, names in verdicts.items())
-                  + ". The magnitudes add one number per output row of each adapted layer, the same for every adapter."]
+                  + ". The magnitudes add one number per output row of each adapted layer, the same for every adapter. "
+                  "The s/step column compares cells run at different times under different load on a shared machine; "
+                  "the controlled step-time ratios (each adapter against itself with DoRA in one process) are in "
+                  "docs/benchmarks.md."]
     return lines + [""]
 
 
