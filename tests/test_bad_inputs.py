@@ -231,6 +231,12 @@ RECIPE_CASES = [
                                                           model="resnet"), r"red/tiny\.png: the image is 3x5, smaller than one 4x4 patch"),
     # mnist:
     R("image alias under a text task", _set("data.train", "mnist"), r"data.train: 'mnist' is an embedded image data set, which only task image-classification reads"),
+    # probe:
+    R("augment under a text task", _set("data.augment", "flip"), r"data.augment: flip augments images, and task classification reads text"),
+    R("image_column of an image folder", _images(image_column="pix"), r"data.image_column: 'pix' names a column, but data.train is an image folder .*which has no columns"),
+    R("split of a local file", lambda r: r["data"].update(eval={"path": r["data"]["train"], "split": "test"}),
+      r"data.eval.split: 'test' selects part of a hub dataset, but '\S+' is a local path, read whole"),
+    R("image folder without class sub-folders", _images(train="red"), r"data.train: \S+/red has no class sub-folders .*a sub-folder named after the class"),
 ]
 
 # ----------------------------------------------------------------- recipe files

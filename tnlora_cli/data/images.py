@@ -213,6 +213,11 @@ def image_sources(spec: Any, key: str) -> list[ImageSource]:
         max_rows = None if isinstance(item, str) else item.max_rows
         if _is_image_folder(Path(path).expanduser()):
             out.append(ImageSource(str(Path(path).expanduser()), where, True, max_rows=max_rows))
+        elif Path(path).expanduser().is_dir() and not any(p.suffix.lower() in LOADERS for p in Path(path).expanduser().rglob("*") if p.is_file()):
+            # Neither class sub-folders nor a data file: say what an image folder looks like.
+            raise DataError(f"{where}: {path} has no class sub-folders (and no .jsonl/.json/.csv/.parquet file)",
+                            hint="put each class's images in a sub-folder named after the class (e.g. images/cat/001.png), "
+                                 "or point it at a JSONL/CSV/Parquet file of image paths or bytes and labels")
         else:
             out += [ImageSource(f.name, where, False, f, max_rows) for f in resolve_sources(item, where, images=True)]
     return out

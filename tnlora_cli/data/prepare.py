@@ -57,6 +57,7 @@ from .turns import (
     normalize_messages,
     row_tools,
 )
+from .unread import check_unread_keys
 from .workers import worker_count
 
 #: Held-out split made from `data.train`: `eval_fraction` of the examples, at most this many.
@@ -136,7 +137,9 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
 
         train_sources = image_sources(cfg.train, "data.train")
         eval_sources = image_sources(cfg.eval, "data.eval") if cfg.eval else []
+        check_unread_keys(cfg, task, {s.key for s in train_sources + eval_sources if s.folder})
     else:
+        check_unread_keys(cfg, task)
         train_sources = resolve_sources(cfg.train, "data.train")
         eval_sources = resolve_sources(cfg.eval, "data.eval") if cfg.eval else []
     section = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY | _SPLIT_KEYS}
