@@ -349,7 +349,7 @@ def test_cli_verbs_on_an_image_run(image_recipe, tmp_path):
     assert (tmp_path / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _cli("train", str(recipe)).returncode == 0
     generated = _cli("generate", raw["output_dir"], "--prompt", "hello")
-    assert generated.returncode == 2 and "is a image-classification run: its model predicts labels, it does not generate text" in " ".join(generated.stderr.split())
+    assert generated.returncode == 2 and "is an image-classification run: its model predicts labels, it does not generate text (generate and chat are for language models" in " ".join(generated.stderr.split())
     counted = _cli("count-params", str(recipe))
     assert counted.returncode == 0 and "task head (trained in full)" in counted.stdout
 

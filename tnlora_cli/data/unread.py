@@ -41,14 +41,15 @@ def check_unread_keys(cfg: DataConfig, task: str, image_folders: set[str] | None
         if cfg.augment != "none":
             raise DataError(f"data.augment: {cfg.augment} augments images, and task {task} reads text",
                             hint="remove data.augment (only task image-classification augments)")
-        if "image_column" in cfg.model_fields_set:
+        if cfg.image_column != DataConfig.model_fields["image_column"].default:
             raise DataError(f"data.image_column: task {task} reads text, not images",
                             hint="remove data.image_column (it is for task image-classification)")
         return
     folders = image_folders or set()
     if folders and all(where in folders for where, _ in sources):
         for name in ("image_column", "label_column"):
-            if name in cfg.model_fields_set and getattr(cfg, name) is not None:
+            # Compared with the defaults: a run's saved recipe writes every key.
+            if getattr(cfg, name) not in (None, DataConfig.model_fields[name].default):
                 raise DataError(f"data.{name}: {getattr(cfg, name)!r} names a column, but {', '.join(sorted(folders))} "
                                 f"{'is an image folder' if len(folders) == 1 else 'are image folders'} (one sub-folder of images per class), "
                                 f"which {'has' if len(folders) == 1 else 'have'} no columns", hint=f"remove data.{name}; the sub-folders' names are the labels")
