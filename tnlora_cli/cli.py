@@ -381,15 +381,23 @@ def prepare(
     _quiet_libraries()
     from .prepare import prepare_report
 
-    report = _run(prepare_report, spec, reporter=RichReporter(), contact_sheet=contact_sheet)
-    _print_prepare(report)
-    if contact_sheet:
-        out_console.print(f"contact sheet written to {contact_sheet}")
-    if json_out:
-        from .run.atomic import write_json
+    reporter = RichReporter()
+    outputs = [str(p) for p in (contact_sheet, json_out) if p is not None]
 
-        _run(write_json, json_out, report)
-        out_console.print(f"report written to {json_out}")
+    def kept() -> str:
+        # Cache entries, --json and --contact-sheet are published whole (run/atomic.py) or not at all.
+        return "nothing half-written is left in the data cache" + (f" or at {' and '.join(outputs)}" if outputs else "")
+
+    with _interruptible("prepare", reporter, kept):
+        report = _run(prepare_report, spec, reporter=reporter, contact_sheet=contact_sheet)
+        _print_prepare(report)
+        if contact_sheet:
+            out_console.print(f"contact sheet written to {contact_sheet}")
+        if json_out:
+            from .run.atomic import write_json
+
+            _run(write_json, json_out, report)
+            out_console.print(f"report written to {json_out}")
 
 
 def _refuse_output_file(option: str, target: Path | None) -> None:
