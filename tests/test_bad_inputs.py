@@ -237,6 +237,8 @@ RECIPE_CASES = [
     R("split of a local file", lambda r: r["data"].update(eval={"path": r["data"]["train"], "split": "test"}),
       r"data.eval.split: 'test' selects part of a hub dataset, but '\S+' is a local path, read whole"),
     R("image folder without class sub-folders", _images(train="red"), r"data.train: \S+/red has no class sub-folders .*a sub-folder named after the class"),
+    R("labels of mixed types", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": 1}\n{"image": "red/001.png", "label": "red"}\n'),
+                                       train="index.jsonl"), r"data.label_column: column 'label' of \S+/index\.jsonl holds values of mixed types"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -49,7 +49,7 @@ import torch
 from ..errors import DataError, ModelError
 from ..recipe.sections import DataConfig
 from .examples import Examples
-from .sources import LOADERS, SourceFile, load_source, resolve_sources
+from .sources import LOADERS, SourceFile, check_label_feature, load_source, resolve_sources
 from .workers import worker_count
 
 #: Default label column of image data (text classification has no default).
@@ -265,6 +265,7 @@ def _read_source(src: ImageSource, cfg: DataConfig, report: dict):
     for recipe_key, column in (("data.image_column", cfg.image_column), ("data.label_column", label_col)):
         if column not in ds.column_names:
             raise DataError(f"{recipe_key}: column '{column}' is not in {src.name}", hint=f"set {recipe_key} to one of: {', '.join(sorted(ds.column_names))}")
+    check_label_feature(ds, label_col, src.name)
     ds = ds.select_columns([cfg.image_column, label_col])
     try:
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))

@@ -48,7 +48,7 @@ from .chat import IGNORE_INDEX, tokenize_conversations
 from .examples import Examples
 from .mapped import release_mapped_pages
 from .progress import phase
-from .sources import SourceFile, load_source, resolve_sources
+from .sources import SourceFile, check_label_feature, load_source, resolve_sources
 from .turns import (
     RowError,
     conversation_style,
@@ -382,6 +382,7 @@ def _label_names(cfg: DataConfig, train_raw, eval_raw) -> list[str]:
     present: set[str] = set()
     for src, ds in train_raw:
         _require(src, ds, [("data.label_column", col)])
+        check_label_feature(ds, col, src.name)
         present |= {str(v) for v in ds.unique(col) if v is not None}
     present_sorted = sorted(present)
     if cfg.labels is not None:
@@ -396,6 +397,7 @@ def _label_names(cfg: DataConfig, train_raw, eval_raw) -> list[str]:
     if cfg.labels is None:
         for src, ds in eval_raw:
             _require(src, ds, [("data.label_column", col)])
+            check_label_feature(ds, col, src.name)
             extra = sorted({str(v) for v in ds.unique(col) if v is not None} - set(names))
             if extra:
                 raise DataError(f"data.eval: labels {extra} do not occur in data.train", hint="held-out labels must be a subset of the training labels")
