@@ -239,6 +239,8 @@ RECIPE_CASES = [
     R("image folder without class sub-folders", _images(train="red"), r"data.train: \S+/red has no class sub-folders .*a sub-folder named after the class"),
     R("labels of mixed types", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": 1}\n{"image": "red/001.png", "label": "red"}\n'),
                                        train="index.jsonl"), r"data.label_column: column 'label' of \S+/index\.jsonl holds values of mixed types"),
+    R("image paths and numbers mixed", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": "red"}\n{"image": 7, "label": "red"}\n'),
+                                               train="index.jsonl"), r"data.image_column: column 'image' of \S+/index\.jsonl holds neither image paths nor image bytes \(values of mixed types\)"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -268,10 +268,14 @@ def _read_source(src: ImageSource, cfg: DataConfig, report: dict):
     check_label_feature(ds, label_col, src.name)
     ds = ds.select_columns([cfg.image_column, label_col])
     try:
+        if "json" in str(ds.features[cfg.image_column]).lower():  # rows of different types (paths and numbers, say)
+            raise TypeError  # cast, it would turn each path into its JSON text
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     except Exception:  # noqa: BLE001 - Arrow cast errors differ per type
+        feature = str(ds.features[cfg.image_column])
+        held = "values of mixed types" if "json" in feature.lower() else feature
         raise DataError(f"data.image_column: column '{cfg.image_column}' of {src.name} holds neither image paths nor image bytes "
-                        f"({ds.features[cfg.image_column]})", hint="give each row a path (relative to the file) or the image's bytes") from None
+                        f"({held})", hint="give every row a path (relative to the file) or the image's bytes") from None
     if cfg.image_column != "image":
         ds = ds.rename_column(cfg.image_column, "image")
     if label_col != "label":
