@@ -49,7 +49,13 @@ import torch
 from ..errors import DataError, ModelError
 from ..recipe.sections import DataConfig
 from .examples import Examples
-from .sources import LOADERS, SourceFile, check_label_feature, load_source, resolve_sources
+from .sources import (
+    LOADERS,
+    SourceFile,
+    check_label_feature,
+    load_source,
+    resolve_sources,
+)
 from .workers import worker_count
 
 #: Default label column of image data (text classification has no default).
