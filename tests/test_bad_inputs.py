@@ -241,6 +241,8 @@ RECIPE_CASES = [
                                        train="index.jsonl"), r"data.label_column: column 'label' of \S+/index\.jsonl holds values of mixed types"),
     R("image paths and numbers mixed", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": "red"}\n{"image": 7, "label": "red"}\n'),
                                                train="index.jsonl"), r"data.image_column: column 'image' of \S+/index\.jsonl holds neither image paths nor image bytes \(values of mixed types\)"),
+    R("all-linear on a CNN whose only linear layer is the head", lambda r: (_images(model="resnet")(r), r["adapter"].update(target_modules="all-linear")),
+      r"adapter.target_modules: 'all-linear' leaves out the output head, and this model has no other linear layer \(its linear layers: classifier.1\)"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -377,7 +377,8 @@ def prepare(
 
     spec = _run(load_recipe, recipe, set_ or [], unset or [])  # before torch loads: a recipe error is quick
     if contact_sheet is not None and spec.task != "image-classification":
-        _run(_input_error, f"--contact-sheet shows training images: it needs an image-classification recipe (this is {spec.task})")
+        _run(_input_error, f"--contact-sheet shows training images: it needs an image-classification recipe (this is {spec.task})",
+             "leave out --contact-sheet, or give a recipe with task: image-classification")
     _quiet_libraries()
     from .prepare import prepare_report
 
@@ -798,10 +799,10 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-def _input_error(message: str) -> None:
+def _input_error(message: str, hint: str | None = None) -> None:
     from .errors import InputError
 
-    raise InputError(message)
+    raise InputError(message, hint=hint)
 
 
 def _cleanup_on_sigterm() -> None:
