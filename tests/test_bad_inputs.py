@@ -243,6 +243,7 @@ RECIPE_CASES = [
                                                train="index.jsonl"), r"data.image_column: column 'image' of \S+/index\.jsonl holds neither image paths nor image bytes \(values of mixed types\)"),
     R("all-linear on a CNN whose only linear layer is the head", lambda r: (_images(model="resnet")(r), r["adapter"].update(target_modules="all-linear")),
       r"adapter.target_modules: 'all-linear' leaves out the output head, and this model has no other linear layer \(its linear layers: classifier.1\)"),
+    R("labels listed twice", _set("data.labels", ["pos", "neg", "pos"]), r"data.labels: 'pos' listed more than once"),
 ]
 
 # ----------------------------------------------------------------- recipe files
