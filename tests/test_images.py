@@ -505,3 +505,21 @@ def test_hub_vit_cifar10_recipe_validates_and_its_data_layout_prepares(vision_mo
     recipe = validate_recipe(raw)
     with pytest.raises(DataError, match=r"data.train\[0\]: 'uoft-cs/cifar10' is not a local file.*tnlora is offline"):
         prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped(tmp_path, channels):
+    """A 16-bit PNG (mode I;16) keeps its gradient: 65535 -> 255, 32768 -> 128 (a plain convert
+    clipped every value above 255, turning the image white)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from tnlora_cli.data.images import _decode
+
+    wide = (np.arange(8 * 8).reshape(8, 8) * 1040).astype(np.uint16)  # 0 ... 65520
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    processing = SimpleNamespace(min_side=1, channels=channels, width=8, height=8, resample=Image.NEAREST)
+    data, mode = _decode({"path": str(tmp_path / "deep.png")}, tmp_path, processing)
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(channels, 8, 8)
+    assert mode.startswith("I") and (pixels == np.rint(wide / 257.0).astype(np.uint8)[None]).all()

@@ -62,6 +62,9 @@ from .workers import worker_count
 DEFAULT_LABEL_COLUMN = "label"
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
+#: How `_decode` turns a file into pixels, in the cache key: entries decoded another way (16-bit
+#: images clipped, before "2") are not reused.
+DECODING = "2"
 _HINT = "fix or remove the image, or set data.on_bad_rows: drop to leave such images out (they are counted per reason)"
 
 
@@ -91,7 +94,7 @@ class ImageProcessing:
         return {k: v for k, v in asdict(self).items() if k != "processor"}
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps({**self.describe(), "decoding": DECODING}, sort_keys=True).encode()).hexdigest()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """The image processor beside a merged model (the default one written out as a
@@ -316,6 +319,10 @@ def _decode(ref: dict | None, base: Path, processing: ImageProcessing) -> tuple[
             if min(img.size) < processing.min_side:
                 raise BadImage("smaller than one patch", f"the image is {img.size[0]}x{img.size[1]}, smaller than one "
                                f"{processing.min_side}x{processing.min_side} patch")
+            if mode.startswith("I;16") or (mode == "I" and img.getextrema()[1] > 255):
+                # 16-bit pixels: PIL's convert clips them at 255 (nearly every pixel white); scale them to 8 bits.
+                wide = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
             img = img.convert("L" if processing.channels == 1 else "RGB")
             img = img.resize((processing.width, processing.height), resample=processing.resample)
     except BadImage:
