@@ -349,7 +349,7 @@ def _build_images(cfg: DataConfig, task: str, processing, train_sources, eval_so
         del held_out
     del train
     for conversion, n in report["converted"].items():
-        report["notes"].append(f"{n:,} images converted {conversion} (the model has {processing.channels} channel{'s' if processing.channels > 1 else ''})")
+        report["notes"].append(f"{n:,} image{'s' if n != 1 else ''} converted {conversion} (the model has {processing.channels} channel{'s' if processing.channels > 1 else ''})")
     shutil.rmtree(parts, ignore_errors=True)
     return report
 
