@@ -231,6 +231,19 @@ RECIPE_CASES = [
                                                           model="resnet"), r"red/tiny\.png: the image is 3x5, smaller than one 4x4 patch"),
     # mnist:
     R("image alias under a text task", _set("data.train", "mnist"), r"data.train: 'mnist' is an embedded image data set, which only task image-classification reads"),
+    # probe:
+    R("augment under a text task", _set("data.augment", "flip"), r"data.augment: flip augments images, and task classification reads text"),
+    R("image_column of an image folder", _images(image_column="pix"), r"data.image_column: 'pix' names a column, but data.train is an image folder .*which has no columns"),
+    R("split of a local file", lambda r: r["data"].update(eval={"path": r["data"]["train"], "split": "test"}),
+      r"data.eval.split: 'test' selects part of a hub dataset, but '\S+' is a local path, read whole"),
+    R("image folder without class sub-folders", _images(train="red"), r"data.train: \S+/red has no class sub-folders .*a sub-folder named after the class"),
+    R("labels of mixed types", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": 1}\n{"image": "red/001.png", "label": "red"}\n'),
+                                       train="index.jsonl"), r"data.label_column: column 'label' of \S+/index\.jsonl holds values of mixed types"),
+    R("image paths and numbers mixed", _images(lambda f: (f / "index.jsonl").write_text('{"image": "red/000.png", "label": "red"}\n{"image": 7, "label": "red"}\n'),
+                                               train="index.jsonl"), r"data.image_column: column 'image' of \S+/index\.jsonl holds neither image paths nor image bytes \(values of mixed types\)"),
+    R("all-linear on a CNN whose only linear layer is the head", lambda r: (_images(model="resnet")(r), r["adapter"].update(target_modules="all-linear")),
+      r"adapter.target_modules: 'all-linear' leaves out the output head, and this model has no other linear layer \(its linear layers: classifier.1\)"),
+    R("labels listed twice", _set("data.labels", ["pos", "neg", "pos"]), r"data.labels: 'pos' listed more than once"),
 ]
 
 # ----------------------------------------------------------------- recipe files

@@ -349,7 +349,7 @@ def test_cli_verbs_on_an_image_run(image_recipe, tmp_path):
     assert (tmp_path / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _cli("train", str(recipe)).returncode == 0
     generated = _cli("generate", raw["output_dir"], "--prompt", "hello")
-    assert generated.returncode == 2 and "is a image-classification run: its model predicts labels, it does not generate text" in " ".join(generated.stderr.split())
+    assert generated.returncode == 2 and "is an image-classification run: its model predicts labels, it does not generate text (generate and chat are for language models" in " ".join(generated.stderr.split())
     counted = _cli("count-params", str(recipe))
     assert counted.returncode == 0 and "task head (trained in full)" in counted.stdout
 
@@ -493,7 +493,8 @@ def test_hub_vit_cifar10_recipe_validates_and_its_data_layout_prepares(vision_mo
             rows["label"].append(i % len(names))
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
     raw["model"] = str(vision_models["vit"])
-    raw["data"].update(train=[{"path": str(tmp_path / "train.parquet"), "split": "train"}], eval={"path": str(tmp_path / "test.parquet"), "split": "test"},
+    # Local files are read whole: a split of a local file would be refused.
+    raw["data"].update(train=[{"path": str(tmp_path / "train.parquet")}], eval={"path": str(tmp_path / "test.parquet")},
                        shots_per_class=2)
     recipe = validate_recipe(raw)
     data = prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
@@ -504,3 +505,21 @@ def test_hub_vit_cifar10_recipe_validates_and_its_data_layout_prepares(vision_mo
     recipe = validate_recipe(raw)
     with pytest.raises(DataError, match=r"data.train\[0\]: 'uoft-cs/cifar10' is not a local file.*tnlora is offline"):
         prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped(tmp_path, channels):
+    """A 16-bit PNG (mode I;16) keeps its gradient: 65535 -> 255, 32768 -> 128 (a plain convert
+    clipped every value above 255, turning the image white)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from tnlora_cli.data.images import _decode
+
+    wide = (np.arange(8 * 8).reshape(8, 8) * 1040).astype(np.uint16)  # 0 ... 65520
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    processing = SimpleNamespace(min_side=1, channels=channels, width=8, height=8, resample=Image.NEAREST)
+    data, mode = _decode({"path": str(tmp_path / "deep.png")}, tmp_path, processing)
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(channels, 8, 8)
+    assert mode.startswith("I") and (pixels == np.rint(wide / 257.0).astype(np.uint8)[None]).all()

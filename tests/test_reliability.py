@@ -543,3 +543,38 @@ def test_sigterm_in_generation_says_what_was_interrupted(make_recipe, tmp_path, 
     assert "Traceback" not in err and "finished at step" not in err and flat.count("error:") == 1
     assert not out.exists() and not [p for p in [*run.iterdir(), *tmp_path.iterdir()] if ".tmp-" in p.name]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_an_interrupted_image_prepare_says_where_and_leaves_no_cache_entry(tmp_path, monkeypatch, wide_console):
+    """Ctrl-C while `prepare` decodes images: exit 130, one message naming the phase, no cache
+    entry or contact sheet; the same command then prepares the data."""
+    from test_images import image_folder, make_image_recipe, save_vision_models
+    from typer.testing import CliRunner
+
+    from conftest import write_recipe
+    from tnlora_cli.cli import app
+    from tnlora_cli.data import images
+
+    monkeypatch.setenv("TNLORA_DATA_CACHE", str(tmp_path / "cache"))
+    folder = image_folder(tmp_path / "images", per_class=4)
+    recipe = write_recipe(tmp_path / "recipe.yaml", make_image_recipe(save_vision_models(tmp_path / "models"), folder, tmp_path / "run"))
+    sheet = tmp_path / "sheet.png"
+    original, calls = images._decode, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images, "_decode", interrupted)
+    result = CliRunner().invoke(app, ["prepare", str(recipe), "--contact-sheet", str(sheet)])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 130, result.output
+    assert re.search(rf"error: prepare interrupted while decoding the training images[^;]*; nothing half-written is left in the data cache or at "
+                     rf"{re.escape(str(sheet))}", flat), result.output
+    assert "Traceback" not in result.output and flat.count("error:") == 1 and not sheet.exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    monkeypatch.setattr(images, "_decode", original)
+    again = CliRunner().invoke(app, ["prepare", str(recipe), "--contact-sheet", str(sheet)])
+    assert again.exit_code == 0 and sheet.exists(), again.output

@@ -382,19 +382,28 @@ def prepare(
 
     spec = _run(load_recipe, recipe, set_ or [], unset or [])  # before torch loads: a recipe error is quick
     if contact_sheet is not None and spec.task != "image-classification":
-        _run(_input_error, f"--contact-sheet shows training images: it needs an image-classification recipe (this is {spec.task})")
+        _run(_input_error, f"--contact-sheet shows training images: it needs an image-classification recipe (this is {spec.task})",
+             "leave out --contact-sheet, or give a recipe with task: image-classification")
     _quiet_libraries()
     from .prepare import prepare_report
 
-    report = _run(prepare_report, spec, reporter=RichReporter(), contact_sheet=contact_sheet)
-    _print_prepare(report)
-    if contact_sheet:
-        out_console.print(f"contact sheet written to {contact_sheet}")
-    if json_out:
-        from .run.atomic import write_json
+    reporter = RichReporter()
+    outputs = [str(p) for p in (contact_sheet, json_out) if p is not None]
 
-        _run(write_json, json_out, report)
-        out_console.print(f"report written to {json_out}")
+    def kept() -> str:
+        # Cache entries, --json and --contact-sheet are published whole (run/atomic.py) or not at all.
+        return "nothing half-written is left in the data cache" + (f" or at {' and '.join(outputs)}" if outputs else "")
+
+    with _interruptible("prepare", reporter, kept):
+        report = _run(prepare_report, spec, reporter=reporter, contact_sheet=contact_sheet)
+        _print_prepare(report)
+        if contact_sheet:
+            out_console.print(f"contact sheet written to {contact_sheet}")
+        if json_out:
+            from .run.atomic import write_json
+
+            _run(write_json, json_out, report)
+            out_console.print(f"report written to {json_out}")
 
 
 def _refuse_output_file(option: str, target: Path | None) -> None:
@@ -795,10 +804,10 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-def _input_error(message: str) -> None:
+def _input_error(message: str, hint: str | None = None) -> None:
     from .errors import InputError
 
-    raise InputError(message)
+    raise InputError(message, hint=hint)
 
 
 def _cleanup_on_sigterm() -> None:

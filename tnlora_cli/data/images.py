@@ -49,13 +49,22 @@ import torch
 from ..errors import DataError, ModelError
 from ..recipe.sections import DataConfig
 from .examples import Examples
-from .sources import LOADERS, SourceFile, load_source, resolve_sources
+from .sources import (
+    LOADERS,
+    SourceFile,
+    check_label_feature,
+    load_source,
+    resolve_sources,
+)
 from .workers import worker_count
 
 #: Default label column of image data (text classification has no default).
 DEFAULT_LABEL_COLUMN = "label"
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
+#: How `_decode` turns a file into pixels, in the cache key: entries decoded another way (16-bit
+#: images clipped, before "2") are not reused.
+DECODING = "2"
 _HINT = "fix or remove the image, or set data.on_bad_rows: drop to leave such images out (they are counted per reason)"
 
 
@@ -85,7 +94,7 @@ class ImageProcessing:
         return {k: v for k, v in asdict(self).items() if k != "processor"}
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps({**self.describe(), "decoding": DECODING}, sort_keys=True).encode()).hexdigest()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """The image processor beside a merged model (the default one written out as a
@@ -213,6 +222,11 @@ def image_sources(spec: Any, key: str) -> list[ImageSource]:
         max_rows = None if isinstance(item, str) else item.max_rows
         if _is_image_folder(Path(path).expanduser()):
             out.append(ImageSource(str(Path(path).expanduser()), where, True, max_rows=max_rows))
+        elif Path(path).expanduser().is_dir() and not any(p.suffix.lower() in LOADERS for p in Path(path).expanduser().rglob("*") if p.is_file()):
+            # Neither class sub-folders nor a data file: say what an image folder looks like.
+            raise DataError(f"{where}: {path} has no class sub-folders (and no .jsonl/.json/.csv/.parquet file)",
+                            hint="put each class's images in a sub-folder named after the class (e.g. images/cat/001.png), "
+                                 "or point it at a JSONL/CSV/Parquet file of image paths or bytes and labels")
         else:
             out += [ImageSource(f.name, where, False, f, max_rows) for f in resolve_sources(item, where, images=True)]
     return out
@@ -260,12 +274,17 @@ def _read_source(src: ImageSource, cfg: DataConfig, report: dict):
     for recipe_key, column in (("data.image_column", cfg.image_column), ("data.label_column", label_col)):
         if column not in ds.column_names:
             raise DataError(f"{recipe_key}: column '{column}' is not in {src.name}", hint=f"set {recipe_key} to one of: {', '.join(sorted(ds.column_names))}")
+    check_label_feature(ds, label_col, src.name)
     ds = ds.select_columns([cfg.image_column, label_col])
     try:
+        if "json" in str(ds.features[cfg.image_column]).lower():  # rows of different types (paths and numbers, say)
+            raise TypeError  # cast, it would turn each path into its JSON text
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     except Exception:  # noqa: BLE001 - Arrow cast errors differ per type
+        feature = str(ds.features[cfg.image_column])
+        held = "values of mixed types" if "json" in feature.lower() else feature
         raise DataError(f"data.image_column: column '{cfg.image_column}' of {src.name} holds neither image paths nor image bytes "
-                        f"({ds.features[cfg.image_column]})", hint="give each row a path (relative to the file) or the image's bytes") from None
+                        f"({held})", hint="give every row a path (relative to the file) or the image's bytes") from None
     if cfg.image_column != "image":
         ds = ds.rename_column(cfg.image_column, "image")
     if label_col != "label":
@@ -300,6 +319,10 @@ def _decode(ref: dict | None, base: Path, processing: ImageProcessing) -> tuple[
             if min(img.size) < processing.min_side:
                 raise BadImage("smaller than one patch", f"the image is {img.size[0]}x{img.size[1]}, smaller than one "
                                f"{processing.min_side}x{processing.min_side} patch")
+            if mode.startswith("I;16") or (mode == "I" and img.getextrema()[1] > 255):
+                # 16-bit pixels: PIL's convert clips them at 255 (nearly every pixel white); scale them to 8 bits.
+                wide = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
             img = img.convert("L" if processing.channels == 1 else "RGB")
             img = img.resize((processing.width, processing.height), resample=processing.resample)
     except BadImage:

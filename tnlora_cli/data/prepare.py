@@ -48,7 +48,7 @@ from .chat import IGNORE_INDEX, tokenize_conversations
 from .examples import Examples
 from .mapped import release_mapped_pages
 from .progress import phase
-from .sources import SourceFile, load_source, resolve_sources
+from .sources import SourceFile, check_label_feature, load_source, resolve_sources
 from .turns import (
     RowError,
     conversation_style,
@@ -57,6 +57,7 @@ from .turns import (
     normalize_messages,
     row_tools,
 )
+from .unread import check_unread_keys
 from .workers import worker_count
 
 #: Held-out split made from `data.train`: `eval_fraction` of the examples, at most this many.
@@ -136,7 +137,9 @@ def prepare_data(cfg: DataConfig, task: str, tokenizer, warn: Callable[[str], No
 
         train_sources = image_sources(cfg.train, "data.train")
         eval_sources = image_sources(cfg.eval, "data.eval") if cfg.eval else []
+        check_unread_keys(cfg, task, {s.key for s in train_sources + eval_sources if s.folder})
     else:
+        check_unread_keys(cfg, task)
         train_sources = resolve_sources(cfg.train, "data.train")
         eval_sources = resolve_sources(cfg.eval, "data.eval") if cfg.eval else []
     section = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IN_KEY | _SPLIT_KEYS}
@@ -346,7 +349,7 @@ def _build_images(cfg: DataConfig, task: str, processing, train_sources, eval_so
         del held_out
     del train
     for conversion, n in report["converted"].items():
-        report["notes"].append(f"{n:,} images converted {conversion} (the model has {processing.channels} channel{'s' if processing.channels > 1 else ''})")
+        report["notes"].append(f"{n:,} image{'s' if n != 1 else ''} converted {conversion} (the model has {processing.channels} channel{'s' if processing.channels > 1 else ''})")
     shutil.rmtree(parts, ignore_errors=True)
     return report
 
@@ -379,6 +382,7 @@ def _label_names(cfg: DataConfig, train_raw, eval_raw) -> list[str]:
     present: set[str] = set()
     for src, ds in train_raw:
         _require(src, ds, [("data.label_column", col)])
+        check_label_feature(ds, col, src.name)
         present |= {str(v) for v in ds.unique(col) if v is not None}
     present_sorted = sorted(present)
     if cfg.labels is not None:
@@ -393,6 +397,7 @@ def _label_names(cfg: DataConfig, train_raw, eval_raw) -> list[str]:
     if cfg.labels is None:
         for src, ds in eval_raw:
             _require(src, ds, [("data.label_column", col)])
+            check_label_feature(ds, col, src.name)
             extra = sorted({str(v) for v in ds.unique(col) if v is not None} - set(names))
             if extra:
                 raise DataError(f"data.eval: labels {extra} do not occur in data.train", hint="held-out labels must be a subset of the training labels")

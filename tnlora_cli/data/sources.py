@@ -111,6 +111,19 @@ def _expand(source: str, key: str) -> list[tuple[str, str]]:
     )
 
 
+def check_label_feature(ds, column: str, name: str) -> None:
+    """Refuse a label column that is not one scalar per row (a list, an object, or numbers and
+    strings mixed, which Arrow cannot compare) before its distinct values are read."""
+    import datasets
+
+    feature = ds.features[column]
+    if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
+        # A JSON column whose rows disagree in type is read as Arrow's json extension type.
+        held = "values of mixed types (numbers and strings, say)" if "json" in str(feature).lower() else str(feature)
+        raise DataError(f"data.label_column: column '{column}' of {name} holds {held}, not one label (a string or a number) per row",
+                        hint="write every row's label the same way: all strings (\"3\") or all whole numbers (3)")
+
+
 def check_text_file(path: str) -> None:
     """Refuse empty and non-UTF-8 files with the row (line) where decoding fails."""
     if os.path.getsize(path) == 0:

@@ -82,8 +82,9 @@ def inspect_source(path: str | Path) -> Source:
     recipe = adapter_recipe(resolve_adapter_dir(path))  # a tnlora run, or a peft-format tnlora adapter
     if recipe.task not in GENERATIVE_TASKS:
         raise InputError(
-            f"{path} is a {recipe.task} run: its model predicts labels, it does not generate text",
-            hint="use `tnlora eval` for classification runs; generate needs an instruction or causal-lm run",
+            f"{path} is {'an' if recipe.task[0] in 'aeiou' else 'a'} {recipe.task} run: its model predicts labels, it does not generate "
+            f"text (generate and chat are for language models: {', '.join(GENERATIVE_TASKS)} runs)",
+            hint=f"use `tnlora eval {path}` to score it",
         )
     return Source(path, "run", recipe.task, recipe, recipe.data.prompt_column, recipe.data.response_column)
 

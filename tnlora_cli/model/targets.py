@@ -97,6 +97,11 @@ def find_targets(
     spec = config.target_modules
     if isinstance(spec, str) and spec == "all-linear":
         chosen = [n for n in linear if n not in excluded and not any(n == e or n.startswith(e + ".") for e in excluded)]
+        if not chosen:  # a CNN's only linear layer is its head
+            raise TargetError(f"adapter.target_modules: 'all-linear' leaves out the output head, and this model has no other linear layer "
+                              f"(its linear layers: {', '.join(linear) or 'none'})",
+                              hint="name the layer to adapt (e.g. target_modules: [classifier.1], with adapter.modules_to_save naming "
+                                   "what else to train in full, as recipes/mnist_resnet18_tensorguide.yaml does)")
     else:
         # Slices of fused layers (c_attn.q, ...) are named like layers, right after their layer.
         slices = fused_slices(model, linear, config)

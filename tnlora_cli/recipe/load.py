@@ -151,6 +151,10 @@ def _cross_checks(recipe: Recipe) -> None:
                 ) from None
     if data.labels is not None and len(set(data.labels)) < 2:
         raise RecipeError("data.labels: needs at least two distinct labels", hint="list the classes to keep, or remove the key")
+    if data.labels is not None and len(set(data.labels)) < len(data.labels):
+        # Each listed label is a class of the head: a repeat would add a class no row has.
+        twice = sorted({label for label in data.labels if data.labels.count(label) > 1})
+        raise RecipeError(f"data.labels: {', '.join(map(repr, twice))} listed more than once", hint="list each class once")
     if training.max_steps is not None and training.epochs is not None:
         raise RecipeError(
             "training: max_steps and epochs are both set; give exactly one",

@@ -28,8 +28,8 @@ AdapterSection = Annotated[
 
 class DataSource(StrictModel):
     path: str = Field(description="Embedded alias, local file, directory or glob, or a hub dataset id.")
-    config: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", description="Hub dataset split.")
+    config: str | None = Field(None, description="Hub dataset configuration name (a local path or embedded set is read whole: refused there).")
+    split: str = Field("train", description="Hub dataset split (a local path or embedded set is read whole: another split is refused there).")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of this source.")
 
 
