@@ -220,22 +220,11 @@ def test_dora_forward_traces_without_graph_breaks_and_compiles_to_the_eager_resu
     """The kept ‖W0‖² and TensorGuide's kept start pair are Python-side caches: under
     torch.compile they step aside instead of breaking the graph."""
     import torch._dynamo as dynamo
+    from test_compile import assert_compiled_matches_eager
 
     model = _dora_model(kind).train()
     x = torch.randn(3, 5, 16)
     model(x)  # the caches are filled before compiling, as in a run that evaluated first
     dynamo.reset()
     assert dynamo.explain(model)(x).graph_break_count == 0
-    torch.manual_seed(5)
-    expected = model(x)
-    expected.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
-    torch.manual_seed(5)
-    out = compiled(x)
-    out.square().sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_compiled_matches_eager(model, x)

@@ -151,8 +151,6 @@ def test_tiny_vit_trains_with_every_adapter_beats_base_and_head_only_and_merges(
     """The acceptance of task image-classification, per adapter: trained on an image folder,
     tuned beats the base and head-only rows, and the merged directory, loaded with plain
     transformers, predicts each held-out image as the run does (and `tnlora eval` scores)."""
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from tnlora_cli.model.build import load_run
 
@@ -172,12 +170,10 @@ def test_tiny_vit_trains_with_every_adapter_beats_base_and_head_only_and_merges(
     assert report["metrics"]["tuned"]["accuracy"] == pytest.approx(rows["tuned"]["accuracy"])
     merged = merge_run(raw["output_dir"], tmp_path / "merged")
     assert merged.max_abs_diff <= merged.tolerance
-    model = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "merged")
     files = sorted(held_out.glob("*/*.png"))
-    with torch.no_grad():
-        predicted = model(**processor(images=[Image.open(f) for f in files], return_tensors="pt")).logits.argmax(-1)
-    assert np.mean([model.config.id2label[int(i)] == f.parent.name for i, f in zip(predicted, files)]) == pytest.approx(report["metrics"]["tuned"]["accuracy"])
+    logits, names = plain_transformers_predictions(tmp_path / "merged", files)
+    predicted = logits.argmax(-1)
+    assert np.mean([name == f.parent.name for name, f in zip(names, files)]) == pytest.approx(report["metrics"]["tuned"]["accuracy"])
     run = load_run(raw["output_dir"])
     run.load_weights()
     with torch.no_grad():
@@ -185,9 +181,21 @@ def test_tiny_vit_trains_with_every_adapter_beats_base_and_head_only_and_merges(
     assert torch.equal(ours, predicted)  # image by image (the held-out split keeps the folder's sorted order)
 
 
-def test_merged_directory_loads_with_plain_transformers_and_predicts_what_eval_says(image_recipe, tmp_path):
+def plain_transformers_predictions(merged: Path, files: list[Path]) -> tuple[torch.Tensor, list[str]]:
+    """The logits and class name plain transformers gives each image file, from a merged
+    directory (its own image processor, no tnlora code)."""
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(merged).eval()
+    processor = AutoImageProcessor.from_pretrained(merged)
+    with torch.no_grad():
+        logits = model(**processor(images=[Image.open(f) for f in files], return_tensors="pt")).logits
+    return logits, [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+
+
+def test_merged_directory_loads_with_plain_transformers_and_predicts_what_eval_says(image_recipe, tmp_path):
+    from transformers import AutoModelForImageClassification
 
     held_out = image_folder(tmp_path / "held_out", per_class=6, seed=1)
     raw = image_recipe("trac", eval=str(held_out))
@@ -195,16 +203,13 @@ def test_merged_directory_loads_with_plain_transformers_and_predicts_what_eval_s
     report = evaluate_run(raw["output_dir"])
     merged = merge_run(raw["output_dir"], tmp_path / "merged")
     assert merged.max_abs_diff <= merged.tolerance
-    model = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "merged")
     files = sorted(held_out.glob("*/*.png"))
-    with torch.no_grad():
-        logits = model(**processor(images=[Image.open(f) for f in files], return_tensors="pt")).logits
-    predicted = [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+    logits, predicted = plain_transformers_predictions(tmp_path / "merged", files)
     accuracy = np.mean([p == f.parent.name for p, f in zip(predicted, files)])
     assert accuracy == pytest.approx(report["metrics"]["tuned"]["accuracy"])
     assert report["metrics"]["tuned"]["accuracy"] > report["metrics"]["base"]["accuracy"]
     # tnlora's own preprocessing of the same files gives the same logits
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
     recipe = validate_recipe(raw)
     data = prepare_data(recipe.data, recipe.task, load_preprocessor(recipe, resolve_checked(recipe)))
     with torch.no_grad():
