@@ -366,7 +366,8 @@ def _dora(task: str, rows: list[Summary]) -> list[str]:
     metric = TASKS[task].metric
     lines = [f"### Does DoRA help? ({task})", "",
              "`adapter.use_dora: true` (the weight split into a trained magnitude per output row and a direction) "
-             "on the same adapter and budget, swept and seeded the same way; the verdict is whether the DoRA run beats "
+             "on the same adapter and budget, with the same steps and seeds; its sweep starts from three rates around the "
+             "best rate without DoRA and is extended and refined by the same rules. The verdict is whether the DoRA run beats "
              "the run without it, with the noise band of the claims above.", "",
              f"| adapter | without DoRA {metric} (%) | with DoRA {metric} (%) | difference | verdict | trainable without → with | "
              "s/step with / without |", "|---|---|---|---|---|---|---|"]
