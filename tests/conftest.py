@@ -177,6 +177,10 @@ def _seed():
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
 
 
+#: The lines of faulthandler's report (on SIGABRT): the error, each thread and its frames.
+STACK_LINE_STARTS = ("Fatal Python error", "Thread 0x", "Current thread", "  File ", "  <no Python frame>")
+
+
 def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: float = 300, module: str = "tnlora_cli") -> subprocess.CompletedProcess:
     """`accelerate launch FLAGS --num_processes 2 ... -m tnlora_cli TNLORA_ARGS`, one torch thread
     per process (`module`: another entry point that ends by running tnlora's CLI). A launch that
@@ -195,7 +199,10 @@ def accelerate_launch(flags: list[str], port: int, *tnlora_args: str, timeout: f
         except subprocess.TimeoutExpired:
             _signal_tree(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-        pytest.fail(f"the launch did not end within {timeout:.0f} s; stdout:\n{out[-2000:]}\nstderr (with every process's stacks):\n{err[-12000:]}")
+        stacks = "\n".join(line for line in err.splitlines() if line.startswith(STACK_LINE_STARTS))
+        # The stacks first: a report that keeps only the head of a long failure still shows where it hung.
+        pytest.fail(f"the launch did not end within {timeout:.0f} s; every process's Python stacks:\n{stacks[-8000:]}\n"
+                    f"stdout:\n{out[-1500:]}\nstderr:\n{err[-3000:]}")
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 

@@ -20,10 +20,10 @@ def leave_launched_process() -> None:
     """End a rank of a multi-process launch now that its work is written: flush and exit
     without running any destructor.
 
-    A rank whose peers had exited sometimes waited forever while the collective backend's
-    objects were freed (first at interpreter exit, then, with the process group destroyed
-    at the end of training, when the training run's objects went out of scope). Training
-    keeps those objects alive (`loop.FINISHED_RUNS`) and the CLI leaves through here, so
+    Freeing the last reference to a gloo process group deadlocked a rank now and then: its
+    destructor joins the group's worker threads while holding the GIL, and a worker still
+    dropping a finished collective's tensors waits for the GIL. Training keeps those objects
+    alive (`loop.FINISHED_RUNS`) and the CLI leaves through here, so
     nothing is freed: the outputs are already written atomically and the launcher gets exit 0."""
     if launch_world_size() <= 1:
         return

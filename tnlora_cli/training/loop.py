@@ -377,13 +377,15 @@ class _TrainingRun:
                                            "metrics": evaluation, "verdict": verdict})
             plot_loss_curve(self.metrics_file, out / "loss.png")
         accelerator.wait_for_everyone()
-        accelerator.end_training()
-        if self.world > 1 and torch.distributed.is_initialized():
-            # Every rank tears the process group down here, together: left to interpreter exit, a
-            # rank whose peers had gone once waited forever in the backend's teardown. The run's
-            # objects (the wrapped model holds the group) stay referenced, so none of their
-            # destructors runs either: a rank once hung freeing them (launch.leave_launched_process).
+        if self.world > 1:
+            # Kept referenced until the process exits: the wrapped model holds the process group,
+            # and freeing the last reference runs the gloo group's destructor, which joins its
+            # worker threads while holding the GIL; a worker still dropping the final barrier's
+            # tensors needs the GIL, so the rank deadlocked (about 1 run in 15 on 2 CPU processes).
+            # The CLI then leaves without running destructors (launch.leave_launched_process).
             FINISHED_RUNS.append(self)
+        accelerator.end_training()  # also tears the process group down, on every rank together
+        if self.world > 1 and torch.distributed.is_initialized():  # accelerate versions that leave it up
             torch.distributed.destroy_process_group()
         return TrainResult(out, self.step, self.last_loss, evaluation if self.is_main else None, majority_rate(held_out), self.parameters,
                            verdict=verdict if self.is_main else None)
