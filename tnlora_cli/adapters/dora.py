@@ -57,8 +57,7 @@ def attach_magnitude(adapter: Adapter, base: Any) -> None:
     if weight.device.type == "meta":  # counting, or a saved adapter about to be loaded over it
         norm = torch.zeros(base.shape[0])
     else:
-        with torch.no_grad():
-            norm = row_norm(weight + at_least_fp32(adapter.delta_weight()).to(weight.device))
+        norm = direction_norm(weight, adapter.delta_weight())
     adapter.register_parameter(MAGNITUDE, nn.Parameter(norm.to(device=device, dtype=adapter.compute_dtype)))
 
 
@@ -72,9 +71,9 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def direction_norm(adapter: Adapter, base_weight: torch.Tensor) -> torch.Tensor:
-    """‖W0 + ΔW‖ per output row from the dense ΔW, without gradient (a constant in backward)."""
-    return row_norm(base_weight + at_least_fp32(adapter.delta_weight()).to(base_weight.device))
+def direction_norm(base_weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """‖W0 + ΔW‖ per output row from a dense ΔW, without gradient (a constant in backward)."""
+    return row_norm(base_weight + at_least_fp32(delta.detach()).to(base_weight.device))
 
 
 #: The thin-factor norm costs (in + out)·k² beyond the out·in·k both ways share; the dense sum
@@ -99,7 +98,7 @@ def update_norm(base: Any, update: Any, weight: torch.Tensor | None = None) -> t
             if (n + m) * k * k <= THIN_NORM_MAX_COST * n * m:
                 return updated_row_norms(weight, base.squared_row_norms(), a, b)
             return row_norm(weight + b @ a.T)
-        return row_norm(weight + at_least_fp32(update.detach()).to(weight.device))
+        return direction_norm(weight, update)
 
 
 def dora_combine(adapter: Adapter, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -246,7 +246,7 @@ class TnloraLayer(nn.Module, BaseTunerLayer):
                 # DoRA's merged weight is not W0 plus something that can be subtracted back
                 # from it alone: keep the norm the merge divided by, to invert it exactly.
                 weight = at_least_fp32(base.weight)
-                self.__dict__.setdefault("_dora_norms", {})[name] = direction_norm(adapter, weight.T if self.fan_in_fan_out else weight)
+                self.__dict__.setdefault("_dora_norms", {})[name] = direction_norm(weight.T if self.fan_in_fan_out else weight, adapter.delta_weight())
             base.weight.data = merged_weight(AdaptedLinear(base, adapter))
             self.merged_adapters.append(name)
 
