@@ -62,6 +62,26 @@ def test_merge_round_trip_through_from_pretrained(make_recipe, tmp_path, model, 
         assert config["id2label"] == {"0": "neg", "1": "pos", "2": "tech"}
 
 
+def test_verification_refuses_a_merge_that_leaves_one_layer_out(make_recipe, tmp_path, monkeypatch):
+    """The tolerance sits above fp32 rounding but far below a real defect: a merge that writes one
+    adapted layer's W0 instead of its merged weight is refused, and nothing is written."""
+    import tnlora_cli.merge as merge_module
+
+    run = _trained_run(make_recipe, "llama", "causal-lm")
+    real, calls = merge_module.merged_weight, []
+
+    def one_layer_left_out(layer, dtype, weight=None):
+        calls.append(layer)
+        if len(calls) == 1:
+            return (layer.base_layer.weight if weight is None else weight).to(dtype)
+        return real(layer, dtype, weight=weight)
+
+    monkeypatch.setattr(merge_module, "merged_weight", one_layer_left_out)
+    with pytest.raises(MergeError, match="verification failed"):
+        merge_run(run, tmp_path / "merged")
+    assert calls and not (tmp_path / "merged").exists()
+
+
 def test_merge_unties_an_adapted_tied_head(make_recipe, tmp_path):
     """lm_head shares its weight with the embeddings in the tiny Llama: merging ΔW into it
     must not change the embeddings."""

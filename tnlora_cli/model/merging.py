@@ -34,9 +34,11 @@ def merge_into_base(model: nn.Module, dtype: torch.dtype | None = None) -> int:
 
 
 #: (absolute, relative to the largest reference logit) tolerance per merged dtype. fp32 allows
-#: 1e-5 of the logit scale on top of 1e-4: a 30-layer model's logits (|z| ~ 20) differ by
-#: ~1e-4 between x·W0 + x·A·B and x·(W0 + BA) from rounding alone.
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
+#: 1e-4 of the logit scale on top of 1e-4: rounding alone moves a 30-layer model's logits by
+#: 2.4e-5 of their scale (SmolLM2 with VeRA + DoRA trained at rate 0.3: the fp32 adapter path is
+#: 9.1e-4 from its fp64 value at |z| = 37, merged against unmerged 5.2e-4, both 0 in fp64),
+#: while leaving one layer's update out moves them by far more (test_merge).
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 
 
 def tied_partners(model: nn.Module) -> dict[str, list[str]]:
