@@ -578,3 +578,21 @@ def test_an_interrupted_image_prepare_says_where_and_leaves_no_cache_entry(tmp_p
     monkeypatch.setattr(images, "_decode", original)
     again = CliRunner().invoke(app, ["prepare", str(recipe), "--contact-sheet", str(sheet)])
     assert again.exit_code == 0 and sheet.exists(), again.output
+
+
+def test_an_interrupt_just_after_the_temporary_directory_appears_removes_it(tmp_path, monkeypatch):
+    """A SIGTERM sent on seeing `.NAME.tmp-*` (as a user's kill, or test_merge, does) can land
+    between making the directory and the code that cleans it up: it must still be removed."""
+    from tnlora_cli.run.atomic import atomic_directory
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_interrupt(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if ".tmp-" in self.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(tmp_path / "merged"):
+        pass
+    assert list(tmp_path.iterdir()) == []

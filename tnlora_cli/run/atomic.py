@@ -95,8 +95,10 @@ def atomic_directory(dest: Path, on_exists: OnExists = "error") -> Iterator[Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(dest)
     tmp = _temporary_name(dest)
-    tmp.mkdir()
     try:
+        # Made inside the try: an interrupt that lands just after the directory appears (a
+        # SIGTERM sent on seeing it) must still remove it.
+        tmp.mkdir()
         yield tmp
         if dest.exists() and on_exists == "keep":
             return
